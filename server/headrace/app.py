@@ -1,0 +1,112 @@
+"""Building Headrace from settings: start-up order, shutdown in reverse, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import TracebackType
+
+from headrace.backends import Backend, LocalBackend
+from headrace.config import Settings
+from headrace.frontend import FrontendServer, InferenceServicer
+from headrace.repository import ModelRepository
+
+_logger = logging.getLogger(__name__)
+
+
+class Application:
+    """One Headrace server: backends, model repository and gRPC front end.
+
+    Start-up: backends (models loaded) -> repository -> front end bound and serving -> health
+    SERVING once every model is ready. Shutdown, in reverse: health NOT_SERVING -> stop
+    accepting -> in-flight requests finish within the grace period -> backends stop.
+
+    Usable as an async context manager: `async with Application(settings) as app: app.port`.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._backends: list[Backend] = [
+            LocalBackend(
+                [model for model in settings.models if model.backend == "local"],
+                settings.local_backend,
+            )
+        ]
+        self._started: list[Backend] = []
+        self._frontend: FrontendServer | None = None
+        self.repository: ModelRepository | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Start everything; returns the bound gRPC port.
+
+        Raises:
+            ConfigError: a model cannot be loaded.
+            RuntimeError: the port cannot be bound.
+        """
+        try:
+            for backend in self._backends:
+                await backend.start()
+                self._started.append(backend)
+            self.repository = ModelRepository(self._backends)
+            servicer = InferenceServicer(
+                self.repository, self.settings.server.stream_max_inflight_requests
+            )
+            self._frontend = FrontendServer(self.settings.server, servicer)
+            self.port = await self._frontend.start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+        await self._frontend.set_serving(self.repository.ready)
+        models = ", ".join(
+            f"{served.spec.name}:{served.spec.version}" for served in self.repository.models()
+        )
+        _logger.info(
+            "listening on %s:%d, serving %s", self.settings.server.host, self.port, models or "-"
+        )
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Shut down in reverse start-up order; idempotent. `grace_s` defaults to the
+        configured shutdown grace period."""
+        if grace_s is None:
+            grace_s = self.settings.server.shutdown_grace_period_s
+        if self._frontend is not None:
+            frontend, self._frontend = self._frontend, None
+            await frontend.stop(grace_s)
+        while self._started:
+            await self._started.pop().stop()
+
+    async def __aenter__(self) -> Application:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    application = Application(settings)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop_requested.set)
+    try:
+        await application.start()
+        await stop_requested.wait()
+        _logger.info(
+            "shutting down: in-flight requests have %.1f s to finish",
+            settings.server.shutdown_grace_period_s,
+        )
+    finally:
+        await application.stop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signal_number)
+    _logger.info("stopped")

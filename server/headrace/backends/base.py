@@ -1,0 +1,45 @@
+"""The protocol every backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from headrace.inference import InferenceRequest, InferenceResponse
+from headrace.spec import ModelSpec
+
+
+class Backend(Protocol):
+    """Runs models. Knows one kind of endpoint's wire protocol, nothing about batching.
+
+    `start` and `stop` bracket the backend's life (thread pools, channels); `model_specs` is
+    valid after `start`.
+    """
+
+    async def start(self) -> None:
+        """Load or discover the models.
+
+        Raises:
+            ConfigError: a model cannot be loaded.
+        """
+
+    async def stop(self) -> None:
+        """Release everything `start` acquired. Idempotent."""
+
+    def model_specs(self) -> Sequence[ModelSpec]:
+        """The model versions this backend serves."""
+        ...
+
+    def is_ready(self, spec: ModelSpec) -> bool:
+        """Whether the model version can take requests now."""
+        ...
+
+    async def infer(self, spec: ModelSpec, request: InferenceRequest) -> InferenceResponse:
+        """Run one (validated) request.
+
+        Raises:
+            HeadraceError: ModelExecutionError (INTERNAL) when the model fails,
+                ModelUnavailableError (UNAVAILABLE) when it cannot run now, UpstreamError
+                with the upstream's own code for remote backends.
+        """
+        ...

@@ -1,0 +1,90 @@
+"""The `headrace` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from headrace import __version__
+from headrace.config import DEFAULT_PORT, ENV_CONFIG_PATH, Settings, load_settings
+from headrace.errors import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headrace", description="gRPC front door for GPU inference (Open Inference Protocol)."
+    )
+    parser.add_argument("--version", action="version", version=f"headrace {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--config",
+            type=Path,
+            default=os.environ.get(ENV_CONFIG_PATH) or None,
+            help=f"YAML config file (default: ${ENV_CONFIG_PATH}, else the embedded default)",
+        )
+        command.add_argument("--host", help="listen address (server.host)")
+        command.add_argument(
+            "--port", type=int, help=f"gRPC port, 0 for any free one (default {DEFAULT_PORT})"
+        )
+        command.add_argument(
+            "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging.level"
+        )
+
+    with_config(commands.add_parser("serve", help="run the gateway until SIGTERM/SIGINT"))
+    with_config(
+        commands.add_parser("config", help="validate the config and print the effective settings")
+    )
+    return parser
+
+
+def _settings(arguments: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if arguments.host is not None:
+        overrides["server.host"] = arguments.host
+    if arguments.port is not None:
+        overrides["server.port"] = arguments.port
+    if arguments.log_level is not None:
+        overrides["logging.level"] = arguments.log_level
+    return load_settings(arguments.config, environ=os.environ, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `headrace` command; returns the exit status."""
+    arguments = _parser().parse_args(argv)
+    try:
+        settings = _settings(arguments)
+    except ConfigError as exc:
+        print(f"headrace: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if arguments.command == "config":
+        print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    logging.basicConfig(
+        level=settings.logging.level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from headrace.app import serve  # imported late: `headrace config` needs no grpc server
+
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        logging.getLogger("headrace").error("%s", exc)
+        return EXIT_CONFIG_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

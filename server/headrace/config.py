@@ -1,0 +1,248 @@
+"""The settings tree: one frozen pydantic model, loaded from YAML, overridden from the
+environment, built once in `headrace.app` and passed down through constructors.
+
+Environment overrides: `HEADRACE_<SECTION>__<FIELD>=value` sets `section.field` (`__` separates
+levels, list items are numbered from 0: `HEADRACE_MODELS__0__MAX_BATCH_SIZE=8`); values are read
+as YAML scalars. They apply on top of the file; `headrace serve` flags apply on top of both.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from headrace.errors import ConfigError
+from headrace.protocol.datatypes import DATATYPES
+
+ENV_PREFIX = "HEADRACE_"
+ENV_SEPARATOR = "__"
+ENV_CONFIG_PATH = "HEADRACE_CONFIG"
+"""Names the config file for `headrace serve` without --config; not a settings override."""
+DEFAULT_PORT = 8800
+"""Headrace's default gRPC port: clear of Triton's 8000 (HTTP), 8001 (gRPC) and 8002 (metrics)."""
+
+_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TensorSettings(_Frozen):
+    """A declared input or output tensor."""
+
+    name: str = Field(min_length=1)
+    """Tensor name as clients send it."""
+    datatype: str
+    """Protocol datatype: BOOL, UINT8-64, INT8-64, FP16, FP32, FP64, BF16 or BYTES."""
+    dims: tuple[int, ...]
+    """Shape without the batch dimension (for batching models); -1 is any size."""
+    optional: bool = False
+    """Inputs only: whether a request may leave this input out."""
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in DATATYPES:
+            raise ValueError(f"unknown datatype '{value}'; expected one of {', '.join(DATATYPES)}")
+        return value
+
+    @field_validator("dims")
+    @classmethod
+    def _valid_dims(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(dim < -1 for dim in value):
+            raise ValueError("dimensions are >= 0, or -1 for any size")
+        return value
+
+
+class LocalModelSettings(_Frozen):
+    """A model run in-process by the local backend: a Python callable over numpy arrays."""
+
+    backend: Literal["local"] = "local"
+    name: str = Field(pattern=_NAME_PATTERN)
+    """Model name clients address."""
+    version: str = Field(default="1", pattern=r"^[0-9]+$")
+    """Version number; the highest served version answers requests that name none."""
+    max_batch_size: int = Field(default=0, ge=0)
+    """0: the model has no batch dimension. N: the first dimension of every tensor is the
+    batch, of 1 to N items, and `dims` leave it out."""
+    inputs: tuple[TensorSettings, ...] = Field(min_length=1)
+    outputs: tuple[TensorSettings, ...] = Field(min_length=1)
+    entrypoint: str = Field(pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_.]*$")
+    """`package.module:attribute` or `path/to/file.py:attribute` (relative to the config
+    file). Called with `init_args` as keyword arguments, it returns the model: a callable
+    taking a dict of input arrays and returning a dict of output arrays."""
+    init_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the entrypoint."""
+    execution: Literal["inline", "thread"] = "thread"
+    """`thread` runs the model in the local backend's worker threads so a slow model never
+    blocks the event loop; `inline` calls it on the event loop, for models that take
+    microseconds (identity, lookups)."""
+    parameters: dict[str, str] = Field(default_factory=dict)
+    """Free-form parameters reported in ModelConfig."""
+
+    @model_validator(mode="after")
+    def _unique_tensor_names(self) -> LocalModelSettings:
+        for kind, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [tensor.name for tensor in tensors]
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            if duplicates:
+                raise ValueError(f"{kind} declare {duplicates} more than once")
+        return self
+
+
+class ServerSettings(_Frozen):
+    """The gRPC front end."""
+
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    """gRPC port; 0 picks a free one, which the start-up log reports."""
+    shutdown_grace_period_s: float = Field(default=10.0, ge=0)
+    """On SIGTERM/SIGINT, how long in-flight requests may take to finish before they are
+    cancelled."""
+    max_message_bytes: int = Field(default=128 * 1024 * 1024, ge=4 * 1024 * 1024)
+    """Largest gRPC message accepted or sent, each direction."""
+    stream_max_inflight_requests: int = Field(default=256, ge=1)
+    """Requests of one ModelStreamInfer stream processed at once; the stream stops reading
+    (and HTTP/2 flow control pushes back on the client) while this many are open."""
+
+
+class LoggingSettings(_Frozen):
+    """Process logging."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class LocalBackendSettings(_Frozen):
+    """The in-process backend."""
+
+    worker_threads: int = Field(default=4, ge=1)
+    """Threads running models whose `execution` is `thread`."""
+
+
+class Settings(_Frozen):
+    """Everything Headrace is configured with."""
+
+    server: ServerSettings = ServerSettings()
+    logging: LoggingSettings = LoggingSettings()
+    local_backend: LocalBackendSettings = LocalBackendSettings()
+    models: tuple[LocalModelSettings, ...] = ()
+    """Models to serve; a name may appear once per version. `backend` (default `local`)
+    selects the settings type."""
+
+    @model_validator(mode="after")
+    def _unique_model_versions(self) -> Settings:
+        seen: set[tuple[str, str]] = set()
+        for model in self.models:
+            key = (model.name, model.version)
+            if key in seen:
+                raise ValueError(f"model '{model.name}' version {model.version} is declared twice")
+            seen.add(key)
+        return self
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """Map dotted settings paths to (variable name, value) for HEADRACE_* variables."""
+    overrides: dict[str, tuple[str, Any]] = {}
+    for variable, text in environ.items():
+        if not variable.startswith(ENV_PREFIX) or variable == ENV_CONFIG_PATH:
+            continue
+        path = variable[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR)
+        overrides[".".join(path)] = (variable, yaml.safe_load(text) if text else text)
+    return overrides
+
+
+def _apply(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    node: Any = tree
+    parts = dotted.split(".")
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{origin}: no list item {part} at '{'.'.join(parts[:index])}'")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{origin}: '{'.'.join(parts[:index])}' is not a section")
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part != "local":  # the discriminator's tag adds nothing for a reader
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def default_config_text() -> str:
+    """The embedded default config (configs/default.yaml, shipped inside the package)."""
+    return importlib.resources.files("headrace.configs").joinpath("default.yaml").read_text()
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load settings from a YAML file (the embedded default when `path` is None), then apply
+    HEADRACE_* variables from `environ`, then `overrides` (dotted paths, e.g. "server.port").
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a value is invalid; the message
+            names the file (or variable) and the field.
+    """
+    source = str(path) if path is not None else "<embedded default config>"
+    try:
+        text = path.read_text() if path is not None else default_config_text()
+        tree = yaml.safe_load(text) or {}
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+
+    origins: dict[str, str] = {}
+    for dotted, (variable, value) in _env_overrides(environ or {}).items():
+        _apply(tree, dotted, value, variable)
+        origins[dotted] = variable
+    for dotted, value in (overrides or {}).items():
+        _apply(tree, dotted, value, "command line")
+        origins[dotted] = "command line"
+
+    base_dir = path.resolve().parent if path is not None else None
+    for model in tree.get("models") or []:
+        entrypoint = model.get("entrypoint") if isinstance(model, dict) else None
+        if base_dir is not None and isinstance(entrypoint, str):
+            module, _, attribute = entrypoint.rpartition(":")
+            if module.endswith(".py") and not Path(module).is_absolute():
+                model["entrypoint"] = f"{base_dir / module}:{attribute}"
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = _location(error["loc"])
+            origin = next(
+                (origins[key] for key in origins if re.sub(r"\[(\d+)\]", r".\1", where) == key),
+                source,
+            )
+            lines.append(f"{origin}: {where or '<top level>'}: {error['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from exc

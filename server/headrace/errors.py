@@ -1,0 +1,79 @@
+"""The error tree and the one table from errors to gRPC status codes.
+
+Every failure Headrace reports to a client is a `HeadraceError` subclass; each subclass names its
+gRPC status code once, here. The servicer turns them into statuses in one place
+(`headrace.frontend.servicer.status_boundary`); nothing else formats statuses. Codes from
+upstream servers (Triton's UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) travel as
+codes: a backend raises `UpstreamError` carrying the upstream code, never a string of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+
+class HeadraceError(Exception):
+    """Base of every error Headrace reports to a client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, trailing_metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.trailing_metadata: Mapping[str, str] = trailing_metadata or {}
+
+
+class InvalidArgumentError(HeadraceError):
+    """The request is malformed or does not match the model's signature."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFoundError(HeadraceError):
+    """No model (or no version of it) by that name is served."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelUnavailableError(HeadraceError):
+    """The model exists but cannot take requests now."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhaustedError(HeadraceError):
+    """A bounded queue or limit refused the request; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceededError(HeadraceError):
+    """The request's deadline passed before it was answered."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ModelExecutionError(HeadraceError):
+    """The model raised, or returned outputs that break its own signature."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class UpstreamError(HeadraceError):
+    """An upstream server (Triton) answered with a status; its code passes through unchanged."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        trailing_metadata: Mapping[str, str] | None = None,
+    ):
+        super().__init__(message, trailing_metadata=trailing_metadata)
+        self.code = code
+
+
+class ConfigError(Exception):
+    """The configuration cannot be loaded; the message names the file and the field."""

@@ -1,0 +1,1 @@
+"""Example models served in-process by the embedded default config."""

@@ -1,0 +1,109 @@
+"""Construction of the gRPC server: the inference service, health checking and reflection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from headrace.config import ServerSettings
+from headrace.frontend.servicer import InferenceServicer
+from headrace.frontend.status import tolerant_deserializer
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol.descriptor_pool import POOL
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+_logger = logging.getLogger(__name__)
+
+
+def _method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_type: type[Message] = getattr(pb, method.input_type.name)
+        response_type: type[Message] = getattr(pb, method.output_type.name)
+        behaviour: Callable[..., Any] = getattr(servicer, method.name)
+        make: Callable[..., grpc.RpcMethodHandler[Any, Any]]
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif not method.client_streaming and not method.server_streaming:
+            make = grpc.unary_unary_rpc_method_handler
+        else:  # the protocol has neither mix; a new one needs its own handler kind
+            raise NotImplementedError(f"{method.name}: unsupported streaming kind")
+        handlers[method.name] = make(
+            behaviour,
+            request_deserializer=tolerant_deserializer(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    return handlers
+
+
+class FrontendServer:
+    """The grpc.aio server with the inference service, grpc.health.v1 and reflection."""
+
+    def __init__(self, settings: ServerSettings, servicer: InferenceServicer) -> None:
+        self._settings = settings
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # Never share a port silently with another process (grpc enables it by default).
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        handlers = _method_handlers(servicer)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        # Registered methods skip the generic-handler lookup per call (grpc >= 1.62; the
+        # grpc-stubs package predates it).
+        self._server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        # Reflection reads Headrace's private pool, which must also know the health and
+        # reflection services to describe them.
+        for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+            POOL.AddSerializedFile(file_descriptor.serialized_pb)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=POOL
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0).
+
+        Raises:
+            RuntimeError: the address cannot be bound.
+        """
+        address = f"{self._settings.host}:{self._settings.port}"
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {address}")
+        await self._server.start()
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Set the health status of the server ("") and the inference service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace_s: float | None) -> None:
+        """Report NOT_SERVING, stop accepting calls, let in-flight calls finish for up to
+        `grace_s` seconds, then cancel the rest."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

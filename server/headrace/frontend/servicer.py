@@ -1,0 +1,224 @@
+"""The thin servicer of inference.GRPCInferenceService: decode, resolve, run, encode.
+
+Handlers receive requests from `tolerant_deserializer` (a message, or `MalformedMessage` for
+bytes that are not one) and report every error through `StatusBoundary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+from time import perf_counter_ns
+from typing import Any
+
+import grpc
+
+from headrace import __version__
+from headrace.errors import HeadraceError, ModelNotFoundError
+from headrace.frontend.status import MalformedMessage, StatusBoundary, require_message
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol.converters import request_from_proto, response_to_proto
+from headrace.protocol.model_info import config_to_proto, metadata_to_proto, statistics_to_proto
+from headrace.repository import ModelRepository
+
+SERVER_NAME = "headrace"
+EXTENSIONS = ("model_configuration", "statistics")
+"""Protocol extensions Headrace implements, as ServerMetadata reports them."""
+
+_logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class InferenceServicer:
+    """Implements the methods declared in proto/grpc_service.proto."""
+
+    def __init__(self, repository: ModelRepository, stream_max_inflight_requests: int) -> None:
+        self._repository = repository
+        self._stream_max_inflight = stream_max_inflight_requests
+
+    async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        started = perf_counter_ns()
+        served = self._repository.resolve(message.model_name, message.model_version)
+        statistics = served.statistics
+        try:
+            request = request_from_proto(message)
+            spec = served.spec
+            spec.validate_request(request)
+            decoded = perf_counter_ns()
+            response = await served.infer(request)
+            inferred = perf_counter_ns()
+            reply = response_to_proto(response, request.requested_outputs)
+        except HeadraceError:
+            statistics.record_failure(perf_counter_ns() - started)
+            raise
+        finished = perf_counter_ns()
+        statistics.record_success(
+            batch_size=spec.batch_size(request),
+            total_ns=finished - started,
+            input_ns=decoded - started,
+            infer_ns=inferred - decoded,
+            output_ns=finished - inferred,
+        )
+        return reply
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest | MalformedMessage, context: Context
+    ) -> pb.ModelInferResponse:
+        async with StatusBoundary(context, "ModelInfer"):
+            return await self._infer(require_message(request))
+
+    async def ModelStreamInfer(
+        self,
+        requests: AsyncIterable[pb.ModelInferRequest | MalformedMessage],
+        context: Context,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Answers each request as soon as it is done, so requests on one stream run (and
+        batch) concurrently; an error answers its request with `error_message` and the stream
+        goes on. At most `stream_max_inflight_requests` run at once; beyond that the stream
+        stops reading."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._stream_max_inflight)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(message: pb.ModelInferRequest) -> None:
+            try:
+                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(message))
+            except HeadraceError as exc:
+                reply = _stream_error(message, exc.message)
+            except Exception:
+                _logger.exception("unexpected error in ModelStreamInfer")
+                reply = _stream_error(message, "internal error; see the server log")
+            finally:
+                slots.release()
+            answers.put_nowait(reply)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    if isinstance(request, MalformedMessage):
+                        slots.release()
+                        answers.put_nowait(
+                            pb.ModelStreamInferResponse(error_message=request.error().message)
+                        )
+                        continue
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await answers.get()) is not None:
+                yield reply
+            await reader
+        finally:
+            reader.cancel()
+            for task in running:
+                task.cancel()
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest | MalformedMessage, context: Context
+    ) -> pb.ServerLiveResponse:
+        async with StatusBoundary(context, "ServerLive"):
+            require_message(request)
+            return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest | MalformedMessage, context: Context
+    ) -> pb.ServerReadyResponse:
+        async with StatusBoundary(context, "ServerReady"):
+            require_message(request)
+            return pb.ServerReadyResponse(ready=self._repository.ready)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest | MalformedMessage, context: Context
+    ) -> pb.ModelReadyResponse:
+        """An unknown model is not ready (false, not NOT_FOUND): probes want a boolean."""
+        async with StatusBoundary(context, "ModelReady"):
+            message = require_message(request)
+            try:
+                served = self._repository.resolve(message.name, message.version)
+            except ModelNotFoundError:
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=served.ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest | MalformedMessage, context: Context
+    ) -> pb.ServerMetadataResponse:
+        async with StatusBoundary(context, "ServerMetadata"):
+            require_message(request)
+            return pb.ServerMetadataResponse(
+                name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+            )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest | MalformedMessage, context: Context
+    ) -> pb.ModelMetadataResponse:
+        async with StatusBoundary(context, "ModelMetadata"):
+            message = require_message(request)
+            served = self._repository.resolve(message.name, message.version)
+            return metadata_to_proto(served.spec, self._repository.versions(message.name))
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest | MalformedMessage, context: Context
+    ) -> pb.ModelConfigResponse:
+        async with StatusBoundary(context, "ModelConfig"):
+            message = require_message(request)
+            served = self._repository.resolve(message.name, message.version)
+            return pb.ModelConfigResponse(config=config_to_proto(served.spec))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest | MalformedMessage, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        """An empty name reports every model; an empty version every version of the model."""
+        async with StatusBoundary(context, "ModelStatistics"):
+            message = require_message(request)
+            if not message.name:
+                models = list(self._repository.models())
+            elif message.version:
+                models = [self._repository.resolve(message.name, message.version)]
+            else:
+                self._repository.resolve(message.name)  # NOT_FOUND for an unknown name
+                models = [
+                    self._repository.resolve(message.name, version)
+                    for version in self._repository.versions(message.name)
+                ]
+            return pb.ModelStatisticsResponse(
+                model_stats=[statistics_to_proto(m.spec, m.statistics) for m in models]
+            )
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest | MalformedMessage, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        async with StatusBoundary(context, "RepositoryIndex"):
+            message = require_message(request)
+            entries = []
+            for served in self._repository.models():
+                ready = served.ready
+                if message.ready and not ready:
+                    continue
+                entries.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=served.spec.name,
+                        version=served.spec.version,
+                        state="READY" if ready else "UNAVAILABLE",
+                        reason="" if ready else "backend reports the model not ready",
+                    )
+                )
+            return pb.RepositoryIndexResponse(models=entries)
+
+
+def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:
+    # Triton sends only error_message; the id and model let a client match it to its request.
+    return pb.ModelStreamInferResponse(
+        error_message=text,
+        infer_response=pb.ModelInferResponse(
+            model_name=message.model_name, model_version=message.model_version, id=message.id
+        ),
+    )

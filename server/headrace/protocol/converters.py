@@ -1,0 +1,267 @@
+"""Translation between the protocol's messages and Headrace's `InferenceRequest` /
+`InferenceResponse`: tensors to and from numpy, parameters to and from Python values.
+
+Decoding checks everything that can be checked without knowing the model (datatype names,
+shapes, raw lengths, typed-contents counts and ranges); `ModelSpec.validate_request` checks the
+rest. Raw contents decode to read-only views of the wire bytes; nothing is copied there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from headrace.errors import InvalidArgumentError, ModelExecutionError
+from headrace.inference import InferenceRequest, InferenceResponse, ParameterValue
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol.datatypes import DATATYPES, Datatype, datatype_of
+
+_LENGTH_PREFIX_BYTES = 4
+_MAX_BYTES_ELEMENT = 2**32 - 1
+
+
+def _shape_of(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+    dims = tuple(shape)
+    for dim in dims:
+        if dim < 0:
+            raise InvalidArgumentError(
+                f"input '{name}' has shape {list(dims)}; dimensions must be >= 0"
+            )
+    return dims
+
+
+def _element_count(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def decode_bytes_elements(name: str, raw: bytes, count: int) -> np.ndarray:
+    """Split raw BYTES contents (each element a 4-byte little-endian length, then the bytes)
+    into a flat object array of `count` bytes elements.
+
+    Raises:
+        InvalidArgumentError (INVALID_ARGUMENT): the lengths do not add up to `count` elements
+            exactly filling `raw`.
+    """
+    elements = np.empty(count, dtype=object)
+    view = memoryview(raw)
+    offset = 0
+    end = len(raw)
+    for index in range(count):
+        if offset + _LENGTH_PREFIX_BYTES > end:
+            raise InvalidArgumentError(
+                f"raw contents of BYTES input '{name}' end after {index} of {count} elements"
+            )
+        length = int.from_bytes(view[offset : offset + _LENGTH_PREFIX_BYTES], "little")
+        offset += _LENGTH_PREFIX_BYTES
+        if offset + length > end:
+            raise InvalidArgumentError(
+                f"raw contents of BYTES input '{name}': element {index} declares {length} bytes "
+                f"but only {end - offset} remain"
+            )
+        elements[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != end:
+        raise InvalidArgumentError(
+            f"raw contents of BYTES input '{name}' hold {end - offset} bytes after its "
+            f"{count} elements"
+        )
+    return elements
+
+
+def encode_bytes_elements(array: np.ndarray) -> bytes:
+    """Serialize a BYTES tensor (bytes or str elements) to raw contents, row-major.
+
+    Raises:
+        ModelExecutionError (INTERNAL): an element is neither bytes nor str, or is too long.
+    """
+    parts: list[bytes] = []
+    for element in array.flat:
+        if isinstance(element, str):
+            data = element.encode()
+        elif isinstance(element, bytes | bytearray | memoryview | np.bytes_):
+            data = bytes(element)
+        else:
+            raise ModelExecutionError(
+                f"BYTES output element of type {type(element).__name__} is not bytes or str"
+            )
+        if len(data) > _MAX_BYTES_ELEMENT:
+            raise ModelExecutionError("BYTES output element exceeds 4 GiB")
+        parts.append(len(data).to_bytes(_LENGTH_PREFIX_BYTES, "little"))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _decode_raw(name: str, datatype: Datatype, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    count = _element_count(shape)
+    if datatype.name == "BYTES":
+        return decode_bytes_elements(name, raw, count).reshape(shape)
+    expected = count * datatype.itemsize
+    if len(raw) != expected:
+        raise InvalidArgumentError(
+            f"raw contents of input '{name}' hold {len(raw)} bytes; shape "
+            f"{list(shape)} of {datatype.name} needs {expected}"
+        )
+    return np.frombuffer(raw, dtype=datatype.dtype).reshape(shape)
+
+
+def _decode_typed(
+    name: str, datatype: Datatype, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> np.ndarray:
+    field = datatype.contents_field
+    if field is None:
+        raise InvalidArgumentError(
+            f"input '{name}' is {datatype.name}, which has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    values: Any = getattr(contents, field)
+    count = _element_count(shape)
+    if len(values) != count:
+        raise InvalidArgumentError(
+            f"contents.{field} of input '{name}' hold {len(values)} values; shape "
+            f"{list(shape)} needs {count}"
+        )
+    for other in _CONTENT_FIELDS:
+        if other != field and len(getattr(contents, other)):
+            raise InvalidArgumentError(
+                f"input '{name}' is {datatype.name} but sets contents.{other}; use contents.{field}"
+            )
+    if datatype.name == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    if datatype.dtype.kind in "iu" and datatype.dtype.itemsize < 8:
+        # int_contents / uint_contents are 32-bit on the wire; narrower types must fit.
+        wide = np.array(values, dtype=np.int64)
+        info = np.iinfo(datatype.dtype)  # type: ignore[type-var]
+        if count and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidArgumentError(
+                f"contents.{field} of input '{name}' hold values outside the range of "
+                f"{datatype.name} [{info.min}, {info.max}]"
+            )
+        return wide.astype(datatype.dtype).reshape(shape)
+    return np.array(values, dtype=datatype.dtype).reshape(shape)
+
+
+_CONTENT_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
+
+
+def _has_contents(contents: pb.InferTensorContents) -> bool:
+    return any(len(getattr(contents, field)) for field in _CONTENT_FIELDS)
+
+
+def parameters_from_proto(parameters: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    """Protocol parameters as plain Python values."""
+    decoded: dict[str, ParameterValue] = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice is not None:
+            decoded[key] = getattr(parameter, choice)
+    return decoded
+
+
+def parameter_to_proto(value: ParameterValue) -> pb.InferParameter:
+    """One Python value as a protocol parameter (bool, int64, double or string)."""
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        if value >= 2**63:
+            return pb.InferParameter(uint64_param=value)
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    return pb.InferParameter(string_param=str(value))
+
+
+def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
+    """Decode a ModelInferRequest.
+
+    Raises:
+        InvalidArgumentError (INVALID_ARGUMENT): an unknown datatype, a negative or
+            inconsistent shape, raw contents that do not match shape x datatype, both raw and
+            typed contents for one input, a missing or duplicate input, or typed values out of
+            range. The message names the input.
+    """
+    raw_contents = message.raw_input_contents
+    input_messages = message.inputs
+    if raw_contents and len(raw_contents) != len(input_messages):
+        raise InvalidArgumentError(
+            f"raw_input_contents has {len(raw_contents)} entries for {len(input_messages)} "
+            "inputs; send raw contents for every input or for none"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(input_messages):
+        name = tensor.name
+        datatype = DATATYPES.get(tensor.datatype)
+        if datatype is None:
+            raise InvalidArgumentError(
+                f"input '{name}' has unknown datatype '{tensor.datatype}'; expected one of "
+                f"{', '.join(DATATYPES)}"
+            )
+        if name in inputs:
+            raise InvalidArgumentError(f"input '{name}' appears more than once")
+        shape = _shape_of(name, tensor.shape)
+        if raw_contents:
+            if tensor.HasField("contents") and _has_contents(tensor.contents):
+                raise InvalidArgumentError(
+                    f"input '{name}' has both raw_input_contents and typed contents"
+                )
+            inputs[name] = _decode_raw(name, datatype, shape, raw_contents[index])
+        else:
+            inputs[name] = _decode_typed(name, datatype, shape, tensor.contents)
+    return InferenceRequest(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        inputs=inputs,
+        requested_outputs=tuple(output.name for output in message.outputs),
+        parameters=parameters_from_proto(message.parameters) if message.parameters else {},
+    )
+
+
+def _raw_bytes(array: np.ndarray, datatype: Datatype) -> bytes:
+    if datatype.name == "BYTES":
+        return encode_bytes_elements(array)
+    if array.dtype != datatype.dtype:  # big-endian host, or a non-native view
+        array = array.astype(datatype.dtype)
+    return array.tobytes()
+
+
+def response_to_proto(
+    response: InferenceResponse, requested: Iterable[str] = ()
+) -> pb.ModelInferResponse:
+    """Encode a response with every output in raw_output_contents, as Triton does.
+
+    `requested` limits the outputs to those names (in the response's order); empty keeps all.
+
+    Raises:
+        ModelExecutionError (INTERNAL): an output has no protocol datatype.
+    """
+    wanted = set(requested)
+    outputs = []
+    raw = []
+    for name, array in response.outputs.items():
+        if wanted and name not in wanted:
+            continue
+        datatype = datatype_of(array)
+        if datatype is None:
+            raise ModelExecutionError(
+                f"output '{name}' has numpy dtype {array.dtype}, which has no protocol datatype"
+            )
+        outputs.append(
+            pb.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=datatype.name, shape=array.shape
+            )
+        )
+        raw.append(_raw_bytes(array, datatype))
+    message = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
+        outputs=outputs,
+        raw_output_contents=raw,
+    )
+    for key, value in response.parameters.items():
+        message.parameters[key].CopyFrom(parameter_to_proto(value))
+    return message
