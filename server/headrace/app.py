@@ -42,8 +42,7 @@ class Application:
         """Start everything; returns the bound gRPC port.
 
         Raises:
-            ConfigError: a model cannot be loaded.
-            RuntimeError: the port cannot be bound.
+            StartupError: a model cannot be loaded (ConfigError) or the port cannot be bound.
         """
         try:
             for backend in self._backends:

@@ -15,8 +15,9 @@ import yaml
 
 from headrace import __version__
 from headrace.config import DEFAULT_PORT, ENV_CONFIG_PATH, Settings, load_settings
-from headrace.errors import ConfigError
+from headrace.errors import ConfigError, StartupError
 
+EXIT_STARTUP_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
 
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         logging.getLogger("headrace").error("%s", exc)
         return EXIT_CONFIG_ERROR
+    except StartupError as exc:
+        logging.getLogger("headrace").error("%s", exc)
+        return EXIT_STARTUP_ERROR
     return 0
 
 

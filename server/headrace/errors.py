@@ -75,5 +75,10 @@ class UpstreamError(HeadraceError):
         self.code = code
 
 
-class ConfigError(Exception):
-    """The configuration cannot be loaded; the message names the file and the field."""
+class StartupError(Exception):
+    """Headrace cannot start (a port cannot be bound, a model cannot be loaded)."""
+
+
+class ConfigError(StartupError):
+    """The configuration cannot be loaded or used; the message names the file (or model) and
+    the field."""

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from headrace.config import ServerSettings
+from headrace.errors import StartupError
 from headrace.frontend.servicer import InferenceServicer
 from headrace.frontend.status import tolerant_deserializer
 from headrace.protocol import grpc_service_pb2 as pb
@@ -80,12 +81,15 @@ class FrontendServer:
         """Bind and start serving; returns the bound port (useful with port 0).
 
         Raises:
-            RuntimeError: the address cannot be bound.
+            StartupError: the address cannot be bound (in use, or not this host's).
         """
         address = f"{self._settings.host}:{self._settings.port}"
-        self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {address}")
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's only signal for a failed bind
+            raise StartupError(
+                f"cannot listen on {address}: address in use or unavailable"
+            ) from exc
         await self._server.start()
         return self.port
 

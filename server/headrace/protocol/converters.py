@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from headrace.errors import InvalidArgumentError, ModelExecutionError
 from headrace.inference import InferenceRequest, InferenceResponse, ParameterValue
 from headrace.protocol import grpc_service_pb2 as pb

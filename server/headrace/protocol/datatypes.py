@@ -7,6 +7,7 @@ from typing import Any, Final
 
 import ml_dtypes
 import numpy as np
+
 from headrace.protocol import model_config_pb2
 
 

@@ -1,0 +1,137 @@
+"""Loading settings: YAML, validation errors naming file and field, environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from headrace.config import DEFAULT_PORT, load_settings
+from headrace.errors import ConfigError
+
+MODEL = """
+models:
+  - name: forecast
+    entrypoint: {entrypoint}
+    max_batch_size: 4
+    inputs: [{{name: X, datatype: FP32, dims: [3]}}]
+    outputs: [{{name: Y, datatype: FP32, dims: [1]}}]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "headrace.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_embedded_default() -> None:
+    settings = load_settings(None)
+    assert settings.server.port == DEFAULT_PORT
+    assert DEFAULT_PORT not in (8000, 8001, 8002)
+    assert [model.name for model in settings.models] == ["identity", "sales_forecast"]
+    assert settings.models[0].max_batch_size == 1024
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "server:\n  port: 9000\n" + MODEL.format(entrypoint="m:M"))
+    settings = load_settings(
+        path,
+        environ={
+            "HEADRACE_SERVER__PORT": "9001",
+            "HEADRACE_MODELS__0__MAX_BATCH_SIZE": "16",
+            "HEADRACE_CONFIG": "ignored: names the file, not a setting",
+            "UNRELATED": "x",
+        },
+    )
+    assert settings.server.port == 9001
+    assert settings.models[0].max_batch_size == 16
+
+
+def test_overrides_beat_environment() -> None:
+    settings = load_settings(
+        None, environ={"HEADRACE_SERVER__PORT": "9001"}, overrides={"server.port": 0}
+    )
+    assert settings.server.port == 0
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"HEADRACE_SERVER__PORT: server\.port: Input should be"):
+        load_settings(None, environ={"HEADRACE_SERVER__PORT": "many"})
+
+
+def test_unknown_environment_setting_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"HEADRACE_SERVER__PROT: server\.prot: Extra inputs"):
+        load_settings(None, environ={"HEADRACE_SERVER__PROT": "1"})
+
+
+def test_environment_list_index_out_of_range() -> None:
+    with pytest.raises(ConfigError, match="HEADRACE_MODELS__5__NAME: no list item 5"):
+        load_settings(None, environ={"HEADRACE_MODELS__5__NAME": "x"})
+
+
+def test_errors_name_file_and_field(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+server: {port: -1, shutdown_grace_s: 3}
+models:
+  - name: "bad name"
+    entrypoint: nocolon
+    inputs: [{name: X, datatype: FP32, dims: [-2]}]
+    outputs: []
+""",
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    message = str(raised.value)
+    for expected in (
+        f"{path}: server.port: Input should be greater than or equal to 0",
+        f"{path}: server.shutdown_grace_s: Extra inputs are not permitted",
+        f"{path}: models[0].name: String should match pattern",
+        f"{path}: models[0].entrypoint: String should match pattern",
+        f"{path}: models[0].inputs[0].dims: Value error, dimensions are >= 0",
+        f"{path}: models[0].outputs: Tuple should have at least 1 item",
+    ):
+        assert expected in message
+
+
+def test_duplicate_model_version(tmp_path: Path) -> None:
+    model = MODEL.format(entrypoint="m:M")
+    path = _write(tmp_path, model + model.split("models:\n", 1)[1])
+    with pytest.raises(ConfigError, match="model 'forecast' version 1 is declared twice"):
+        load_settings(path)
+
+
+def test_duplicate_tensor_names(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        MODEL.format(entrypoint="m:M").replace(
+            "inputs: [{name: X, datatype: FP32, dims: [3]}]",
+            "inputs: [{name: X, datatype: FP32, dims: [3]}, {name: X, datatype: FP32, dims: [1]}]",
+        ),
+    )
+    with pytest.raises(ConfigError, match=r"models\[0\]: Value error, inputs declare \['X'\]"):
+        load_settings(path)
+
+
+def test_not_yaml(tmp_path: Path) -> None:
+    path = _write(tmp_path, "server: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"{path}: not valid YAML"):
+        load_settings(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_file_entrypoint_is_relative_to_the_config(tmp_path: Path) -> None:
+    path = _write(tmp_path, MODEL.format(entrypoint="models/forecast.py:Forecast"))
+    settings = load_settings(path)
+    assert settings.models[0].entrypoint == f"{tmp_path}/models/forecast.py:Forecast"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(None)
+    with pytest.raises(ValueError, match="frozen"):
+        settings.server.port = 1  # type: ignore[misc]
