@@ -31,8 +31,8 @@ serve: $(RUNTIME_STAMP)
 test: lint typecheck unit
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check server tests bench proto
-	$(BIN)/ruff format --check server tests bench proto
+	$(BIN)/ruff check server tests bench proto clients
+	$(BIN)/ruff format --check server tests bench proto clients
 
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy

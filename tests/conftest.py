@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from headrace.app import Application
 from headrace.config import Settings, load_settings
 from headrace.protocol.datatypes import DATATYPES

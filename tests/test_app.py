@@ -7,11 +7,11 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+
 from headrace.app import Application
 from headrace.errors import ConfigError, StartupError
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
-
 from tests.conftest import make_settings
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from headrace.config import DEFAULT_PORT, load_settings
 from headrace.errors import ConfigError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from headrace.backends.local import LocalBackend
 from headrace.config import LocalBackendSettings, LocalModelSettings
 from headrace.errors import ModelNotFoundError

@@ -25,12 +25,21 @@ class TensorSpec:
     datatype: Datatype
     dims: tuple[int, ...]
     optional: bool = False
+    fixed_dims: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+    """(position, size) of every dimension that is not -1; checked on every request."""
+
+    def __post_init__(self) -> None:
+        fixed = tuple((index, dim) for index, dim in enumerate(self.dims) if dim != -1)
+        object.__setattr__(self, "fixed_dims", fixed)
 
     def matches(self, shape: tuple[int, ...]) -> bool:
         """Whether `shape` (without any batch dimension) fits the declared dims."""
-        return len(shape) == len(self.dims) and all(
-            declared in (-1, actual) for declared, actual in zip(self.dims, shape, strict=True)
-        )
+        if len(shape) != len(self.dims):
+            return False
+        for index, dim in self.fixed_dims:  # noqa: SIM110 - no generator on the request path
+            if shape[index] != dim:
+                return False
+        return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from headrace.backends.local import LocalBackend, spec_from_settings
 from headrace.config import LocalBackendSettings, LocalModelSettings
 from headrace.errors import ConfigError, ModelExecutionError

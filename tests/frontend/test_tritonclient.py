@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-from headrace import __version__
-from headrace.protocol.datatypes import DATATYPES
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_pb_grpc
 from tritonclient.utils import InferenceServerException
+
+from headrace import __version__
+from headrace.protocol.datatypes import DATATYPES
 
 SAMPLES: dict[str, np.ndarray] = {
     "BOOL": np.array([True, False, True]),

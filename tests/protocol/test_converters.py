@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+
 from headrace.errors import InvalidArgumentError, ModelExecutionError
 from headrace.inference import InferenceResponse
 from headrace.protocol import grpc_service_pb2 as pb

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
-from headrace.protocol import grpc_service_pb2 as pb
-from headrace.protocol import model_config_pb2 as config_pb
 from tritonclient.grpc import model_config_pb2 as triton_config_pb
 from tritonclient.grpc import service_pb2 as triton_pb
+
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol import model_config_pb2 as config_pb
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL_DIR = ROOT / "server" / "headrace" / "protocol"

@@ -9,7 +9,7 @@ rest. Raw contents decode to read-only views of the wire bytes; nothing is copie
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,11 +25,10 @@ _MAX_BYTES_ELEMENT = 2**32 - 1
 
 def _shape_of(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     dims = tuple(shape)
-    for dim in dims:
-        if dim < 0:
-            raise InvalidArgumentError(
-                f"input '{name}' has shape {list(dims)}; dimensions must be >= 0"
-            )
+    if dims and min(dims) < 0:
+        raise InvalidArgumentError(
+            f"input '{name}' has shape {list(dims)}; dimensions must be >= 0"
+        )
     return dims
 
 
@@ -216,7 +215,9 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
         model_version=message.model_version,
         id=message.id,
         inputs=inputs,
-        requested_outputs=tuple(output.name for output in message.outputs),
+        requested_outputs=(
+            tuple(output.name for output in message.outputs) if message.outputs else ()
+        ),
         parameters=parameters_from_proto(message.parameters) if message.parameters else {},
     )
 
@@ -230,7 +231,7 @@ def _raw_bytes(array: np.ndarray, datatype: Datatype) -> bytes:
 
 
 def response_to_proto(
-    response: InferenceResponse, requested: Iterable[str] = ()
+    response: InferenceResponse, requested: Collection[str] = ()
 ) -> pb.ModelInferResponse:
     """Encode a response with every output in raw_output_contents, as Triton does.
 
@@ -239,11 +240,11 @@ def response_to_proto(
     Raises:
         ModelExecutionError (INTERNAL): an output has no protocol datatype.
     """
-    wanted = set(requested)
+    wanted = set(requested) if requested else None
     outputs = []
     raw = []
     for name, array in response.outputs.items():
-        if wanted and name not in wanted:
+        if wanted is not None and name not in wanted:
             continue
         datatype = datatype_of(array)
         if datatype is None:

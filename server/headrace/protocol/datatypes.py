@@ -58,9 +58,13 @@ DATATYPES: Final[dict[str, Datatype]] = {
     )
 }
 
-_BY_DTYPE: Final[dict[np.dtype[np.generic], Datatype]] = {
-    entry.dtype.newbyteorder("="): entry for entry in DATATYPES.values()
-}
+_BY_DTYPE: Final[dict[np.dtype[np.generic], Datatype]] = {}
+for _entry_value in DATATYPES.values():
+    # Both byte orders: arrays a model builds are native, arrays off the wire little-endian.
+    _BY_DTYPE[_entry_value.dtype] = _entry_value
+    _BY_DTYPE[_entry_value.dtype.newbyteorder("=")] = _entry_value
+    _BY_DTYPE[_entry_value.dtype.newbyteorder(">")] = _entry_value
+del _entry_value
 
 
 def datatype_of(array: np.ndarray) -> Datatype | None:
@@ -68,6 +72,7 @@ def datatype_of(array: np.ndarray) -> Datatype | None:
 
     Fixed-width bytes and str arrays (`S`, `U`) are BYTES.
     """
-    if array.dtype.kind in "SU":
+    found = _BY_DTYPE.get(array.dtype)
+    if found is None and array.dtype.kind in "SU":
         return DATATYPES["BYTES"]
-    return _BY_DTYPE.get(array.dtype.newbyteorder("="))
+    return found

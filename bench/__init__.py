@@ -1,0 +1,1 @@
+"""Headrace's benchmarks: `python -m bench [SCENARIO] [OPTIONS]` (see bench/README.md)."""
