@@ -54,3 +54,38 @@ class Slow:
         self.started.set()
         time.sleep(self._delay_s)
         return {"OUTPUT0": inputs["INPUT0"]}
+
+
+GATED: dict[str, Gated] = {}
+"""Gated models by key, so a test can hold and release the model it configured."""
+
+
+class Gated:
+    """OUTPUT0 = 2 * INPUT0 + 1, recording every batch it runs. While `gate` is clear, calls
+    wait for it (a busy model, as the tests need it); an input value of -1 fails the batch."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.running = threading.Event()
+        self.delay_s = delay_s
+        self.batches: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.running.set()
+        self.gate.wait(30)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        values = inputs["INPUT0"]
+        with self._lock:
+            self.batches.append(np.array(values))
+        if (values == -1).any():
+            raise ValueError("poisoned input")
+        return {"OUTPUT0": values * 2 + 1}
+
+
+def gated(key: str, delay_s: float = 0.0) -> Gated:
+    """Entrypoint: a new Gated model, registered under `key`."""
+    GATED[key] = Gated(delay_s)
+    return GATED[key]

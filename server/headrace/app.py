@@ -8,7 +8,8 @@ import signal
 from types import TracebackType
 
 from headrace.backends import Backend, LocalBackend
-from headrace.config import Settings
+from headrace.batching import BatchPolicy, DynamicBatcher
+from headrace.config import BatchingSettings, Settings
 from headrace.frontend import FrontendServer, InferenceServicer
 from headrace.repository import ModelRepository
 
@@ -18,9 +19,10 @@ _logger = logging.getLogger(__name__)
 class Application:
     """One Headrace server: backends, model repository and gRPC front end.
 
-    Start-up: backends (models loaded) -> repository -> front end bound and serving -> health
-    SERVING once every model is ready. Shutdown, in reverse: health NOT_SERVING -> stop
-    accepting -> in-flight requests finish within the grace period -> backends stop.
+    Start-up: backends (models loaded) -> repository -> batchers -> front end bound and
+    serving -> health SERVING once every model is ready. Shutdown, in reverse: health
+    NOT_SERVING -> stop accepting -> in-flight requests (queued ones included) finish within
+    the grace period -> batchers stop -> backends stop.
 
     Usable as an async context manager: `async with Application(settings) as app: app.port`.
     """
@@ -34,6 +36,7 @@ class Application:
             )
         ]
         self._started: list[Backend] = []
+        self._batchers: list[DynamicBatcher] = []
         self._frontend: FrontendServer | None = None
         self.repository: ModelRepository | None = None
         self.port = 0
@@ -49,6 +52,7 @@ class Application:
                 await backend.start()
                 self._started.append(backend)
             self.repository = ModelRepository(self._backends)
+            self._start_batchers(self.repository)
             servicer = InferenceServicer(
                 self.repository, self.settings.server.stream_max_inflight_requests
             )
@@ -66,6 +70,18 @@ class Application:
         )
         return self.port
 
+    def _start_batchers(self, repository: ModelRepository) -> None:
+        batching = {(model.name, model.version): model.batching for model in self.settings.models}
+        for served in repository.models():
+            spec = served.spec
+            policy = BatchPolicy.resolve(
+                batching.get((spec.name, spec.version), BatchingSettings()), spec
+            )
+            if policy is not None:
+                served.batcher = DynamicBatcher(spec, served.backend, policy, [served.statistics])
+                served.batcher.start()
+                self._batchers.append(served.batcher)
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Shut down in reverse start-up order; idempotent. `grace_s` defaults to the
         configured shutdown grace period."""
@@ -74,6 +90,8 @@ class Application:
         if self._frontend is not None:
             frontend, self._frontend = self._frontend, None
             await frontend.stop(grace_s)
+        while self._batchers:
+            await self._batchers.pop().stop()
         while self._started:
             await self._started.pop().stop()
 

@@ -61,6 +61,50 @@ class TensorSettings(_Frozen):
         return value
 
 
+class BatchingSettings(_Frozen):
+    """The dynamic batcher in front of one model version. Unset values come from the
+    backend's model metadata where it has them (Triton's dynamic_batching), else the
+    defaults documented here. Models with max_batch_size 0 are never batched."""
+
+    enabled: bool = True
+    """Batch requests of this model; off sends each request to the backend as it comes."""
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Items per batch (sum of the requests' first dimensions); default: the model's
+    max_batch_size."""
+    max_queue_delay_us: int | None = Field(default=None, ge=0)
+    """How long the oldest waiting request may wait for its batch to fill, from its
+    arrival; default 0: dispatch what is queued as soon as an in-flight slot is free (batches
+    grow while the model is busy, as Triton's default)."""
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    """Dispatch at once when this many items are queued (the largest reachable size)."""
+    max_inflight_batches: int = Field(default=1, ge=1)
+    """Batches of this model running at once; more wait in the queue, where they grow.
+    Raise it to the number of model instances behind the backend."""
+    max_queue_size: int = Field(default=1024, ge=1)
+    """Requests waiting at most; beyond it requests get RESOURCE_EXHAUSTED at once."""
+    priority_levels: int = Field(default=1, ge=1)
+    """Priority levels; a request's `priority` parameter picks one: 1 is the highest (as in
+    Triton), 0 or absent means `default_priority_level`. FIFO within a level."""
+    default_priority_level: int | None = Field(default=None, ge=1)
+    """Level of requests without a priority; default: the lowest level."""
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _positive_sizes(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and any(size < 1 for size in value):
+            raise ValueError("preferred batch sizes are >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _default_level_in_range(self) -> BatchingSettings:
+        level = self.default_priority_level
+        if level is not None and level > self.priority_levels:
+            raise ValueError(
+                f"default_priority_level {level} is not among the {self.priority_levels} levels"
+            )
+        return self
+
+
 class LocalModelSettings(_Frozen):
     """A model run in-process by the local backend: a Python callable over numpy arrays."""
 
@@ -86,6 +130,8 @@ class LocalModelSettings(_Frozen):
     microseconds (identity, lookups)."""
     parameters: dict[str, str] = Field(default_factory=dict)
     """Free-form parameters reported in ModelConfig."""
+    batching: BatchingSettings = BatchingSettings()
+    """The dynamic batcher in front of this model (batching models only)."""
 
     @model_validator(mode="after")
     def _unique_tensor_names(self) -> LocalModelSettings:

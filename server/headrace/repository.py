@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 
 from headrace.backends.base import Backend
-from headrace.errors import ModelNotFoundError, ModelUnavailableError
+from headrace.batching import DynamicBatcher
+from headrace.batching.policy import queue_timeout_s
+from headrace.errors import DeadlineExceededError, ModelNotFoundError, ModelUnavailableError
 from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
 from headrace.statistics import ModelStatistics
@@ -14,28 +19,55 @@ from headrace.statistics import ModelStatistics
 
 @dataclass(slots=True, eq=False)
 class ServedModel:
-    """One model version, the backend that runs it, and its statistics."""
+    """One model version, the backend that runs it, its batcher (None: requests go straight
+    to the backend) and its statistics."""
 
     spec: ModelSpec
     backend: Backend
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
+    batcher: DynamicBatcher | None = None
 
     @property
     def ready(self) -> bool:
         return self.backend.is_ready(self.spec)
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """Run a validated request on this model version's backend.
+    async def infer(
+        self, request: InferenceRequest, size: int, deadline: float | None = None
+    ) -> InferenceResponse:
+        """Run a validated request of `size` items, through the batcher when there is one.
+        `deadline` is the caller's deadline on the event loop's clock; the request's
+        `timeout` parameter can shorten it.
 
         Raises:
             ModelUnavailableError (UNAVAILABLE): the model is not ready.
-            HeadraceError: whatever the backend raises, with its code.
+            DeadlineExceededError (DEADLINE_EXCEEDED): the deadline passed before dispatch.
+            HeadraceError: the batcher's or the backend's error, with its code.
         """
         if not self.backend.is_ready(self.spec):
             raise ModelUnavailableError(
                 f"model '{self.spec.name}' version {self.spec.version} is not ready"
             )
-        return await self.backend.infer(self.spec, request)
+        if self.batcher is not None:
+            return await self.batcher.submit(request, size, deadline)
+        now = asyncio.get_running_loop().time()
+        timeout_s = queue_timeout_s(request)
+        if deadline is not None:
+            timeout_s = min(deadline - now, timeout_s or math.inf)
+            if timeout_s <= 0:
+                raise DeadlineExceededError(
+                    f"request {request.id!r} to model '{self.spec.name}' passed its deadline"
+                )
+        self.statistics.record_queued(0)
+        started = perf_counter_ns()
+        response = await self.backend.infer(self.spec, request, timeout_s)
+        self.statistics.record_execution(
+            batch_size=size,
+            requests=1,
+            input_ns=0,
+            infer_ns=perf_counter_ns() - started,
+            output_ns=0,
+        )
+        return response
 
 
 def _version_key(version: str) -> tuple[int, str]:

@@ -43,6 +43,15 @@ class TensorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchingHints:
+    """What a backend's own model configuration says about batching (Triton's
+    dynamic_batching block); the batcher uses it where Headrace's config is silent."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """A served model version's signature and identity.
 
@@ -58,6 +67,7 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 0
     parameters: Mapping[str, str] = field(default_factory=dict)
+    batching_hints: BatchingHints = BatchingHints()
     inputs_by_name: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
     outputs_by_name: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
 

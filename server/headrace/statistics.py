@@ -46,26 +46,33 @@ class ModelStatistics:
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchDurations] = field(default_factory=dict)
 
-    def record_success(
-        self,
-        *,
-        batch_size: int,
-        total_ns: int,
-        input_ns: int,
-        infer_ns: int,
-        output_ns: int,
-        queue_ns: int = 0,
+    queue_depth: int = 0
+    """Requests waiting in the batcher now."""
+
+    def record_success(self, *, total_ns: int, input_ns: int, output_ns: int) -> None:
+        """One request answered: `total_ns` from arrival to response, `input_ns` decoding
+        and validating it, `output_ns` encoding its answer."""
+        self.success.add(total_ns)
+        self.compute_input.add(input_ns)
+        self.compute_output.add(output_ns)
+
+    def record_failure(self, total_ns: int) -> None:
+        """One request failed after it reached its model."""
+        self.fail.add(total_ns)
+
+    def record_queued(self, queue_ns: int) -> None:
+        """One request left the queue for the backend after `queue_ns` (0 unbatched)."""
+        self.queue.add(queue_ns)
+
+    def record_execution(
+        self, *, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int
     ) -> None:
-        """One request answered. A request executed alone counts one execution of its own
-        batch size; a batcher records executions itself."""
+        """One model execution of `batch_size` items made of `requests` requests:
+        `input_ns` merging them, `infer_ns` in the backend, `output_ns` splitting the answer."""
         self.inference_count += batch_size
         self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
-        self.success.add(total_ns)
-        self.queue.add(queue_ns)
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
+        self.compute_infer.add(infer_ns * requests, count=requests)
         batch = self.batches.get(batch_size)
         if batch is None:
             batch = self.batches[batch_size] = BatchDurations()
@@ -73,6 +80,5 @@ class ModelStatistics:
         batch.compute_infer.add(infer_ns)
         batch.compute_output.add(output_ns)
 
-    def record_failure(self, total_ns: int) -> None:
-        """One request failed after it reached its model."""
-        self.fail.add(total_ns)
+    def set_queue_depth(self, depth: int) -> None:
+        self.queue_depth = depth

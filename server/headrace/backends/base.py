@@ -34,8 +34,11 @@ class Backend(Protocol):
         """Whether the model version can take requests now."""
         ...
 
-    async def infer(self, spec: ModelSpec, request: InferenceRequest) -> InferenceResponse:
-        """Run one (validated) request.
+    async def infer(
+        self, spec: ModelSpec, request: InferenceRequest, timeout_s: float | None = None
+    ) -> InferenceResponse:
+        """Run one (validated, possibly batched) request within `timeout_s` seconds (None: no
+        limit), which remote backends pass on as the call's deadline.
 
         Raises:
             HeadraceError: ModelExecutionError (INTERNAL) when the model fails,

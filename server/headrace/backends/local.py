@@ -132,7 +132,12 @@ class LocalBackend:
     def is_ready(self, spec: ModelSpec) -> bool:
         return (spec.name, spec.version) in self._loaded
 
-    async def infer(self, spec: ModelSpec, request: InferenceRequest) -> InferenceResponse:
+    async def infer(
+        self, spec: ModelSpec, request: InferenceRequest, timeout_s: float | None = None
+    ) -> InferenceResponse:
+        # timeout_s is not enforced: a model call cannot be interrupted, and abandoning it
+        # would leave its thread busy with nobody waiting. Callers' deadlines still end their
+        # own waits (gRPC cancels the call).
         loaded = self._loaded[(spec.name, spec.version)]
         try:
             if loaded.inline or self._executor is None:

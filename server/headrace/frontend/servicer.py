@@ -38,7 +38,9 @@ class InferenceServicer:
         self._repository = repository
         self._stream_max_inflight = stream_max_inflight_requests
 
-    async def _infer(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(
+        self, message: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
         started = perf_counter_ns()
         served = self._repository.resolve(message.model_name, message.model_version)
         statistics = served.statistics
@@ -47,19 +49,19 @@ class InferenceServicer:
             spec = served.spec
             spec.validate_request(request)
             decoded = perf_counter_ns()
-            response = await served.infer(request)
-            inferred = perf_counter_ns()
+            remaining = context.time_remaining()
+            deadline = (
+                asyncio.get_running_loop().time() + remaining if remaining is not None else None
+            )
+            response = await served.infer(request, spec.batch_size(request), deadline)
+            answered = perf_counter_ns()
             reply = response_to_proto(response, request.requested_outputs)
         except HeadraceError:
             statistics.record_failure(perf_counter_ns() - started)
             raise
         finished = perf_counter_ns()
         statistics.record_success(
-            batch_size=spec.batch_size(request),
-            total_ns=finished - started,
-            input_ns=decoded - started,
-            infer_ns=inferred - decoded,
-            output_ns=finished - inferred,
+            total_ns=finished - started, input_ns=decoded - started, output_ns=finished - answered
         )
         return reply
 
@@ -67,7 +69,7 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest | MalformedMessage, context: Context
     ) -> pb.ModelInferResponse:
         async with StatusBoundary(context, "ModelInfer"):
-            return await self._infer(require_message(request))
+            return await self._infer(require_message(request), context)
 
     async def ModelStreamInfer(
         self,
@@ -84,7 +86,9 @@ class InferenceServicer:
 
         async def answer(message: pb.ModelInferRequest) -> None:
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(message))
+                reply = pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(message, context)
+                )
             except HeadraceError as exc:
                 reply = _stream_error(message, exc.message)
             except Exception:
@@ -171,7 +175,8 @@ class InferenceServicer:
         async with StatusBoundary(context, "ModelConfig"):
             message = require_message(request)
             served = self._repository.resolve(message.name, message.version)
-            return pb.ModelConfigResponse(config=config_to_proto(served.spec))
+            policy = served.batcher.policy if served.batcher is not None else None
+            return pb.ModelConfigResponse(config=config_to_proto(served.spec, policy))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest | MalformedMessage, context: Context

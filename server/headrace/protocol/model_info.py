@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from headrace.batching import BatchPolicy
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import model_config_pb2 as config_pb
 from headrace.spec import ModelSpec
@@ -29,8 +30,9 @@ def metadata_to_proto(spec: ModelSpec, versions: Sequence[str]) -> pb.ModelMetad
     )
 
 
-def config_to_proto(spec: ModelSpec) -> config_pb.ModelConfig:
-    """ModelConfig: dims exclude the batch dimension, as in Triton's config.pbtxt."""
+def config_to_proto(spec: ModelSpec, batching: BatchPolicy | None = None) -> config_pb.ModelConfig:
+    """ModelConfig: dims exclude the batch dimension, as in Triton's config.pbtxt;
+    `dynamic_batching` describes Headrace's batcher when the model has one."""
     config = config_pb.ModelConfig(
         name=spec.name,
         platform=spec.platform,
@@ -61,6 +63,18 @@ def config_to_proto(spec: ModelSpec) -> config_pb.ModelConfig:
         config.version_policy.specific.versions.append(int(spec.version))
     for key, value in spec.parameters.items():
         config.parameters[key].string_value = value
+    if batching is not None:
+        config.dynamic_batching.CopyFrom(
+            config_pb.ModelDynamicBatching(
+                preferred_batch_size=batching.preferred_batch_sizes,
+                max_queue_delay_microseconds=round(batching.max_queue_delay_s * 1e6),
+                priority_levels=batching.priority_levels,
+                default_priority_level=batching.default_priority_level,
+                default_queue_policy=config_pb.ModelQueuePolicy(
+                    max_queue_size=batching.max_queue_size, allow_timeout_override=True
+                ),
+            )
+        )
     return config
 
 
