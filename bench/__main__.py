@@ -15,12 +15,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from bench import frontend
+from bench import frontend, gpu_sim
 from bench.loadgen import LoadError
 from bench.machine import describe_machine
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-STANDARD_SET = ("frontend",)
+STANDARD_SET = ("frontend", "gpu_sim")
 """What `python -m bench` runs with no scenario named, each with its default options."""
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -46,7 +46,15 @@ def _scenarios() -> dict[str, Scenario]:
                 frontend.options_from(arguments), results_dir, stamp
             ),
             frontend.render,
-        )
+        ),
+        "gpu_sim": Scenario(
+            gpu_sim.SUMMARY,
+            gpu_sim.add_arguments,
+            lambda arguments, results_dir, stamp: gpu_sim.run(
+                gpu_sim.options_from(arguments), results_dir, stamp
+            ),
+            gpu_sim.render,
+        ),
     }
 
 

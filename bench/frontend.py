@@ -111,11 +111,12 @@ def options_from(arguments: argparse.Namespace) -> FrontendOptions:
     return options
 
 
-def identity_request(elements: int) -> bytes:
-    """A serialized batch-1 request for `identity` with `elements` FP32 values."""
+def identity_request(elements: int, model: str = MODEL_NAME) -> bytes:
+    """A serialized batch-1 request for `identity` (or another model whose OUTPUT0 echoes
+    INPUT0) with `elements` FP32 values."""
     data = np.arange(elements, dtype="<f4").tobytes()  # the wire is little-endian
     return pb.ModelInferRequest(
-        model_name=MODEL_NAME,
+        model_name=model,
         inputs=[
             pb.ModelInferRequest.InferInputTensor(
                 name=INPUT_NAME, datatype=DATATYPE, shape=[1, elements]

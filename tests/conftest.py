@@ -94,6 +94,25 @@ def served_test_models() -> list[dict[str, Any]]:
     return models
 
 
+def gated_model(name: str, batching: dict[str, Any], delay_s: float = 0.0) -> dict[str, Any]:
+    """A batching FP32 model computing 2x + 1 that a test can hold (tests.models.Gated),
+    registered in tests.models.GATED under its name."""
+    return _model(
+        name,
+        "tests.models:gated",
+        init_args={"key": name, "delay_s": delay_s},
+        execution="thread",
+        batching=batching,
+    )
+
+
+def server_with(*models: dict[str, Any]) -> ServerThread:
+    """A server for the default and test models plus `models`."""
+    tree = make_settings().model_dump(mode="json")
+    tree["models"] += list(models)
+    return ServerThread(Settings.model_validate(tree))
+
+
 def make_settings(**overrides: Any) -> Settings:
     """The embedded default config on 127.0.0.1:0, plus the test models, plus overrides
     (dotted paths)."""

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerThread, make_settings
+from tests.conftest import ServerThread, gated_model, server_with
 from tests.models import GATED
 
 MODEL = "prop"
@@ -51,21 +51,8 @@ calls = st.builds(
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    settings = make_settings()
-    tree = settings.model_dump(mode="json")
-    tree["models"].append(
-        {
-            "name": MODEL,
-            "entrypoint": "tests.models:gated",
-            "init_args": {"key": MODEL, "delay_s": 0.002},
-            "execution": "thread",
-            "max_batch_size": 8,
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "batching": {"max_queue_delay_us": 2000, "priority_levels": 3},
-        }
-    )
-    with ServerThread(type(settings).model_validate(tree)) as running:
+    batching = {"max_queue_delay_us": 2000, "priority_levels": 3}
+    with server_with(gated_model(MODEL, batching, delay_s=0.002)) as running:
         yield running
 
 

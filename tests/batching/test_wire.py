@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from headrace.spec import ModelSpec
-from tests.conftest import ServerThread, make_settings
+from tests.conftest import ServerThread, gated_model, make_settings, server_with
 from tests.models import GATED
 
 MODEL = "wire_gated"
@@ -27,27 +28,28 @@ MODEL = "wire_gated"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    settings = make_settings()
-    tree = settings.model_dump(mode="json")
-    tree["models"].append(
-        {
-            "name": MODEL,
-            "entrypoint": "tests.models:gated",
-            "init_args": {"key": MODEL},
-            "execution": "thread",
-            "max_batch_size": 8,
-            "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-            "batching": {
-                "max_queue_size": 2,
-                "max_queue_delay_us": 1500,
-                "preferred_batch_sizes": [4, 8],
-                "priority_levels": 2,
-            },
-        }
-    )
-    with ServerThread(type(settings).model_validate(tree)) as running:
+    batching = {
+        "max_queue_size": 2,
+        "max_queue_delay_us": 1500,
+        "preferred_batch_sizes": [4, 8],
+        "priority_levels": 2,
+    }
+    with server_with(gated_model(MODEL, batching)) as running:
         yield running
+
+
+@contextlib.contextmanager
+def _held(channel: grpc.Channel) -> Iterator[grpc.Future]:
+    """Hold the gated model on a first request (yielded) until the block ends."""
+    model = GATED[MODEL]
+    model.gate.clear()
+    model.running.clear()
+    try:
+        held = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(_message(1.0))
+        assert model.running.wait(10)
+        yield held
+    finally:
+        model.gate.set()
 
 
 def _message(value: float, model: str = MODEL) -> pb.ModelInferRequest:
@@ -74,20 +76,13 @@ def _wait_for_queue(server: ServerThread, depth: int) -> None:
 
 
 def test_full_queue_is_resource_exhausted_with_retry_pushback(server) -> None:
-    model = GATED[MODEL]
-    model.gate.clear()
-    model.running.clear()
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            held = stub.ModelInfer.future(_message(1.0))
-            assert model.running.wait(10)
+        with _held(channel) as held:
             queued = [stub.ModelInfer.future(_message(2.0)), stub.ModelInfer.future(_message(3.0))]
             _wait_for_queue(server, 2)
             with pytest.raises(grpc.RpcError) as raised:
                 stub.ModelInfer(_message(4.0), timeout=10)
-        finally:
-            model.gate.set()
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_queue_size 2" in raised.value.details()
         trailers = dict(raised.value.trailing_metadata())
@@ -138,20 +133,13 @@ def test_concurrent_requests_share_executions(server) -> None:
 
 
 def test_timeout_parameter_on_the_wire(server) -> None:
-    model = GATED[MODEL]
-    model.gate.clear()
-    model.running.clear()
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            held = stub.ModelInfer.future(_message(11.0))
-            assert model.running.wait(10)
+        with _held(channel) as held:
             message = _message(12.0)
             message.parameters["timeout"].uint64_param = 20_000
             with pytest.raises(grpc.RpcError) as raised:
                 stub.ModelInfer(message, timeout=10)
-        finally:
-            model.gate.set()
         held.result(10)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "before it was dispatched" in raised.value.details()

@@ -159,11 +159,7 @@ class DynamicBatcher:
         dispatched on arrival runs in its caller's task and finishes there. Called after the
         front end has drained, so normally nothing is left."""
         self._closed = True
-        for group in list(self._groups.values()):
-            for level in group.levels:
-                for entry in list(level):
-                    self._remove(entry)
-                    self._fail(entry, ModelUnavailableError(self._shutting_down()))
+        self._fail_queued(ModelUnavailableError(self._shutting_down()))
         tasks = [*self._batches, *([self._dispatcher] if self._dispatcher else [])]
         for task in tasks:
             task.cancel()
@@ -273,6 +269,13 @@ class DynamicBatcher:
             del self._groups[group.key]
         self._report_depth()
 
+    def _fail_queued(self, error: HeadraceError) -> None:
+        for group in list(self._groups.values()):
+            for level in group.levels:
+                for entry in list(level):
+                    self._remove(entry)
+                    self._fail(entry, error)
+
     def _expire(self, entry: _Entry) -> None:
         if entry.state is _State.QUEUED:
             self._remove(entry)
@@ -296,15 +299,24 @@ class DynamicBatcher:
     async def _dispatch_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._groups or self._inflight >= self.policy.max_inflight_batches:
-                await self._sleep(loop, None)
-                continue
-            now = loop.time()
-            group, ready_at = self._next_group(now)
-            if ready_at > now:
-                await self._sleep(loop, ready_at)
-                continue
-            self._launch(self._take(group))
+            try:
+                if not self._groups or self._inflight >= self.policy.max_inflight_batches:
+                    await self._sleep(loop, None)
+                    continue
+                now = loop.time()
+                group, ready_at = self._next_group(now)
+                if ready_at > now:
+                    await self._sleep(loop, ready_at)
+                    continue
+                self._launch(self._take(group))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug here must not leave callers waiting forever on a dead dispatcher.
+                _logger.exception("batcher of model %s failed; failing its queue", self.spec.name)
+                self._fail_queued(
+                    ModelExecutionError(f"batcher of model '{self.spec.name}' failed")
+                )
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, until: float | None) -> None:
         """Wait for a new request, a cancellation, a finished batch, or `until`."""
