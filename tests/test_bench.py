@@ -1,5 +1,5 @@
-"""The benchmark runs end to end (tiny settings): servers start, replies are verified, the
-report is written. It asserts no timings: speed is measured in bench/, never in tests."""
+"""The benchmarks run end to end (tiny settings): servers start, replies are verified, the
+report is written. They assert no timings: speed is measured in bench/, never in tests."""
 
 from __future__ import annotations
 
@@ -7,39 +7,47 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--trials", "1", "--warmup-s", "0.2", "--duration-s", "0.4", "--clients", "1"]
 
 
-def test_frontend_scenario_runs() -> None:
+def _run(*arguments: str) -> tuple[str, dict[str, Any]]:
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "frontend",
-            "--trials",
-            "1",
-            "--warmup-s",
-            "0.3",
-            "--duration-s",
-            "0.5",
-            "--concurrency",
-            "2",
-            "--clients",
-            "1",
-        ],
+        [sys.executable, "-m", "bench", *arguments],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr
-    assert "Headrace / bare requests/s" in result.stdout
     report_path = Path(result.stdout.rsplit("Every number: ", 1)[1].strip())
     report = json.loads(report_path.read_text())
     report_path.unlink()
+    return result.stdout, report
+
+
+def test_frontend_scenario_runs() -> None:
+    output, report = _run("frontend", *QUICK, "--concurrency", "2")
+    assert "Headrace / bare requests/s" in output
     assert report["scenario"] == "frontend"
-    assert all(
-        trial["load"]["completed"] > 0 and not trial["load"]["errors"] for trial in report["trials"]
-    ), report["trials"]
+    for trial in report["trials"]:
+        assert trial["load"]["completed"] > 0
+        assert not trial["load"]["errors"]
+
+
+@pytest.mark.timeout(240)
+def test_gpu_sim_scenario_runs() -> None:
+    output, report = _run("gpu_sim", *QUICK, "--concurrencies", "1,4")
+    assert "batching on / off" in output
+    assert [(p["model"], p["concurrency"]) for p in report["points"]] == [
+        (model, concurrency)
+        for concurrency in (1, 4)
+        for model in ("gpu_sim_unbatched", "gpu_sim", "identity")
+    ]
+    for point in report["points"]:
+        assert point["completed"] > 0
+        assert not point["errors"]
