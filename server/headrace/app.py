@@ -8,10 +8,20 @@ import signal
 from types import TracebackType
 
 from headrace.backends import Backend, LocalBackend
+from headrace.backends.triton import TritonBackend
 from headrace.batching import BatchPolicy, DynamicBatcher
-from headrace.config import BatchingSettings, Settings
+from headrace.config import (
+    BatchingSettings,
+    LocalModelSettings,
+    Settings,
+    TritonModelSettings,
+)
 from headrace.frontend import FrontendServer, InferenceServicer
 from headrace.repository import ModelRepository
+from headrace.spec import ModelSpec
+
+READINESS_INTERVAL_S = 1.0
+"""How often health status is brought in line with the models' readiness."""
 
 _logger = logging.getLogger(__name__)
 
@@ -29,17 +39,18 @@ class Application:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._backends: list[Backend] = [
-            LocalBackend(
-                [model for model in settings.models if model.backend == "local"],
-                settings.local_backend,
-            )
-        ]
+        local = [model for model in settings.models if isinstance(model, LocalModelSettings)]
+        triton = [model for model in settings.models if isinstance(model, TritonModelSettings)]
+        self._backends: list[Backend] = [LocalBackend(local, settings.local_backend)]
+        if triton:
+            self._backends.append(TritonBackend(triton, settings.triton))
         self._started: list[Backend] = []
         self._batchers: list[DynamicBatcher] = []
         self._frontend: FrontendServer | None = None
         self.repository: ModelRepository | None = None
         self.port = 0
+        self._serving = False
+        self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Start everything; returns the bound gRPC port.
@@ -61,7 +72,11 @@ class Application:
         except BaseException:
             await self.stop(grace_s=0)
             raise
-        await self._frontend.set_serving(self.repository.ready)
+        self._serving = self.repository.ready
+        await self._frontend.set_serving(self._serving)
+        self._health_task = asyncio.create_task(
+            self._follow_readiness(self.repository, self._frontend), name="readiness"
+        )
         models = ", ".join(
             f"{served.spec.name}:{served.spec.version}" for served in self.repository.models()
         )
@@ -70,13 +85,29 @@ class Application:
         )
         return self.port
 
+    async def _follow_readiness(
+        self, repository: ModelRepository, frontend: FrontendServer
+    ) -> None:
+        """Keep grpc.health.v1 in step with the models (Triton endpoints come and go)."""
+        while True:
+            await asyncio.sleep(READINESS_INTERVAL_S)
+            ready = repository.ready
+            if ready != self._serving:
+                self._serving = ready
+                _logger.warning("models %s", "ready: serving" if ready else "not ready")
+                await frontend.set_serving(ready)
+
+    def _batching_settings(self, spec: ModelSpec) -> BatchingSettings:
+        # A Triton model entry without a version serves whichever version Triton reports.
+        for model in self.settings.models:
+            if model.name == spec.name and model.version in (spec.version, None):
+                return model.batching
+        return BatchingSettings()
+
     def _start_batchers(self, repository: ModelRepository) -> None:
-        batching = {(model.name, model.version): model.batching for model in self.settings.models}
         for served in repository.models():
             spec = served.spec
-            policy = BatchPolicy.resolve(
-                batching.get((spec.name, spec.version), BatchingSettings()), spec
-            )
+            policy = BatchPolicy.resolve(self._batching_settings(spec), spec)
             if policy is not None:
                 served.batcher = DynamicBatcher(spec, served.backend, policy, [served.statistics])
                 served.batcher.start()
@@ -87,6 +118,10 @@ class Application:
         configured shutdown grace period."""
         if grace_s is None:
             grace_s = self.settings.server.shutdown_grace_period_s
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+            self._health_task = None
         if self._frontend is not None:
             frontend, self._frontend = self._frontend, None
             await frontend.stop(grace_s)

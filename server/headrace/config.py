@@ -12,10 +12,19 @@ import importlib.resources
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from headrace.errors import ConfigError
 from headrace.protocol.datatypes import DATATYPES
@@ -77,9 +86,10 @@ class BatchingSettings(_Frozen):
     grow while the model is busy, as Triton's default)."""
     preferred_batch_sizes: tuple[int, ...] | None = None
     """Dispatch at once when this many items are queued (the largest reachable size)."""
-    max_inflight_batches: int = Field(default=1, ge=1)
+    max_inflight_batches: int | None = Field(default=None, ge=1)
     """Batches of this model running at once; more wait in the queue, where they grow.
-    Raise it to the number of model instances behind the backend."""
+    Default: the backend's hint (Triton: endpoints x `triton.max_inflight_per_endpoint`),
+    else 1, one model instance."""
     max_queue_size: int = Field(default=1024, ge=1)
     """Requests waiting at most; beyond it requests get RESOURCE_EXHAUSTED at once."""
     priority_levels: int = Field(default=1, ge=1)
@@ -143,6 +153,73 @@ class LocalModelSettings(_Frozen):
         return self
 
 
+class TritonModelSettings(_Frozen):
+    """A model served by Triton Inference Server(s); its signature and batching hints are
+    read from Triton (ModelMetadata, ModelConfig) at start-up."""
+
+    backend: Literal["triton"]
+    name: str = Field(pattern=_NAME_PATTERN)
+    """Model name clients address."""
+    version: str | None = Field(default=None, pattern=r"^[0-9]+$")
+    """Triton model version to serve; default: the version Triton serves for an empty one."""
+    remote_name: str | None = None
+    """The model's name on Triton, when it differs from `name`."""
+    endpoints: tuple[str, ...] = Field(min_length=1)
+    """Triton gRPC addresses: `host:port`, or `dns:///host:port` for a name re-resolved every
+    `triton.dns_refresh_s` (a Kubernetes headless service: one address per pod)."""
+    batching: BatchingSettings = BatchingSettings()
+    """Headrace's batcher in front of this model."""
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_form(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for endpoint in value:
+            address = endpoint.removeprefix("dns:///")
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"endpoint '{endpoint}' is not host:port or dns:///host:port")
+        return value
+
+
+def _backend_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("backend", "local"))
+    return str(getattr(value, "backend", "local"))
+
+
+ModelSettings = Annotated[
+    Annotated[LocalModelSettings, Tag("local")] | Annotated[TritonModelSettings, Tag("triton")],
+    Discriminator(_backend_of),
+]
+"""A model entry; `backend` (default `local`) selects its kind."""
+
+
+class TritonSettings(_Frozen):
+    """How Headrace talks to Triton servers (all Triton models)."""
+
+    max_message_bytes: int = Field(default=128 * 1024 * 1024, ge=4 * 1024 * 1024)
+    """Largest gRPC message to or from Triton, each direction."""
+    keepalive_time_s: float = Field(default=30.0, gt=0)
+    """HTTP/2 keepalive ping interval on idle Triton channels."""
+    keepalive_timeout_s: float = Field(default=10.0, gt=0)
+    """How long a keepalive ping may go unanswered before the connection is dropped."""
+    startup_timeout_s: float = Field(default=30.0, gt=0)
+    """How long start-up waits for some endpoint of each model to describe it."""
+    max_inflight_per_endpoint: int = Field(default=2, ge=1)
+    """Calls of one model in flight to one endpoint; further batches wait in Headrace, where
+    they grow, rather than in Triton's queue."""
+    health_check_interval_s: float = Field(default=2.0, gt=0)
+    """Active health checks (ServerReady, ModelReady) per endpoint."""
+    health_check_timeout_s: float = Field(default=1.0, gt=0)
+    ejection_consecutive_failures: int = Field(default=2, ge=1)
+    """Consecutive failed calls (UNAVAILABLE, unreachable) that eject an endpoint."""
+    ejection_s: float = Field(default=5.0, gt=0)
+    """How long an ejected endpoint gets no traffic; it returns after that once a health
+    check passes."""
+    dns_refresh_s: float = Field(default=10.0, gt=0)
+    """How often `dns:///` endpoints are re-resolved."""
+
+
 class ServerSettings(_Frozen):
     """The gRPC front end."""
 
@@ -179,7 +256,8 @@ class Settings(_Frozen):
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
     local_backend: LocalBackendSettings = LocalBackendSettings()
-    models: tuple[LocalModelSettings, ...] = ()
+    triton: TritonSettings = TritonSettings()
+    models: tuple[ModelSettings, ...] = ()
     """Models to serve; a name may appear once per version. `backend` (default `local`)
     selects the settings type."""
 
@@ -187,9 +265,10 @@ class Settings(_Frozen):
     def _unique_model_versions(self) -> Settings:
         seen: set[tuple[str, str]] = set()
         for model in self.models:
-            key = (model.name, model.version)
+            key = (model.name, model.version or "")
             if key in seen:
-                raise ValueError(f"model '{model.name}' version {model.version} is declared twice")
+                version = f"version {model.version}" if model.version else "(latest version)"
+                raise ValueError(f"model '{model.name}' {version} is declared twice")
             seen.add(key)
         return self
 
@@ -231,7 +310,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part != "local":  # the discriminator's tag adds nothing for a reader
+        elif part not in ("local", "triton"):  # the discriminator's tag tells a reader nothing
             text += f".{part}" if text else str(part)
     return text
 

@@ -49,6 +49,8 @@ class BatchingHints:
 
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int | None = None
+    max_inflight_batches: int | None = None
+    """How many batches the backend can run at once (its instances or endpoints)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ class BatchPolicy:
             max_batch_size=max_batch_size,
             max_queue_delay_s=delay_us / 1e6,
             preferred_batch_sizes=tuple(sorted({s for s in preferred if s <= max_batch_size})),
-            max_inflight_batches=settings.max_inflight_batches,
+            max_inflight_batches=settings.max_inflight_batches or hints.max_inflight_batches or 1,
             max_queue_size=settings.max_queue_size,
             priority_levels=settings.priority_levels,
             default_priority_level=settings.default_priority_level or settings.priority_levels,

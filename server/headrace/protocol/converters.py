@@ -93,14 +93,16 @@ def encode_bytes_elements(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _decode_raw(name: str, datatype: Datatype, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+def _decode_raw(
+    name: str, datatype: Datatype, shape: tuple[int, ...], raw: bytes, kind: str = "input"
+) -> np.ndarray:
     count = _element_count(shape)
     if datatype.name == "BYTES":
         return decode_bytes_elements(name, raw, count).reshape(shape)
     expected = count * datatype.itemsize
     if len(raw) != expected:
         raise InvalidArgumentError(
-            f"raw contents of input '{name}' hold {len(raw)} bytes; shape "
+            f"raw contents of {kind} '{name}' hold {len(raw)} bytes; shape "
             f"{list(shape)} of {datatype.name} needs {expected}"
         )
     return np.frombuffer(raw, dtype=datatype.dtype).reshape(shape)
@@ -267,3 +269,84 @@ def response_to_proto(
     for key, value in response.parameters.items():
         message.parameters[key].CopyFrom(parameter_to_proto(value))
     return message
+
+
+def _tensor_datatype(name: str, array: np.ndarray, kind: str) -> Datatype:
+    datatype = datatype_of(array)
+    if datatype is None:
+        raise ModelExecutionError(
+            f"{kind} '{name}' has numpy dtype {array.dtype}, which has no protocol datatype"
+        )
+    return datatype
+
+
+def request_to_proto(
+    request: InferenceRequest, model_name: str, model_version: str
+) -> pb.ModelInferRequest:
+    """Encode a request for an upstream server (Triton), every input in raw contents, asking
+    for every output."""
+    inputs = []
+    raw = []
+    for name, array in request.inputs.items():
+        datatype = _tensor_datatype(name, array, "input")
+        inputs.append(
+            pb.ModelInferRequest.InferInputTensor(
+                name=name, datatype=datatype.name, shape=array.shape
+            )
+        )
+        raw.append(_raw_bytes(array, datatype))
+    message = pb.ModelInferRequest(
+        model_name=model_name,
+        model_version=model_version,
+        id=request.id,
+        inputs=inputs,
+        raw_input_contents=raw,
+    )
+    for key, value in request.parameters.items():
+        message.parameters[key].CopyFrom(parameter_to_proto(value))
+    return message
+
+
+def response_from_proto(message: pb.ModelInferResponse) -> InferenceResponse:
+    """Decode an upstream server's (Triton's) response; raw outputs become read-only views.
+
+    Raises:
+        ModelExecutionError (INTERNAL): the response is inconsistent (unknown datatype, raw
+            length not matching the shape, raw entries not matching the outputs).
+    """
+    try:
+        outputs = _decode_outputs(message)
+    except InvalidArgumentError as exc:
+        raise ModelExecutionError(
+            f"model '{message.model_name}' answered with a malformed response: {exc.message}"
+        ) from exc
+    return InferenceResponse(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        outputs=outputs,
+        parameters=parameters_from_proto(message.parameters) if message.parameters else {},
+    )
+
+
+def _decode_outputs(message: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    raw_contents = message.raw_output_contents
+    if raw_contents and len(raw_contents) != len(message.outputs):
+        raise InvalidArgumentError(
+            f"{len(raw_contents)} raw_output_contents for {len(message.outputs)} outputs"
+        )
+    outputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(message.outputs):
+        datatype = DATATYPES.get(tensor.datatype)
+        if datatype is None:
+            raise InvalidArgumentError(
+                f"output '{tensor.name}' has unknown datatype '{tensor.datatype}'"
+            )
+        shape = tuple(tensor.shape)
+        if raw_contents:
+            outputs[tensor.name] = _decode_raw(
+                tensor.name, datatype, shape, raw_contents[index], "output"
+            )
+        else:
+            outputs[tensor.name] = _decode_typed(tensor.name, datatype, shape, tensor.contents)
+    return outputs

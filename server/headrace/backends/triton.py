@@ -1,0 +1,280 @@
+"""The Triton backend: models served by Triton Inference Server(s), over gRPC.
+
+At start-up each model is described by Triton itself (ModelMetadata, ModelConfig), so the
+Headrace config names only the model and its endpoints. One grpc.aio channel per endpoint
+address, shared by the models on it. Calls carry the remaining deadline, raw tensor contents
+both ways, and Triton's status codes come back to the client as codes (`UpstreamError`).
+
+A call that fails as if its endpoint were gone (UNAVAILABLE: refused, reset, not ready) is
+retried once on another endpoint: inference on a stateless model is idempotent, so running it
+twice is harmless, and a dead server then costs the client nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from headrace.config import TritonModelSettings, TritonSettings
+from headrace.errors import StartupError, UpstreamError
+from headrace.inference import InferenceRequest, InferenceResponse
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
+from headrace.protocol import model_config_pb2 as config_pb
+from headrace.protocol.converters import request_to_proto, response_from_proto
+from headrace.protocol.datatypes import DATATYPES
+from headrace.routing import Endpoint, EndpointPool
+from headrace.routing.discovery import is_dns, resolve
+from headrace.spec import BatchingHints, ModelSpec, TensorSpec
+
+BACKEND_NAME = "triton"
+_BY_CONFIG_TYPE = {datatype.config_type: datatype for datatype in DATATYPES.values()}
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class _Model:
+    settings: TritonModelSettings
+    remote_name: str
+    pool: EndpointPool
+    spec: ModelSpec | None = None
+
+
+def _tensors(
+    configured: Sequence[config_pb.ModelInput] | Sequence[config_pb.ModelOutput],
+) -> tuple[TensorSpec, ...]:
+    specs = []
+    for tensor in configured:
+        datatype = _BY_CONFIG_TYPE.get(tensor.data_type)
+        if datatype is None:
+            raise StartupError(f"tensor '{tensor.name}' has unsupported type {tensor.data_type}")
+        optional = bool(getattr(tensor, "optional", False))
+        specs.append(TensorSpec(tensor.name, datatype, tuple(tensor.dims), optional))
+    return tuple(specs)
+
+
+class TritonBackend:
+    """Runs requests on Triton servers through per-model endpoint pools."""
+
+    def __init__(self, models: Sequence[TritonModelSettings], settings: TritonSettings) -> None:
+        self._settings = settings
+        self._models: dict[str, _Model] = {}
+        for model in models:
+            pool = EndpointPool(
+                model.name,
+                max_inflight_per_endpoint=settings.max_inflight_per_endpoint,
+                ejection_consecutive_failures=settings.ejection_consecutive_failures,
+                ejection_s=settings.ejection_s,
+            )
+            self._models[model.name] = _Model(model, model.remote_name or model.name, pool)
+        # AsyncStub exists only in the generated .pyi: the runtime stub is the same class.
+        self._channels: dict[
+            str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceAsyncStub]
+        ] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- life --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resolve endpoints, describe every model from Triton, start health checks.
+
+        Raises:
+            StartupError: no endpoint of a model described it within
+                `triton.startup_timeout_s`.
+        """
+        for model in self._models.values():
+            model.pool.set_addresses(await resolve(model.settings.endpoints))
+            model.spec = await self._discover(model)
+            if any(is_dns(endpoint) for endpoint in model.settings.endpoints):
+                self._tasks.append(asyncio.create_task(self._refresh_dns(model)))
+            self._tasks.append(asyncio.create_task(self._check_health(model)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        channels, self._channels = self._channels, {}
+        for channel, _ in channels.values():
+            await channel.close(None)
+
+    def model_specs(self) -> Sequence[ModelSpec]:
+        return [model.spec for model in self._models.values() if model.spec is not None]
+
+    def is_ready(self, spec: ModelSpec) -> bool:
+        model = self._models.get(spec.name)
+        return model is not None and model.pool.ready()
+
+    def pool(self, name: str) -> EndpointPool:
+        """The endpoint pool of a model (for health views and tests)."""
+        return self._models[name].pool
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _stub(self, address: str) -> pb_grpc.GRPCInferenceServiceAsyncStub:
+        entry = self._channels.get(address)
+        if entry is None:
+            settings = self._settings
+            channel = grpc.aio.insecure_channel(
+                address,
+                options=[
+                    ("grpc.max_receive_message_length", settings.max_message_bytes),
+                    ("grpc.max_send_message_length", settings.max_message_bytes),
+                    ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+                    ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    # A restarted Triton is found again within a health-check interval or two,
+                    # not after grpc's default backoff of up to two minutes.
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
+                ],
+            )
+            stub: pb_grpc.GRPCInferenceServiceAsyncStub = pb_grpc.GRPCInferenceServiceStub(channel)
+            entry = self._channels[address] = (channel, stub)
+        return entry[1]
+
+    async def infer(
+        self, spec: ModelSpec, request: InferenceRequest, timeout_s: float | None = None
+    ) -> InferenceResponse:
+        model = self._models[spec.name]
+        message = request_to_proto(request, model.remote_name, spec.version)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s if timeout_s is not None else None
+        tried: list[Endpoint] = []
+        while True:
+            endpoint = await model.pool.acquire(exclude=tried)
+            remaining = None if deadline is None else max(0.001, deadline - loop.time())
+            try:
+                reply = await self._stub(endpoint.address).ModelInfer(message, timeout=remaining)
+            except grpc.aio.AioRpcError as exc:
+                unreachable = exc.code() in _RETRYABLE
+                model.pool.release(endpoint, unreachable=unreachable)
+                tried.append(endpoint)
+                if unreachable and len(tried) == 1 and model.pool.ready():
+                    _logger.info(
+                        "retrying model %s elsewhere: %s answered %s",
+                        spec.name,
+                        endpoint.address,
+                        exc.code().name,
+                    )
+                    continue
+                raise UpstreamError(
+                    exc.code(), f"Triton at {endpoint.address}: {exc.details()}"
+                ) from exc
+            except BaseException:
+                model.pool.release(endpoint)
+                raise
+            model.pool.release(endpoint)
+            response = response_from_proto(reply)
+            response.model_name = spec.name
+            response.model_version = spec.version
+            response.id = request.id
+            return response
+
+    # -- discovery and health -----------------------------------------------------------
+
+    async def _discover(self, model: _Model) -> ModelSpec:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.startup_timeout_s
+        version = model.settings.version or ""
+        problems: dict[str, str] = {}
+        while True:
+            for endpoint in model.pool.endpoints:
+                stub = self._stub(endpoint.address)
+                try:
+                    metadata = await stub.ModelMetadata(
+                        pb.ModelMetadataRequest(name=model.remote_name, version=version),
+                        timeout=self._settings.health_check_timeout_s,
+                    )
+                    config = await stub.ModelConfig(
+                        pb.ModelConfigRequest(name=model.remote_name, version=version),
+                        timeout=self._settings.health_check_timeout_s,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    problems[endpoint.address] = f"{exc.code().name}: {exc.details()}"
+                    if exc.code() == grpc.StatusCode.NOT_FOUND:
+                        raise StartupError(
+                            f"model '{model.settings.name}': Triton at {endpoint.address} "
+                            f"does not serve '{model.remote_name}': {exc.details()}"
+                        ) from exc
+                    continue
+                return self._spec(model, metadata, config.config)
+            if loop.time() >= deadline:
+                described = "; ".join(f"{a}: {p}" for a, p in problems.items())
+                raise StartupError(
+                    f"model '{model.settings.name}': no endpoint described it within "
+                    f"{self._settings.startup_timeout_s:g} s ({described or 'no endpoints'})"
+                )
+            await asyncio.sleep(0.2)
+
+    def _spec(
+        self, model: _Model, metadata: pb.ModelMetadataResponse, config: config_pb.ModelConfig
+    ) -> ModelSpec:
+        versions = sorted((v for v in metadata.versions if v.isdigit()), key=int)
+        version = model.settings.version or (versions[-1] if versions else "1")
+        batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
+        if batching is not None and model.settings.batching.enabled:
+            _logger.warning(
+                "model %s: Triton's dynamic batcher is on as well as Headrace's; requests "
+                "are batched twice (turn one off)",
+                model.settings.name,
+            )
+        endpoints = max(1, len(model.pool.endpoints))
+        hints = BatchingHints(
+            preferred_batch_sizes=tuple(batching.preferred_batch_size) if batching else (),
+            max_queue_delay_us=batching.max_queue_delay_microseconds if batching else None,
+            max_inflight_batches=endpoints * self._settings.max_inflight_per_endpoint,
+        )
+        return ModelSpec(
+            name=model.settings.name,
+            version=version,
+            platform=config.platform or metadata.platform,
+            backend=config.backend or BACKEND_NAME,
+            inputs=_tensors(config.input),
+            outputs=_tensors(config.output),
+            max_batch_size=config.max_batch_size,
+            parameters={key: value.string_value for key, value in config.parameters.items()},
+            batching_hints=hints,
+        )
+
+    async def _check_health(self, model: _Model) -> None:
+        interval = self._settings.health_check_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            spec = model.spec
+            checks = [self._probe(endpoint, model, spec) for endpoint in model.pool.endpoints]
+            for endpoint, healthy in zip(
+                model.pool.endpoints, await asyncio.gather(*checks), strict=True
+            ):
+                model.pool.record_health(endpoint, healthy)
+
+    async def _probe(self, endpoint: Endpoint, model: _Model, spec: ModelSpec | None) -> bool:
+        if asyncio.get_running_loop().time() < endpoint.ejected_until:
+            return False
+        stub = self._stub(endpoint.address)
+        timeout = self._settings.health_check_timeout_s
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            server = await stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout)
+            ready = await stub.ModelReady(
+                pb.ModelReadyRequest(name=model.remote_name, version=spec.version if spec else ""),
+                timeout=timeout,
+            )
+            return server.ready and ready.ready
+        return False
+
+    async def _refresh_dns(self, model: _Model) -> None:
+        while True:
+            await asyncio.sleep(self._settings.dns_refresh_s)
+            addresses = await resolve(model.settings.endpoints)
+            if addresses:  # a failed lookup keeps the endpoints we have
+                model.pool.set_addresses(addresses)
+
+
+__all__ = ["BACKEND_NAME", "TritonBackend"]

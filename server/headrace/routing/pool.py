@@ -1,0 +1,174 @@
+"""The endpoints that serve one model, their health and their in-flight calls.
+
+The pool picks the endpoint for each call: among the available ones (healthy and not ejected)
+below `max_inflight_per_endpoint`, the one with the fewest calls in flight, ties broken at
+random; so there is no stickiness, and a slow endpoint, holding its calls longer, gets fewer.
+When every available endpoint is at its limit the call waits here (and batches keep growing
+in Headrace) instead of queueing in Triton. Calls that fail as if the endpoint were gone count
+towards ejecting it; health checks re-admit it after the ejection period. The pool knows
+nothing of the wire protocol: the backend reports outcomes and health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Iterable
+
+from headrace.errors import ModelUnavailableError
+
+_logger = logging.getLogger(__name__)
+
+
+class Endpoint:
+    """One server address as seen by one model's pool."""
+
+    __slots__ = (
+        "address",
+        "calls",
+        "consecutive_failures",
+        "ejected_until",
+        "healthy",
+        "in_flight",
+        "removed",
+    )
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.in_flight = 0
+        self.calls = 0
+        """Calls started on this endpoint so far."""
+        self.healthy = True
+        """The last health check's verdict (optimistic until the first)."""
+        self.ejected_until = 0.0
+        self.consecutive_failures = 0
+        self.removed = False
+
+    def available(self, now: float) -> bool:
+        return self.healthy and not self.removed and now >= self.ejected_until
+
+    def describe(self, now: float) -> str:
+        if self.removed:
+            return f"{self.address} (removed)"
+        if now < self.ejected_until:
+            return f"{self.address} (ejected)"
+        return self.address if self.healthy else f"{self.address} (unhealthy)"
+
+
+class EndpointPool:
+    """One model's endpoints. Used from the event loop only."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_inflight_per_endpoint: int,
+        ejection_consecutive_failures: int,
+        ejection_s: float,
+    ) -> None:
+        self.model = model
+        self._limit = max_inflight_per_endpoint
+        self._ejection_failures = ejection_consecutive_failures
+        self._ejection_s = ejection_s
+        self._endpoints: dict[str, Endpoint] = {}
+        self._changed: asyncio.Future[None] | None = None
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints.values())
+
+    def set_addresses(self, addresses: Iterable[str]) -> list[Endpoint]:
+        """Make the pool's endpoints exactly `addresses`; returns the endpoints removed (their
+        in-flight calls finish; new calls go elsewhere)."""
+        wanted = dict.fromkeys(addresses)
+        removed = []
+        for address in list(self._endpoints):
+            if address not in wanted:
+                endpoint = self._endpoints.pop(address)
+                endpoint.removed = True
+                removed.append(endpoint)
+        for address in wanted:
+            if address not in self._endpoints:
+                self._endpoints[address] = Endpoint(address)
+        self._notify()
+        return removed
+
+    def ready(self) -> bool:
+        """Whether some endpoint can take calls now."""
+        now = asyncio.get_running_loop().time()
+        return any(endpoint.available(now) for endpoint in self._endpoints.values())
+
+    async def acquire(self, exclude: Iterable[Endpoint] = ()) -> Endpoint:
+        """Reserve the endpoint for a call; `release` it when the call ends.
+
+        Raises:
+            ModelUnavailableError (UNAVAILABLE): no endpoint is available (all unhealthy,
+                ejected or excluded).
+        """
+        excluded = set(exclude)
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            candidates = [
+                e for e in self._endpoints.values() if e.available(now) and e not in excluded
+            ]
+            if not candidates:
+                described = ", ".join(e.describe(now) for e in self._endpoints.values())
+                raise ModelUnavailableError(
+                    f"no available endpoint for model '{self.model}' ({described or 'none'})"
+                )
+            free = [e for e in candidates if e.in_flight < self._limit]
+            if free:
+                fewest = min(e.in_flight for e in free)
+                endpoint = random.choice([e for e in free if e.in_flight == fewest])
+                endpoint.in_flight += 1
+                endpoint.calls += 1
+                return endpoint
+            if self._changed is None or self._changed.done():
+                self._changed = loop.create_future()
+            await self._changed
+
+    def release(self, endpoint: Endpoint, *, unreachable: bool = False) -> None:
+        """End a call. `unreachable`: it failed as if the endpoint were gone (UNAVAILABLE,
+        connection refused or reset), which counts towards ejection."""
+        endpoint.in_flight -= 1
+        if unreachable:
+            endpoint.consecutive_failures += 1
+            if endpoint.consecutive_failures >= self._ejection_failures:
+                self._eject(endpoint)
+        else:
+            endpoint.consecutive_failures = 0
+        self._notify()
+
+    def record_health(self, endpoint: Endpoint, healthy: bool) -> None:
+        """An active health check's verdict."""
+        if healthy != endpoint.healthy:
+            _logger.warning(
+                "endpoint %s for model %s is %s",
+                endpoint.address,
+                self.model,
+                "healthy again" if healthy else "unhealthy",
+            )
+        endpoint.healthy = healthy
+        if healthy:
+            endpoint.consecutive_failures = 0
+        self._notify()
+
+    def _eject(self, endpoint: Endpoint) -> None:
+        now = asyncio.get_running_loop().time()
+        if now >= endpoint.ejected_until:
+            _logger.warning(
+                "ejecting endpoint %s for model %s for %.1f s after %d failed calls",
+                endpoint.address,
+                self.model,
+                self._ejection_s,
+                endpoint.consecutive_failures,
+            )
+        endpoint.ejected_until = now + self._ejection_s
+        # Back only once a health check passes after the ejection period.
+        endpoint.healthy = False
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
