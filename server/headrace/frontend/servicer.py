@@ -51,7 +51,7 @@ class InferenceServicer:
     ) -> pb.ModelInferResponse:
         started = perf_counter_ns()
         served: ServedModel | None = None
-        code = grpc.StatusCode.UNKNOWN
+        code = grpc.StatusCode.INTERNAL  # what StatusBoundary answers an unexpected error with
         try:
             message = require_message(message)
             served = self._repository.resolve(message.model_name, message.model_version)
