@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from bench import frontend, gpu_sim
+from bench import frontend, gpu_sim, telemetry
 from bench.loadgen import LoadError
 from bench.machine import describe_machine
 
@@ -54,6 +54,14 @@ def _scenarios() -> dict[str, Scenario]:
                 gpu_sim.options_from(arguments), results_dir, stamp
             ),
             gpu_sim.render,
+        ),
+        "telemetry": Scenario(
+            telemetry.SUMMARY,
+            telemetry.add_arguments,
+            lambda arguments, results_dir, stamp: telemetry.run(
+                telemetry.options_from(arguments), results_dir, stamp
+            ),
+            telemetry.render,
         ),
     }
 

@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -26,10 +26,18 @@ class ServerProcess:
     """One server subprocess. Use as a context manager: `with ServerProcess(...) as server:`
     starts it (`server.port` is then bound) and always stops it, on errors and Ctrl-C too."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        """`environment` is added to this process's own (HEADRACE_* settings overrides)."""
         self.name = name
         self.argv = tuple(argv)
         self.log_path = log_path
+        self.environment = dict(environment or {})
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -48,7 +56,11 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.environment},
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -89,3 +89,28 @@ def gated(key: str, delay_s: float = 0.0) -> Gated:
     """Entrypoint: a new Gated model, registered under `key`."""
     GATED[key] = Gated(delay_s)
     return GATED[key]
+
+
+class Propagating:
+    """Echoes INPUT0 and records, per call, the W3C headers a remote backend would inject
+    into its call from the current trace context (the seam a Triton backend uses)."""
+
+    def __init__(self) -> None:
+        self.injected: list[dict[str, str]] = []
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from opentelemetry import propagate
+
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        self.injected.append(carrier)
+        return {"OUTPUT0": inputs["INPUT0"]}
+
+
+PROPAGATING: dict[str, Propagating] = {}
+
+
+def propagating(key: str) -> Propagating:
+    """Entrypoint: a new Propagating model, registered under `key`."""
+    PROPAGATING[key] = Propagating()
+    return PROPAGATING[key]

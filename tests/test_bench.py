@@ -51,3 +51,15 @@ def test_gpu_sim_scenario_runs() -> None:
     for point in report["points"]:
         assert point["completed"] > 0
         assert not point["errors"]
+
+
+def test_telemetry_scenario_runs() -> None:
+    output, report = _run("telemetry", *QUICK, "--concurrency", "2")
+    assert "tracing on" in output
+    assert [trial["side"] for trial in report["trials"]] == ["off", "tracing", "metrics"]
+    for trial in report["trials"]:
+        assert trial["load"]["completed"] > 0
+        assert not trial["load"]["errors"]
+    # Two spans per traced request (server, backend); shutdown flushed them all.
+    traced = next(t for t in report["trials"] if t["side"] == "tracing")
+    assert report["spans_received"] >= 2 * traced["load"]["completed"]

@@ -136,3 +136,36 @@ def test_settings_are_frozen() -> None:
     settings = load_settings(None)
     with pytest.raises(ValueError, match="frozen"):
         settings.server.port = 1  # type: ignore[misc]
+
+
+def test_telemetry_defaults_are_off_and_clear_of_other_ports() -> None:
+    settings = load_settings(None)
+    assert settings.tracing.exporter == "none"
+    assert settings.tracing.trace_health is False
+    assert settings.metrics.enabled is False
+    assert settings.metrics.port not in (DEFAULT_PORT, 8000, 8001, 8002)
+    assert settings.logging.format == "text"
+
+
+def test_telemetry_from_the_environment() -> None:
+    settings = load_settings(
+        None,
+        environ={
+            "HEADRACE_TRACING__EXPORTER": "otlp_http",
+            "HEADRACE_TRACING__SAMPLE_RATIO": "0.25",
+            "HEADRACE_METRICS__ENABLED": "true",
+            "HEADRACE_METRICS__PORT": "0",
+            "HEADRACE_LOGGING__FORMAT": "json",
+        },
+    )
+    assert settings.tracing.exporter == "otlp_http"
+    assert settings.tracing.sample_ratio == 0.25
+    assert (settings.metrics.enabled, settings.metrics.port) == (True, 0)
+    assert settings.logging.format == "json"
+
+
+def test_bad_telemetry_values_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"HEADRACE_TRACING__EXPORTER: tracing.exporter"):
+        load_settings(None, environ={"HEADRACE_TRACING__EXPORTER": "jaeger"})
+    with pytest.raises(ConfigError, match=r"tracing.sample_ratio"):
+        load_settings(None, environ={"HEADRACE_TRACING__SAMPLE_RATIO": "1.5"})

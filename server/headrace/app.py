@@ -19,6 +19,7 @@ from headrace.config import (
 from headrace.frontend import FrontendServer, InferenceServicer
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
+from headrace.telemetry import Metrics, MetricsServer, Tracing, TracingInterceptor, traced_methods
 
 READINESS_INTERVAL_S = 1.0
 """How often health status is brought in line with the models' readiness."""
@@ -27,12 +28,13 @@ _logger = logging.getLogger(__name__)
 
 
 class Application:
-    """One Headrace server: backends, model repository and gRPC front end.
+    """One Headrace server: telemetry, backends, model repository and gRPC front end.
 
-    Start-up: backends (models loaded) -> repository -> batchers -> front end bound and
-    serving -> health SERVING once every model is ready. Shutdown, in reverse: health
-    NOT_SERVING -> stop accepting -> in-flight requests (queued ones included) finish within
-    the grace period -> batchers stop -> backends stop.
+    Start-up: tracer provider -> metrics server -> backends (models loaded) -> repository ->
+    batchers -> front end bound and serving -> health SERVING once every model is ready.
+    Shutdown, in reverse: health NOT_SERVING -> stop accepting -> in-flight requests (queued
+    ones included) finish within the grace period -> batchers stop -> backends stop ->
+    metrics server stops -> tracing flushes what is queued and shuts down.
 
     Usable as an async context manager: `async with Application(settings) as app: app.port`.
     """
@@ -51,6 +53,12 @@ class Application:
         self.port = 0
         self._serving = False
         self._health_task: asyncio.Task[None] | None = None
+        self.tracing: Tracing | None = None
+        """The tracer provider, from start-up until shutdown; None when tracing is off."""
+        self.metrics: Metrics | None = Metrics() if settings.metrics.enabled else None
+        self._metrics_server: MetricsServer | None = None
+        self.metrics_port = 0
+        """The bound /metrics port once started (0: metrics are off)."""
 
     async def start(self) -> int:
         """Start everything; returns the bound gRPC port.
@@ -59,15 +67,28 @@ class Application:
             StartupError: a model cannot be loaded (ConfigError) or the port cannot be bound.
         """
         try:
+            self._start_telemetry()
             for backend in self._backends:
                 await backend.start()
                 self._started.append(backend)
             self.repository = ModelRepository(self._backends)
+            self._attach_telemetry(self.repository)
             self._start_batchers(self.repository)
             servicer = InferenceServicer(
-                self.repository, self.settings.server.stream_max_inflight_requests
+                self.repository,
+                self.settings.server.stream_max_inflight_requests,
+                self.metrics.unresolved if self.metrics is not None else None,
             )
-            self._frontend = FrontendServer(self.settings.server, servicer)
+            interceptors = []
+            if self.tracing is not None:
+                interceptors.append(
+                    TracingInterceptor(
+                        self.tracing.tracer,
+                        self.tracing.propagator,
+                        traced_methods(self.settings.tracing.trace_health),
+                    )
+                )
+            self._frontend = FrontendServer(self.settings.server, servicer, interceptors)
             self.port = await self._frontend.start()
         except BaseException:
             await self.stop(grace_s=0)
@@ -104,12 +125,41 @@ class Application:
                 return model.batching
         return BatchingSettings()
 
+    def _start_telemetry(self) -> None:
+        tracing = self.settings.tracing
+        if tracing.exporter != "none":
+            self.tracing = Tracing(tracing)
+            _logger.info(
+                "tracing: exporter %s to %s, sample ratio %g",
+                tracing.exporter,
+                tracing.endpoint or "its default endpoint",
+                tracing.sample_ratio,
+            )
+        if self.metrics is not None:
+            self._metrics_server = MetricsServer(self.settings.metrics, self.metrics)
+            self.metrics_port = self._metrics_server.start()
+
+    def _attach_telemetry(self, repository: ModelRepository) -> None:
+        for served in repository.models():
+            if self.metrics is not None:
+                model_metrics = self.metrics.for_model(served.spec)
+                served.requests = model_metrics
+                served.observers = (model_metrics,)
+            if self.tracing is not None:
+                served.tracing = self.tracing.for_model(served.spec)
+
     def _start_batchers(self, repository: ModelRepository) -> None:
         for served in repository.models():
             spec = served.spec
             policy = BatchPolicy.resolve(self._batching_settings(spec), spec)
             if policy is not None:
-                served.batcher = DynamicBatcher(spec, served.backend, policy, [served.statistics])
+                served.batcher = DynamicBatcher(
+                    spec,
+                    served.backend,
+                    policy,
+                    [served.statistics, *served.observers],
+                    served.tracing,
+                )
                 served.batcher.start()
                 self._batchers.append(served.batcher)
 
@@ -129,6 +179,13 @@ class Application:
             await self._batchers.pop().stop()
         while self._started:
             await self._started.pop().stop()
+        if self._metrics_server is not None:
+            metrics_server, self._metrics_server = self._metrics_server, None
+            metrics_server.stop()
+        if self.tracing is not None:
+            tracing, self.tracing = self.tracing, None
+            # Blocks for at most the export timeout, after the last request: nothing waits.
+            tracing.shutdown()
 
     async def __aenter__(self) -> Application:
         await self.start()

@@ -72,12 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command == "config":
         print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="")
         return 0
-    logging.basicConfig(
-        level=settings.logging.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from headrace.app import serve  # imported late: `headrace config` needs no grpc server
+    # Imported late: `headrace config` needs neither a grpc server nor OpenTelemetry.
+    from headrace.app import serve
+    from headrace.telemetry import configure_logging
+
+    configure_logging(settings.logging)
 
     try:
         asyncio.run(serve(settings))

@@ -241,6 +241,63 @@ class LoggingSettings(_Frozen):
     """Process logging."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Lowest level written."""
+    format: Literal["text", "json"] = "text"
+    """`text`: one human-readable line per record. `json`: one JSON object per line with
+    `time`, `level`, `logger`, `message`, and `trace_id`/`span_id` of the span current when
+    the record was made (absent outside traced work)."""
+
+
+class TracingSettings(_Frozen):
+    """OpenTelemetry tracing. `exporter: none` (the default) turns tracing off entirely: no
+    spans are made and no trace context is read or passed on."""
+
+    exporter: Literal["otlp_grpc", "otlp_http", "console", "none"] = "none"
+    """Where finished spans go: an OTLP receiver over gRPC or HTTP (a Collector, Jaeger,
+    Tempo), standard output (debugging), or nowhere (tracing off)."""
+    endpoint: str | None = None
+    """OTLP endpoint, e.g. `http://collector:4317` (otlp_grpc; `https://` for TLS) or
+    `http://collector:4318/v1/traces` (otlp_http). Default: the exporter's own
+    (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else localhost:4317 or localhost:4318/v1/traces)."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Headers sent with every export (authentication tokens); never logged."""
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of new traces recorded. Parent-based: a request whose incoming `traceparent` is
+    sampled (or not) keeps that decision, so a trace is never recorded in part."""
+    service_name: str = Field(default="headrace", min_length=1)
+    """Resource attribute `service.name`."""
+    service_instance_id: str | None = None
+    """Resource attribute `service.instance.id`; default: a random UUID per process."""
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    """More resource attributes (`deployment.environment.name`, ...); OTEL_RESOURCE_ATTRIBUTES
+    is merged in too, these win."""
+    trace_health: bool = False
+    """Also trace grpc.health.v1.Health and reflection calls (probes call them every few
+    seconds; off keeps them out of traces)."""
+    export_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest one export may take."""
+    export_delay_ms: int = Field(default=5000, ge=1)
+    """Longest a finished span waits before it is exported (spans are exported in batches
+    off the request path)."""
+    max_queued_spans: int = Field(default=2048, ge=1)
+    """Finished spans waiting for export at most; beyond, new spans are dropped (counted by
+    the SDK), never waited for."""
+
+
+METRICS_DEFAULT_PORT = 8802
+"""Prometheus /metrics port: next to Headrace's gRPC 8800, clear of Triton's 8000-8002."""
+
+
+class MetricsSettings(_Frozen):
+    """Prometheus metrics, served over HTTP at /metrics on a port of their own."""
+
+    enabled: bool = False
+    """Serve metrics (off by default so two Headrace processes on one host never contend
+    for the port unasked)."""
+    host: str = "0.0.0.0"
+    """Address the /metrics server listens on."""
+    port: int = Field(default=METRICS_DEFAULT_PORT, ge=0, le=65535)
+    """/metrics port; 0 picks a free one, which the start-up log reports."""
 
 
 class LocalBackendSettings(_Frozen):
@@ -255,6 +312,8 @@ class Settings(_Frozen):
 
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
+    tracing: TracingSettings = TracingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     local_backend: LocalBackendSettings = LocalBackendSettings()
     triton: TritonSettings = TritonSettings()
     models: tuple[ModelSettings, ...] = ()

@@ -5,27 +5,47 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from time import perf_counter_ns
+from typing import TYPE_CHECKING, Protocol
+
+import grpc
 
 from headrace.backends.base import Backend
 from headrace.batching import DynamicBatcher
+from headrace.batching.batcher import BatchObserver
 from headrace.batching.policy import queue_timeout_s
 from headrace.errors import DeadlineExceededError, ModelNotFoundError, ModelUnavailableError
 from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
 from headrace.statistics import ModelStatistics
 
+if TYPE_CHECKING:
+    from headrace.telemetry.tracing import ModelTracing
+
+
+class RequestObserver(Protocol):
+    """What is told of every inference request answered (metrics)."""
+
+    def record_request(self, code: grpc.StatusCode, duration_ns: int) -> None: ...
+
 
 @dataclass(slots=True, eq=False)
 class ServedModel:
     """One model version, the backend that runs it, its batcher (None: requests go straight
-    to the backend) and its statistics."""
+    to the backend), its statistics, and what else observes its executions (metrics) and
+    traces its backend calls."""
 
     spec: ModelSpec
     backend: Backend
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
     batcher: DynamicBatcher | None = None
+    observers: tuple[BatchObserver, ...] = ()
+    """Told of every execution, as the batcher tells its observers; `statistics` always is."""
+    tracing: ModelTracing | None = None
+    requests: RequestObserver | None = None
+    """Told of every request to this model version the servicer answers."""
 
     @property
     def ready(self) -> bool:
@@ -57,16 +77,17 @@ class ServedModel:
                 raise DeadlineExceededError(
                     f"request {request.id!r} to model '{self.spec.name}' passed its deadline"
                 )
-        self.statistics.record_queued(0)
+        observers = (self.statistics, *self.observers)
+        for observer in observers:
+            observer.record_queued(0)
         started = perf_counter_ns()
-        response = await self.backend.infer(self.spec, request, timeout_s)
-        self.statistics.record_execution(
-            batch_size=size,
-            requests=1,
-            input_ns=0,
-            infer_ns=perf_counter_ns() - started,
-            output_ns=0,
-        )
+        with self.tracing.backend_call() if self.tracing is not None else nullcontext():
+            response = await self.backend.infer(self.spec, request, timeout_s)
+        infer_ns = perf_counter_ns() - started
+        for observer in observers:
+            observer.record_execution(
+                batch_size=size, requests=1, input_ns=0, infer_ns=infer_ns, output_ns=0
+            )
         return response
 
 

@@ -14,6 +14,14 @@ class Backend(Protocol):
 
     `start` and `stop` bracket the backend's life (thread pools, channels); `model_specs` is
     valid after `start`.
+
+    Tracing seam: `infer` is always awaited with the `headrace.backend` CLIENT span current
+    (when tracing is on), in the batch's trace. A remote backend passes the trace on by
+    injecting the current context into its call's metadata with the global propagator,
+    `opentelemetry.propagate.inject(carrier)` (W3C `traceparent`/`tracestate`), so the
+    upstream's own spans (Triton's) join the trace; it may add attributes to that span
+    (`rpc.*`, `server.address`) with `opentelemetry.trace.get_current_span()`. Work handed to
+    threads must carry the context along (`contextvars.copy_context()`).
     """
 
     async def start(self) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import propagate, trace
 
 from headrace.config import TritonModelSettings, TritonSettings
 from headrace.errors import StartupError, UpstreamError
@@ -145,14 +146,23 @@ class TritonBackend:
     ) -> InferenceResponse:
         model = self._models[spec.name]
         message = request_to_proto(request, model.remote_name, spec.version)
+        # The headrace.backend span is current here: Triton's own spans join its trace.
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        metadata = tuple(carrier.items())
+        span = trace.get_current_span()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s if timeout_s is not None else None
         tried: list[Endpoint] = []
         while True:
             endpoint = await model.pool.acquire(exclude=tried)
             remaining = None if deadline is None else max(0.001, deadline - loop.time())
+            if span.is_recording():
+                span.set_attribute("server.address", endpoint.address)
             try:
-                reply = await self._stub(endpoint.address).ModelInfer(message, timeout=remaining)
+                reply = await self._stub(endpoint.address).ModelInfer(
+                    message, timeout=remaining, metadata=metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 unreachable = exc.code() in _RETRYABLE
                 model.pool.release(endpoint, unreachable=unreachable)

@@ -20,8 +20,9 @@ import logging
 import math
 from collections import deque
 from collections.abc import Hashable, Sequence
+from contextlib import nullcontext
 from time import perf_counter_ns
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from headrace.backends.base import Backend
 from headrace.batching.merge import compatibility_key, merge, split
@@ -35,6 +36,11 @@ from headrace.errors import (
 )
 from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
+    from headrace.telemetry.tracing import BatchTrace, ModelTracing
 
 RETRY_PUSHBACK_METADATA = "grpc-retry-pushback-ms"
 """Trailing metadata with RESOURCE_EXHAUSTED: milliseconds to wait before retrying (the key
@@ -72,6 +78,7 @@ class _Entry:
         "size",
         "state",
         "timer",
+        "trace_context",
     )
 
     def __init__(
@@ -83,6 +90,7 @@ class _Entry:
         future: asyncio.Future[InferenceResponse],
         enqueued: float,
         deadline: float | None,
+        trace_context: Context | None = None,
     ) -> None:
         self.request = request
         self.size = size
@@ -93,6 +101,8 @@ class _Entry:
         self.deadline = deadline
         self.timer: asyncio.TimerHandle | None = None
         self.state = _State.QUEUED
+        self.trace_context = trace_context
+        """The submitter's trace context: the batch runs in another task, not in its own."""
 
 
 class _Group:
@@ -122,7 +132,9 @@ _NO_GROUP = _Group(None, 0)
 class DynamicBatcher:
     """Batches one model version's requests in front of its backend.
 
-    `start` creates the dispatcher task; `stop` ends it and everything it started.
+    `start` creates the dispatcher task; `stop` ends it and everything it started. With
+    `tracing`, each request's queue wait and part in its batch, each batch and each backend
+    call get spans (`headrace.telemetry.tracing`).
     """
 
     def __init__(
@@ -131,11 +143,13 @@ class DynamicBatcher:
         backend: Backend,
         policy: BatchPolicy,
         observers: Sequence[BatchObserver] = (),
+        tracing: ModelTracing | None = None,
     ) -> None:
         self.spec = spec
         self.policy = policy
         self._backend = backend
         self._observers = tuple(observers)
+        self._tracing = tracing
         self._groups: dict[Hashable, _Group] = {}
         self._queued = 0
         self._inflight = 0
@@ -206,18 +220,19 @@ class DynamicBatcher:
             )
         if deadline is not None and deadline <= now:
             raise DeadlineExceededError(self._expired(request))
+        trace_context = self._tracing.current() if self._tracing is not None else None
         if (
             not self._queued
             and self._inflight < policy.max_inflight_batches
             and not policy.max_queue_delay_s
         ):
-            return await self._run_alone(request, size, level, deadline, now, loop)
+            return await self._run_alone(request, size, level, deadline, now, loop, trace_context)
         key = compatibility_key(request)
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(key, policy.priority_levels)
         future: asyncio.Future[InferenceResponse] = loop.create_future()
-        entry = _Entry(request, size, level, group, future, now, deadline)
+        entry = _Entry(request, size, level, group, future, now, deadline, trace_context)
         group.levels[level].append(entry)
         group.items += size
         self._queued += 1
@@ -231,6 +246,9 @@ class DynamicBatcher:
             if entry.state is _State.QUEUED:
                 self._remove(entry)
             raise
+        finally:
+            if self._tracing is not None and entry.state is _State.REMOVED:
+                self._trace_undispatched(entry, loop)
 
     async def _run_alone(
         self,
@@ -240,11 +258,14 @@ class DynamicBatcher:
         deadline: float | None,
         now: float,
         loop: asyncio.AbstractEventLoop,
+        trace_context: Context | None,
     ) -> InferenceResponse:
         """Dispatch on arrival: nothing waits, a slot is free and there is no window to
         fill, so the request is a batch of one, run in the caller's task (no hand-over to
         the dispatcher). Requests arriving meanwhile queue and form the next batch."""
-        entry = _Entry(request, size, level, _NO_GROUP, loop.create_future(), now, deadline)
+        entry = _Entry(
+            request, size, level, _NO_GROUP, loop.create_future(), now, deadline, trace_context
+        )
         entry.state = _State.DISPATCHED
         self._inflight += 1
         try:
@@ -284,6 +305,14 @@ class DynamicBatcher:
     def _fail(self, entry: _Entry, error: HeadraceError) -> None:
         if not entry.future.done():
             entry.future.set_exception(error)
+
+    def _trace_undispatched(self, entry: _Entry, loop: asyncio.AbstractEventLoop) -> None:
+        future = entry.future
+        error = future.exception() if future.done() and not future.cancelled() else None
+        if self._tracing is not None and entry.trace_context is not None:
+            self._tracing.left_queue_undispatched(
+                entry.trace_context, loop.time() - entry.enqueued, entry.size, error
+            )
 
     def _report_depth(self) -> None:
         for observer in self._observers:
@@ -394,6 +423,8 @@ class DynamicBatcher:
     async def _execute(self, entries: list[_Entry]) -> None:
         loop = asyncio.get_running_loop()
         live: list[_Entry] = []
+        trace: BatchTrace | None = None
+        failure: BaseException | None = None
         try:
             dispatched = loop.time()
             for entry in entries:
@@ -405,12 +436,17 @@ class DynamicBatcher:
                     observer.record_queued(int((dispatched - entry.enqueued) * 1e9))
             if not live:
                 return
+            if self._tracing is not None:
+                trace = self._tracing.start_batch(
+                    [(e.trace_context, dispatched - e.enqueued, e.size) for e in live]
+                )
             started = perf_counter_ns()
             requests = [entry.request for entry in live]
             sizes = [entry.size for entry in live]
             batch = merge(requests)
             merged = perf_counter_ns()
-            response = await self._backend.infer(self.spec, batch, self._timeout(live, loop))
+            with trace.backend_call() if trace is not None else nullcontext():
+                response = await self._backend.infer(self.spec, batch, self._timeout(live, loop))
             inferred = perf_counter_ns()
             parts = split(response, requests, sizes)
             finished = perf_counter_ns()
@@ -427,13 +463,16 @@ class DynamicBatcher:
                     output_ns=finished - inferred,
                 )
         except HeadraceError as exc:
+            failure = exc
             for entry in live:
                 self._fail(entry, exc)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            failure = exc
             for entry in live:
                 self._fail(entry, ModelUnavailableError(self._shutting_down()))
             raise
         except Exception as exc:
+            failure = exc
             _logger.exception("batch of model %s failed", self.spec.name)
             for entry in live:
                 self._fail(
@@ -445,6 +484,8 @@ class DynamicBatcher:
         finally:
             self._inflight -= 1
             self._wake()
+            if trace is not None:
+                trace.end(failure)
 
     @staticmethod
     def _timeout(entries: Sequence[_Entry], loop: asyncio.AbstractEventLoop) -> float | None:

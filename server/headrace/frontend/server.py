@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -49,15 +49,21 @@ def _method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHan
 class FrontendServer:
     """The grpc.aio server with the inference service, grpc.health.v1 and reflection."""
 
-    def __init__(self, settings: ServerSettings, servicer: InferenceServicer) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        servicer: InferenceServicer,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    ) -> None:
         self._settings = settings
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 # Never share a port silently with another process (grpc enables it by default).
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         handlers = _method_handlers(servicer)
         self._server.add_generic_rpc_handlers(

@@ -20,7 +20,7 @@ from headrace.frontend.status import MalformedMessage, StatusBoundary, require_m
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import request_from_proto, response_to_proto
 from headrace.protocol.model_info import config_to_proto, metadata_to_proto, statistics_to_proto
-from headrace.repository import ModelRepository
+from headrace.repository import ModelRepository, RequestObserver, ServedModel
 
 SERVER_NAME = "headrace"
 EXTENSIONS = ("model_configuration", "statistics")
@@ -34,15 +34,46 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class InferenceServicer:
     """Implements the methods declared in proto/grpc_service.proto."""
 
-    def __init__(self, repository: ModelRepository, stream_max_inflight_requests: int) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        stream_max_inflight_requests: int,
+        unresolved_requests: RequestObserver | None = None,
+    ) -> None:
+        """`unresolved_requests` is told of inference requests that cannot be read or name
+        no served model; each served model's own `requests` observer of the others."""
         self._repository = repository
         self._stream_max_inflight = stream_max_inflight_requests
+        self._unresolved_requests = unresolved_requests
 
     async def _infer(
-        self, message: pb.ModelInferRequest, context: Context
+        self, message: pb.ModelInferRequest | MalformedMessage, context: Context
     ) -> pb.ModelInferResponse:
         started = perf_counter_ns()
-        served = self._repository.resolve(message.model_name, message.model_version)
+        served: ServedModel | None = None
+        code = grpc.StatusCode.INTERNAL  # what StatusBoundary answers an unexpected error with
+        try:
+            message = require_message(message)
+            served = self._repository.resolve(message.model_name, message.model_version)
+            reply = await self._infer_served(served, message, context, started)
+        except HeadraceError as exc:
+            code = exc.code
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        else:
+            code = grpc.StatusCode.OK
+            return reply
+        finally:
+            observer = served.requests if served is not None else self._unresolved_requests
+            if observer is not None:
+                observer.record_request(code, perf_counter_ns() - started)
+
+    @staticmethod
+    async def _infer_served(
+        served: ServedModel, message: pb.ModelInferRequest, context: Context, started: int
+    ) -> pb.ModelInferResponse:
         statistics = served.statistics
         try:
             request = request_from_proto(message)
@@ -69,7 +100,7 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest | MalformedMessage, context: Context
     ) -> pb.ModelInferResponse:
         async with StatusBoundary(context, "ModelInfer"):
-            return await self._infer(require_message(request), context)
+            return await self._infer(request, context)
 
     async def ModelStreamInfer(
         self,
@@ -107,6 +138,10 @@ class InferenceServicer:
                         answers.put_nowait(
                             pb.ModelStreamInferResponse(error_message=request.error().message)
                         )
+                        if self._unresolved_requests is not None:
+                            self._unresolved_requests.record_request(
+                                grpc.StatusCode.INVALID_ARGUMENT, 0
+                            )
                         continue
                     task = asyncio.create_task(answer(request))
                     running.add(task)

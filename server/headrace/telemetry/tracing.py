@@ -1,0 +1,269 @@
+"""Tracing: the tracer provider built from settings, and the spans of queues and batches.
+
+Span names and attribute keys here are a public interface (README, "Tracing"): dashboards and
+queries depend on them.
+
+A batch serves many traces, so its spans are tied to the requests' by links both ways: the
+`headrace.batch` span links to every request's span (the span current when it was submitted:
+the RPC's server span) and each request's `headrace.batch.request` span links to the batch
+span. The batch span's parent is the first sampled request's span, so a lone request's trace
+(and one of each batch's) runs unbroken from the client through the backend call, and the
+parent-based sampler records a batch exactly when one of its requests is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from headrace import __version__
+from headrace.config import TracingSettings
+from headrace.spec import ModelSpec
+
+INSTRUMENTATION_NAME = "headrace"
+
+SPAN_QUEUE = "headrace.queue"
+"""INTERNAL, child of the request's span: from the request's arrival in its model's batcher to
+its dispatch (or to its expiry, cancellation or refusal: status ERROR)."""
+SPAN_BATCH = "headrace.batch"
+"""INTERNAL, one per backend call of a batcher: merge, backend call, split; links to every
+request span in the batch."""
+SPAN_BATCH_REQUEST = "headrace.batch.request"
+"""INTERNAL, child of the request's span: from dispatch until its batch is answered; links to
+the batch span."""
+SPAN_BACKEND = "headrace.backend"
+"""CLIENT, child of the batch span (or of the request's span when the model has no
+batcher): the backend call. It is the current span while the backend runs, so a remote
+backend injects it into its call's metadata and the upstream's spans join the trace."""
+
+ATTRIBUTE_MODEL_NAME = "headrace.model.name"
+ATTRIBUTE_MODEL_VERSION = "headrace.model.version"
+ATTRIBUTE_REQUEST_ITEMS = "headrace.request.items"
+"""Items (first-dimension rows) of one request."""
+ATTRIBUTE_BATCH_ITEMS = "headrace.batch.items"
+"""Items in the batch: the backend call's batch size."""
+ATTRIBUTE_BATCH_REQUESTS = "headrace.batch.requests"
+"""Requests merged into the batch."""
+
+
+class Tracing:
+    """The tracer provider of one Headrace process: created at start-up from settings, shut
+    down (its queue of finished spans flushed) at exit, last of all."""
+
+    def __init__(self, settings: TracingSettings, exporter: SpanExporter | None = None) -> None:
+        """`exporter` overrides the one `settings` name (tests, benchmarks)."""
+        resource = Resource.create(
+            {
+                SERVICE_NAME: settings.service_name,
+                SERVICE_VERSION: __version__,
+                SERVICE_INSTANCE_ID: settings.service_instance_id or str(uuid.uuid4()),
+                **settings.resource_attributes,
+            }
+        )
+        self.provider = TracerProvider(
+            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)), resource=resource
+        )
+        # Batches leave on the processor's own thread: the request path only queues a span.
+        self.provider.add_span_processor(
+            BatchSpanProcessor(
+                exporter or _exporter(settings),
+                max_queue_size=settings.max_queued_spans,
+                schedule_delay_millis=settings.export_delay_ms,
+                export_timeout_millis=int(settings.export_timeout_s * 1000),
+            )
+        )
+        self.tracer: Tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, __version__)
+        self.propagator = TraceContextTextMapPropagator()
+        """Reads W3C `traceparent`/`tracestate` from incoming metadata."""
+
+    def for_model(self, spec: ModelSpec) -> ModelTracing:
+        return ModelTracing(self.tracer, spec)
+
+    def shutdown(self) -> None:
+        """Export what is queued (within the export timeout) and stop the exporter thread."""
+        self.provider.shutdown()
+
+
+def _exporter(settings: TracingSettings) -> SpanExporter:
+    """The exporter `settings.exporter` names (imported here: each pulls in its transport).
+
+    Raises:
+        ValueError: `exporter` is `none` (tracing is off; no provider is built).
+    """
+    headers = dict(settings.headers) or None
+    if settings.exporter == "otlp_grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter(
+            endpoint=settings.endpoint, headers=headers, timeout=settings.export_timeout_s
+        )
+    if settings.exporter == "otlp_http":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return HttpExporter(
+            endpoint=settings.endpoint, headers=headers, timeout=settings.export_timeout_s
+        )
+    if settings.exporter == "console":
+        return ConsoleSpanExporter(service_name=settings.service_name)
+    raise ValueError("tracing exporter 'none' exports nothing")
+
+
+def _error_status(error: BaseException) -> Status:
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    return Status(StatusCode.ERROR, f"{type(error).__name__}: {message}")
+
+
+class ModelTracing:
+    """The spans of one model version's queue, batches and backend calls."""
+
+    __slots__ = ("_attributes", "_tracer")
+
+    def __init__(self, tracer: Tracer, spec: ModelSpec) -> None:
+        self._tracer = tracer
+        self._attributes: Mapping[str, str] = {
+            ATTRIBUTE_MODEL_NAME: spec.name,
+            ATTRIBUTE_MODEL_VERSION: spec.version,
+        }
+
+    @staticmethod
+    def current() -> Context:
+        """The caller's trace context, to keep with a request that another task will run."""
+        return otel_context.get_current()
+
+    def left_queue_undispatched(
+        self, parent: Context, waited_s: float, items: int, error: BaseException | None
+    ) -> None:
+        """Record the queue span of a request that never reached its model: expired,
+        cancelled (`error` None) or failed at shutdown."""
+        now_ns = time.time_ns()
+        span = self._tracer.start_span(
+            SPAN_QUEUE,
+            context=parent,
+            start_time=now_ns - int(waited_s * 1e9),
+            attributes={**self._attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+        )
+        span.set_status(
+            _error_status(error) if error else Status(StatusCode.ERROR, "request cancelled")
+        )
+        span.end(end_time=now_ns)
+
+    def start_batch(self, members: Sequence[tuple[Context | None, float, int]]) -> BatchTrace:
+        """Start the spans of a batch being dispatched now, made of `members`: each request's
+        trace context, time waited in the queue (seconds) and items. Records their queue
+        spans, which end now."""
+        return BatchTrace(self._tracer, self._attributes, members)
+
+    @contextlib.contextmanager
+    def backend_call(self, parent: Context | None = None) -> Iterator[None]:
+        """Make a CLIENT span current around a backend call (child of `parent`, else of the
+        current span). An exception escaping the call sets its status to ERROR."""
+        with self._tracer.start_as_current_span(
+            SPAN_BACKEND, context=parent, kind=SpanKind.CLIENT, attributes=self._attributes
+        ):
+            yield
+
+
+class BatchTrace:
+    """The spans of one batch: its own span (from dispatch until it ends), a queue span and a
+    batch-request span per request, and the backend call's span."""
+
+    __slots__ = (
+        "_attributes",
+        "_batch_context",
+        "_dispatched_ns",
+        "_members",
+        "_span",
+        "_tracer",
+    )
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        attributes: Mapping[str, str],
+        members: Sequence[tuple[Context | None, float, int]],
+    ) -> None:
+        self._tracer = tracer
+        self._attributes = attributes
+        self._dispatched_ns = now_ns = time.time_ns()
+        self._members = [
+            (context, trace.get_current_span(context).get_span_context(), items)
+            for context, _, items in members
+        ]
+        for context, waited_s, items in members:
+            queue_span = tracer.start_span(
+                SPAN_QUEUE,
+                context=context,
+                start_time=now_ns - int(waited_s * 1e9),
+                attributes={**attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+            )
+            queue_span.end(end_time=now_ns)
+        parent = next(
+            (
+                context
+                for context, span_context, _ in self._members
+                if span_context.is_valid and span_context.trace_flags.sampled
+            ),
+            self._members[0][0],
+        )
+        self._span = tracer.start_span(
+            SPAN_BATCH,
+            context=parent,
+            start_time=now_ns,
+            links=[
+                Link(span_context) for _, span_context, _ in self._members if span_context.is_valid
+            ],
+            attributes={
+                **attributes,
+                ATTRIBUTE_BATCH_ITEMS: sum(items for _, _, items in self._members),
+                ATTRIBUTE_BATCH_REQUESTS: len(self._members),
+            },
+        )
+        self._batch_context = trace.set_span_in_context(self._span)
+
+    @contextlib.contextmanager
+    def backend_call(self) -> Iterator[None]:
+        """The backend call's CLIENT span, current while the call runs."""
+        with self._tracer.start_as_current_span(
+            SPAN_BACKEND,
+            context=self._batch_context,
+            kind=SpanKind.CLIENT,
+            attributes=self._attributes,
+        ):
+            yield
+
+    def end(self, error: BaseException | None) -> None:
+        """End the batch span and record each request's part in it; `error` is what failed
+        the batch, if anything did."""
+        now_ns = time.time_ns()
+        status = _error_status(error) if error is not None else None
+        links = [Link(self._span.get_span_context())]
+        for context, _, items in self._members:
+            part = self._tracer.start_span(
+                SPAN_BATCH_REQUEST,
+                context=context,
+                start_time=self._dispatched_ns,
+                links=links,
+                attributes={ATTRIBUTE_REQUEST_ITEMS: items},
+            )
+            if status is not None:
+                part.set_status(status)
+            part.end(end_time=now_ns)
+        if status is not None:
+            self._span.set_status(status)
+        self._span.end(end_time=now_ns)
