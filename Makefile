@@ -19,8 +19,19 @@ $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(DEV_STAMP): pyproject.toml | $(BIN)/python
+# A real Triton for tests, bench and `headrace triton` (headrace/launchers/triton.py): the
+# tritonserver binary and python backend inside the nvidia-pytriton wheel; only the binary is
+# used, so the wheel's Python dependencies are left out. Its python-backend stub runs the models
+# in the first python3 on PATH, and predates numpy 2 (with numpy 2 tensors come back empty), so
+# the models get a venv of their own with numpy<2, apart from Headrace's numpy.
+TRITON_WHEEL := nvidia-pytriton==0.7.0
+TRITON_PYTHON := $(VENV)/triton-python
+
+$(DEV_STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(TRITON_WHEEL)
+	$(BIN)/python -m venv --without-pip $(TRITON_PYTHON)
+	$(BIN)/python -m pip --python $(TRITON_PYTHON)/bin/python install --quiet 'numpy<2'
 	touch $@ $(RUNTIME_STAMP)
 
 ## serve: run the gateway on the embedded default config (ARGS="--port 0 --config FILE ...")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,3 +100,51 @@ def test_config_command_prints_effective_settings() -> None:
     assert "port: 9100" in result.stdout
     assert "level: DEBUG" in result.stdout
     assert "name: identity" in result.stdout
+
+
+def test_triton_command_prints_the_address_and_stops_on_sigterm(tmp_path: Path) -> None:
+    from headrace.launchers.triton import example_repository
+
+    repository = tmp_path / "models"
+    shutil.copytree(
+        example_repository() / "identity",
+        repository / "identity",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    log = tmp_path / "triton.log"
+    arguments = ["--grpc-port", "0", "--repository", str(repository), "--log-file", str(log)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "headrace", "triton", *arguments],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        announcement = process.stdout.readline()
+        match = re.search(r" on (127\.0\.0\.1:\d+) \(gRPC\)", announcement)
+        assert match, announcement
+        assert f"triton serving {repository} on " in announcement
+        client = triton.InferenceServerClient(match.group(1))
+        data = np.array([[1.0, 2.0]], dtype=np.float32)
+        tensor = triton.InferInput("INPUT0", [1, 2], "FP32")
+        tensor.set_data_from_numpy(data)
+        np.testing.assert_array_equal(client.infer("identity", [tensor]).as_numpy("OUTPUT0"), data)
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+    assert code == 0
+    assert "successfully unloaded 'identity'" in log.read_text()
+
+
+def test_triton_command_exits_1_when_it_cannot_start(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "headrace", "triton", "--repository", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"headrace triton: model repository {tmp_path / 'none'} is not a folder" in (
+        result.stderr
+    )

@@ -17,6 +17,8 @@ from headrace import __version__
 from headrace.config import DEFAULT_PORT, ENV_CONFIG_PATH, Settings, load_settings
 from headrace.errors import ConfigError, StartupError
 
+DEFAULT_TRITON_GRPC_PORT = 8001  # Triton's own default, so clients' usual address works
+
 EXIT_STARTUP_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
@@ -47,6 +49,25 @@ def _parser() -> argparse.ArgumentParser:
     with_config(
         commands.add_parser("config", help="validate the config and print the effective settings")
     )
+    triton = commands.add_parser(
+        "triton",
+        help="run a local tritonserver (from the nvidia-pytriton wheel or $TRITONSERVER_BIN) "
+        "until SIGTERM/SIGINT",
+    )
+    triton.add_argument(
+        "--repository",
+        type=Path,
+        help="Triton model repository (default: the examples, configs/triton/models)",
+    )
+    triton.add_argument(
+        "--grpc-port",
+        type=int,
+        default=DEFAULT_TRITON_GRPC_PORT,
+        help=f"gRPC port on 127.0.0.1, 0 for any free one (default {DEFAULT_TRITON_GRPC_PORT})",
+    )
+    triton.add_argument(
+        "--log-file", type=Path, help="keep Triton's log here (default: a temporary file)"
+    )
     return parser
 
 
@@ -64,6 +85,8 @@ def _settings(arguments: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `headrace` command; returns the exit status."""
     arguments = _parser().parse_args(argv)
+    if arguments.command == "triton":
+        return _triton(arguments)
     try:
         settings = _settings(arguments)
     except ConfigError as exc:
@@ -87,6 +110,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("headrace").error("%s", exc)
         return EXIT_STARTUP_ERROR
     return 0
+
+
+def _triton(arguments: argparse.Namespace) -> int:
+    from headrace.launchers.triton import TritonServer, example_repository, run_until_signal
+
+    server = TritonServer(
+        arguments.repository or example_repository(),
+        grpc_port=arguments.grpc_port,
+        log_path=arguments.log_file,
+    )
+
+    def announce(server: TritonServer) -> None:
+        print(
+            f"triton serving {server.model_repository} on {server.address} (gRPC), "
+            f"log {server.log_path}; Ctrl-C to stop",
+            flush=True,
+        )
+
+    try:
+        return run_until_signal(server, announce)
+    except StartupError as exc:
+        print(f"headrace triton: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_ERROR
 
 
 if __name__ == "__main__":

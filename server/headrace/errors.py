@@ -82,3 +82,8 @@ class StartupError(Exception):
 class ConfigError(StartupError):
     """The configuration cannot be loaded or used; the message names the file (or model) and
     the field."""
+
+
+class TritonLaunchError(StartupError):
+    """A local tritonserver (headrace.launchers.triton) cannot be found, prepared or started;
+    the message says what is missing, and carries the tail of Triton's log once it ran."""

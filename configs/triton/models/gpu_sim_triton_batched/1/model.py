@@ -1,0 +1,1 @@
+../../gpu_sim/1/model.py
