@@ -15,12 +15,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from bench import frontend, gpu_sim, telemetry
+from bench import frontend, gpu_sim, telemetry, triton
 from bench.loadgen import LoadError
 from bench.machine import describe_machine
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-STANDARD_SET = ("frontend", "gpu_sim")
+STANDARD_SET = ("frontend", "gpu_sim", "triton")
 """What `python -m bench` runs with no scenario named, each with its default options."""
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -54,6 +54,14 @@ def _scenarios() -> dict[str, Scenario]:
                 gpu_sim.options_from(arguments), results_dir, stamp
             ),
             gpu_sim.render,
+        ),
+        "triton": Scenario(
+            triton.SUMMARY,
+            triton.add_arguments,
+            lambda arguments, results_dir, stamp: triton.run(
+                triton.options_from(arguments), results_dir, stamp
+            ),
+            triton.render,
         ),
         "telemetry": Scenario(
             telemetry.SUMMARY,

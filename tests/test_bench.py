@@ -63,3 +63,13 @@ def test_telemetry_scenario_runs() -> None:
     # Two spans per traced request (server, backend); shutdown flushed them all.
     traced = next(t for t in report["trials"] if t["side"] == "tracing")
     assert report["spans_received"] >= 2 * traced["load"]["completed"]
+
+
+@pytest.mark.timeout(240)
+def test_triton_scenario_runs() -> None:
+    output, report = _run("triton", *QUICK, "--concurrencies", "2")
+    assert "Headrace / direct unbatched" in output
+    assert {point["side"] for point in report["points"]} == {"direct", "triton_batched", "headrace"}
+    for point in report["points"]:
+        assert point["completed"] > 0
+        assert not point["errors"]

@@ -205,9 +205,10 @@ class TritonSettings(_Frozen):
     """How long a keepalive ping may go unanswered before the connection is dropped."""
     startup_timeout_s: float = Field(default=30.0, gt=0)
     """How long start-up waits for some endpoint of each model to describe it."""
-    max_inflight_per_endpoint: int = Field(default=2, ge=1)
+    max_inflight_per_endpoint: int | None = Field(default=None, ge=1)
     """Calls of one model in flight to one endpoint; further batches wait in Headrace, where
-    they grow, rather than in Triton's queue."""
+    they grow, rather than in Triton's queue. Default: the model's instance count on Triton
+    (its instance_group), so each instance has one batch and the next keeps growing."""
     health_check_interval_s: float = Field(default=2.0, gt=0)
     """Active health checks (ServerReady, ModelReady) per endpoint."""
     health_check_timeout_s: float = Field(default=1.0, gt=0)

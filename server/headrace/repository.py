@@ -16,7 +16,12 @@ from headrace.backends.base import Backend
 from headrace.batching import DynamicBatcher
 from headrace.batching.batcher import BatchObserver
 from headrace.batching.policy import queue_timeout_s
-from headrace.errors import DeadlineExceededError, ModelNotFoundError, ModelUnavailableError
+from headrace.errors import (
+    DeadlineExceededError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    StartupError,
+)
 from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
 from headrace.statistics import ModelStatistics
@@ -104,7 +109,11 @@ class ModelRepository:
             for spec in backend.model_specs():
                 versions = self._by_name.setdefault(spec.name, {})
                 if spec.version in versions:
-                    raise ValueError(f"model '{spec.name}' version {spec.version} served twice")
+                    raise StartupError(
+                        f"model '{spec.name}' version {spec.version} is served by two "
+                        "backends; rename one (a Triton model can keep its name there with "
+                        "remote_name)"
+                    )
                 versions[spec.version] = ServedModel(spec, backend)
         self._latest = {
             name: versions[max(versions, key=_version_key)]

@@ -70,7 +70,7 @@ class TritonBackend:
         for model in models:
             pool = EndpointPool(
                 model.name,
-                max_inflight_per_endpoint=settings.max_inflight_per_endpoint,
+                max_inflight_per_endpoint=settings.max_inflight_per_endpoint or 1,
                 ejection_consecutive_failures=settings.ejection_consecutive_failures,
                 ejection_s=settings.ejection_s,
             )
@@ -236,11 +236,13 @@ class TritonBackend:
                 "are batched twice (turn one off)",
                 model.settings.name,
             )
+        instances = sum(max(group.count, 1) for group in config.instance_group) or 1
+        model.pool.limit = self._settings.max_inflight_per_endpoint or instances
         endpoints = max(1, len(model.pool.endpoints))
         hints = BatchingHints(
             preferred_batch_sizes=tuple(batching.preferred_batch_size) if batching else (),
             max_queue_delay_us=batching.max_queue_delay_microseconds if batching else None,
-            max_inflight_batches=endpoints * self._settings.max_inflight_per_endpoint,
+            max_inflight_batches=endpoints * model.pool.limit,
         )
         return ModelSpec(
             name=model.settings.name,

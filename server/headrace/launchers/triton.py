@@ -49,7 +49,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -267,7 +267,10 @@ class TritonServer:
         startup_timeout_s: float = 60.0,
         stop_timeout_s: float = 10.0,
         environ: Mapping[str, str] | None = None,
+        extra_arguments: Sequence[str] = (),
     ) -> None:
+        """`extra_arguments` go to tritonserver as they are (e.g. `--trace-config ...`)."""
+        self._extra_arguments = tuple(extra_arguments)
         self.model_repository = Path(model_repository).resolve()
         self.host = host
         self.grpc_port = grpc_port
@@ -346,6 +349,7 @@ class TritonServer:
         ]
         if backend_directory is not None:
             arguments.append(f"--backend-directory={backend_directory}")
+        arguments += self._extra_arguments
         self._log = self.log_path.open("ab")
         self._log_offset = self._log.tell()  # an appended log: this run's part starts here
         # A session of its own: a terminal's Ctrl-C reaches only the launcher, which stops

@@ -68,7 +68,8 @@ class EndpointPool:
         ejection_s: float,
     ) -> None:
         self.model = model
-        self._limit = max_inflight_per_endpoint
+        self.limit = max_inflight_per_endpoint
+        """Calls in flight per endpoint; may be changed once the model is described."""
         self._ejection_failures = ejection_consecutive_failures
         self._ejection_s = ejection_s
         self._endpoints: dict[str, Endpoint] = {}
@@ -118,7 +119,7 @@ class EndpointPool:
                 raise ModelUnavailableError(
                     f"no available endpoint for model '{self.model}' ({described or 'none'})"
                 )
-            free = [e for e in candidates if e.in_flight < self._limit]
+            free = [e for e in candidates if e.in_flight < self.limit]
             if free:
                 fewest = min(e.in_flight for e in free)
                 endpoint = random.choice([e for e in free if e.in_flight == fewest])

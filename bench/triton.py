@@ -1,0 +1,231 @@
+"""Scenario `triton`: Headrace's batching in front of a real Triton, against Triton alone.
+
+One tritonserver (the project's launcher, the example repository) serves `gpu_sim` (5 ms per
+call plus 10 us per item, one instance, Triton's batcher off) and `gpu_sim_triton_batched`
+(the same with Triton's own dynamic batcher). One Headrace process routes its `gpu_sim` to
+Triton's and batches in front of it. At each concurrency the same lean client (pre-serialized
+requests on a raw channel) measures, in an order that reverses from trial to trial:
+Triton directly with batching off, Triton directly with its own batcher, and Headrace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.loadgen import LoadSpec, run_load
+from bench.machine import one_line
+from bench.server_process import ServerProcess
+from headrace.launchers.triton import TritonServer, example_repository
+
+SUMMARY = "gpu_sim on a real Triton: direct (batching off), Triton's batcher, through Headrace"
+DIRECT = "direct"
+TRITON_BATCHED = "triton_batched"
+HEADRACE = "headrace"
+SIDES = (DIRECT, TRITON_BATCHED, HEADRACE)
+LABELS = {
+    DIRECT: "Triton direct, batching off",
+    TRITON_BATCHED: "Triton direct, its dynamic batcher",
+    HEADRACE: "through Headrace, batching on",
+}
+MODEL_OF = {DIRECT: "gpu_sim", TRITON_BATCHED: "gpu_sim_triton_batched", HEADRACE: "gpu_sim"}
+GOAL_SPEEDUP = 10.0
+"""Headrace over direct unbatched requests/s at the highest concurrency."""
+GOAL_VS_TRITON = 0.9
+"""Headrace over Triton's own batcher, requests/s, at the highest concurrency..."""
+GOAL_P99 = 1.2
+"""...at no more than this multiple of its p99."""
+
+
+@dataclass(frozen=True, slots=True)
+class TritonOptions:
+    """The scenario's knobs; the defaults are the standard run."""
+
+    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
+    trials: int = 2
+    duration_s: float = 3.0
+    warmup_s: float = 1.0
+    clients: int = 2
+    elements: int = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scenario's command-line options, defaulting to `TritonOptions()`."""
+    defaults = TritonOptions()
+    parser.add_argument(
+        "--concurrencies",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        default=defaults.concurrencies,
+        help="comma-separated concurrency levels",
+    )
+    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per point")
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
+    parser.add_argument("--clients", type=int, default=defaults.clients)
+    parser.add_argument("--elements", type=int, default=defaults.elements)
+
+
+def options_from(arguments: argparse.Namespace) -> TritonOptions:
+    """The options `add_arguments` parsed.
+
+    Raises:
+        ValueError: a count below 1, a negative warm-up or an empty window.
+    """
+    options = TritonOptions(
+        concurrencies=arguments.concurrencies,
+        trials=arguments.trials,
+        duration_s=arguments.duration_s,
+        warmup_s=arguments.warmup_s,
+        clients=arguments.clients,
+        elements=arguments.elements,
+    )
+    if min(options.trials, options.clients, options.elements, *options.concurrencies) < 1:
+        raise ValueError("counts and concurrencies must be >= 1")
+    if options.warmup_s < 0 or options.duration_s <= 0:
+        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
+    return options
+
+
+def _headrace_config(path: Path, triton_address: str) -> Path:
+    config = {
+        "server": {"host": HOST, "port": 0},
+        "models": [{"name": "gpu_sim", "backend": "triton", "endpoints": [triton_address]}],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(options: TritonOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
+    """Run the scenario; returns every number, JSON-ready. Triton and Headrace are stopped on
+    return, on errors and on KeyboardInterrupt.
+
+    Raises:
+        TritonLaunchError, RuntimeError: a server did not start.
+        LoadError: a client failed (a wrong reply included).
+    """
+    results_dir.mkdir(parents=True, exist_ok=True)
+    points: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        triton = stack.enter_context(
+            TritonServer(example_repository(), log_path=results_dir / f"triton-{stamp}-triton.log")
+        )
+        config = _headrace_config(results_dir / f"triton-{stamp}-headrace.yaml", triton.address)
+        argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config)]
+        headrace = stack.enter_context(
+            ServerProcess("headrace", argv, results_dir / f"triton-{stamp}-headrace.log")
+        )
+        targets = {
+            DIRECT: triton.address,
+            TRITON_BATCHED: triton.address,
+            HEADRACE: f"{HOST}:{headrace.port}",
+        }
+        for concurrency in options.concurrencies:
+            for trial in range(options.trials):
+                for side in SIDES if trial % 2 == 0 else SIDES[::-1]:
+                    spec = LoadSpec(
+                        target=targets[side],
+                        method=METHOD,
+                        request=identity_request(options.elements, MODEL_OF[side]),
+                        check=check_identity_reply,
+                        concurrency=concurrency,
+                        clients=min(options.clients, concurrency),
+                        warmup_s=options.warmup_s,
+                        duration_s=options.duration_s,
+                    )
+                    load = run_load(spec, meter=lambda: 0.0)
+                    points.append(
+                        {"side": side, "concurrency": concurrency, "trial": trial, **asdict(load)}
+                    )
+                    print(
+                        f"{side} c={concurrency} trial {trial + 1}: "
+                        f"{load.requests_per_s:,.0f} requests/s, p99 {load.p99_ms:.2f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    summary = _summary(points, options.concurrencies)
+    top = summary[str(max(options.concurrencies))]
+    return {
+        "options": asdict(options),
+        "note": "client processes, Headrace and Triton share the machine's cores",
+        "points": points,
+        "summary": summary,
+        "speedup_at_top": _divide(top[HEADRACE]["requests_per_s"], top[DIRECT]["requests_per_s"]),
+        "vs_triton_batcher_at_top": _divide(
+            top[HEADRACE]["requests_per_s"], top[TRITON_BATCHED]["requests_per_s"]
+        ),
+        "p99_vs_triton_batcher_at_top": _divide(
+            top[HEADRACE]["p99_ms"], top[TRITON_BATCHED]["p99_ms"]
+        ),
+        "goals": {"speedup": GOAL_SPEEDUP, "vs_triton": GOAL_VS_TRITON, "p99": GOAL_P99},
+    }
+
+
+def _divide(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def _summary(points: list[dict[str, Any]], concurrencies: tuple[int, ...]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for concurrency in concurrencies:
+        summary[str(concurrency)] = {}
+        for side in SIDES:
+            mine = [p for p in points if p["side"] == side and p["concurrency"] == concurrency]
+            errors: dict[str, int] = {}
+            for point in mine:
+                for code, count in point["errors"].items():
+                    errors[code] = errors.get(code, 0) + count
+            summary[str(concurrency)][side] = {
+                "requests_per_s": statistics.median(p["requests_per_s"] for p in mine),
+                "p50_ms": statistics.median(p["p50_ms"] for p in mine),
+                "p99_ms": statistics.median(p["p99_ms"] for p in mine),
+                "errors": errors,
+            }
+    return summary
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as Markdown: one row per concurrency and side, then the goals."""
+    options = report["options"]
+    goals = report["goals"]
+    lines = [
+        f"## triton: {SUMMARY}",
+        "",
+        f"1x{options['elements']} FP32 requests, {options['clients']} client processes, "
+        f"{options['trials']} trials per point, {options['warmup_s']:g} s warm-up + "
+        f"{options['duration_s']:g} s window; medians over trials.",
+        f"Machine: {one_line(report['machine'])}; clients, Headrace and Triton share its cores.",
+        "",
+        "| concurrency | path | requests/s | p50 ms | p99 ms | errors |",
+        "|--:|---|--:|--:|--:|--:|",
+    ]
+    for concurrency, sides in report["summary"].items():
+        for side in SIDES:
+            point = sides[side]
+            errors = ", ".join(f"{code} {n}" for code, n in point["errors"].items()) or "0"
+            lines.append(
+                f"| {concurrency} | {LABELS[side]} | {_number(point['requests_per_s'], 0)} "
+                f"| {_number(point['p50_ms'], 2)} | {_number(point['p99_ms'], 2)} | {errors} |"
+            )
+    top = max(int(c) for c in report["summary"])
+    lines += [
+        "",
+        f"**At concurrency {top}: Headrace / direct unbatched "
+        f"{_number(report['speedup_at_top'], 1)}x** (goal >= {goals['speedup']:g}x); "
+        f"**Headrace / Triton's batcher {_number(report['vs_triton_batcher_at_top'], 2)}** "
+        f"(goal >= {goals['vs_triton']:g}) at **p99 "
+        f"{_number(report['p99_vs_triton_batcher_at_top'], 2)}x** Triton's (goal <= "
+        f"{goals['p99']:g}x).",
+    ]
+    return "\n".join(lines)
