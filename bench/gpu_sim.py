@@ -9,11 +9,9 @@ request, in an order that alternates between trials.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,9 @@ from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.server_process import ServerProcess
+from bench.sweep import SweepOptions, divide, number, summarize, table
+from bench.sweep import add_arguments as add_arguments  # the scenario's options: a sweep's
+from bench.sweep import options_from as options_from
 
 SUMMARY = "gpu_sim model (5 ms per execution): batching off vs on, against Headrace's ceiling"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpu_sim.yaml"
@@ -35,57 +36,7 @@ GOAL_CEILING_RATIO = 0.8
 """Batched requests/s over the identity model's at the highest concurrency."""
 
 
-@dataclass(frozen=True, slots=True)
-class GpuSimOptions:
-    """The scenario's knobs; the defaults are the standard run."""
-
-    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
-    trials: int = 2
-    """Trials per model and concurrency."""
-    duration_s: float = 3.0
-    warmup_s: float = 1.0
-    clients: int = 2
-    elements: int = 16
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The scenario's command-line options, defaulting to `GpuSimOptions()`."""
-    defaults = GpuSimOptions()
-    parser.add_argument(
-        "--concurrencies",
-        type=lambda text: tuple(int(part) for part in text.split(",")),
-        default=defaults.concurrencies,
-        help="comma-separated concurrency levels",
-    )
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per point")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument("--elements", type=int, default=defaults.elements)
-
-
-def options_from(arguments: argparse.Namespace) -> GpuSimOptions:
-    """The options `add_arguments` parsed.
-
-    Raises:
-        ValueError: a count below 1, a negative warm-up or an empty window.
-    """
-    options = GpuSimOptions(
-        concurrencies=arguments.concurrencies,
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        clients=arguments.clients,
-        elements=arguments.elements,
-    )
-    if min(options.trials, options.clients, options.elements, *options.concurrencies) < 1:
-        raise ValueError("counts and concurrencies must be >= 1")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
-    return options
-
-
-def run(options: GpuSimOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
+def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     """Run the scenario; returns every number, JSON-ready. The server is stopped on return,
     on errors and on KeyboardInterrupt.
 
@@ -123,7 +74,7 @@ def run(options: GpuSimOptions, results_dir: Path, stamp: str) -> dict[str, Any]
                         file=sys.stderr,
                         flush=True,
                     )
-    summary = _summary(points, options.concurrencies)
+    summary = summarize(points, "model", MODELS, options.concurrencies)
     top = str(max(options.concurrencies))
     at_top = summary[top]
     return {
@@ -132,42 +83,15 @@ def run(options: GpuSimOptions, results_dir: Path, stamp: str) -> dict[str, Any]
         "note": "client processes and the server share the machine's cores",
         "points": points,
         "summary": summary,
-        "speedup_at_top": _divide(
+        "speedup_at_top": divide(
             at_top[BATCHED]["requests_per_s"], at_top[UNBATCHED]["requests_per_s"]
         ),
-        "ceiling_ratio_at_top": _divide(
+        "ceiling_ratio_at_top": divide(
             at_top[BATCHED]["requests_per_s"], at_top[CEILING]["requests_per_s"]
         ),
         "goal_speedup": GOAL_SPEEDUP,
         "goal_ceiling_ratio": GOAL_CEILING_RATIO,
     }
-
-
-def _divide(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator is not None and denominator else None
-
-
-def _summary(points: list[dict[str, Any]], concurrencies: tuple[int, ...]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for concurrency in concurrencies:
-        summary[str(concurrency)] = {}
-        for model in MODELS:
-            mine = [p for p in points if p["model"] == model and p["concurrency"] == concurrency]
-            errors: dict[str, int] = {}
-            for point in mine:
-                for code, count in point["errors"].items():
-                    errors[code] = errors.get(code, 0) + count
-            summary[str(concurrency)][model] = {
-                "requests_per_s": statistics.median(p["requests_per_s"] for p in mine),
-                "p50_ms": statistics.median(p["p50_ms"] for p in mine),
-                "p99_ms": statistics.median(p["p99_ms"] for p in mine),
-                "errors": errors,
-            }
-    return summary
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -181,23 +105,14 @@ def render(report: dict[str, Any]) -> str:
         f"{options['duration_s']:g} s window; medians over trials. Server: `{report['config']}`.",
         f"Machine: {one_line(report['machine'])}; clients and server share its cores.",
         "",
-        "| concurrency | model | requests/s | p50 ms | p99 ms | errors |",
-        "|--:|---|--:|--:|--:|--:|",
     ]
-    for concurrency, models in report["summary"].items():
-        for model in MODELS:
-            point = models[model]
-            errors = ", ".join(f"{code} {n}" for code, n in point["errors"].items()) or "0"
-            lines.append(
-                f"| {concurrency} | {LABELS[model]} | {_number(point['requests_per_s'], 0)} "
-                f"| {_number(point['p50_ms'], 2)} | {_number(point['p99_ms'], 2)} | {errors} |"
-            )
+    lines += table(report["summary"], MODELS, LABELS, "model")
     top = max(int(c) for c in report["summary"])
     speedup, ceiling = report["speedup_at_top"], report["ceiling_ratio_at_top"]
     lines += [
         "",
-        f"**At concurrency {top}: batching on / off {_number(speedup, 1)}x** (goal >= "
+        f"**At concurrency {top}: batching on / off {number(speedup, 1)}x** (goal >= "
         f"{report['goal_speedup']:g}x); **batching on / identity ceiling "
-        f"{_number(ceiling, 2)}** (goal >= {report['goal_ceiling_ratio']:g}).",
+        f"{number(ceiling, 2)}** (goal >= {report['goal_ceiling_ratio']:g}).",
     ]
     return "\n".join(lines)

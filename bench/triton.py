@@ -10,11 +10,9 @@ Triton directly with batching off, Triton directly with its own batcher, and Hea
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,9 @@ from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.server_process import ServerProcess
+from bench.sweep import SweepOptions, divide, number, summarize, table
+from bench.sweep import add_arguments as add_arguments  # the scenario's options: a sweep's
+from bench.sweep import options_from as options_from
 from headrace.launchers.triton import TritonServer, example_repository
 
 SUMMARY = "gpu_sim on a real Triton: direct (batching off), Triton's batcher, through Headrace"
@@ -45,55 +46,6 @@ GOAL_P99 = 1.2
 """...at no more than this multiple of its p99."""
 
 
-@dataclass(frozen=True, slots=True)
-class TritonOptions:
-    """The scenario's knobs; the defaults are the standard run."""
-
-    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
-    trials: int = 2
-    duration_s: float = 3.0
-    warmup_s: float = 1.0
-    clients: int = 2
-    elements: int = 16
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The scenario's command-line options, defaulting to `TritonOptions()`."""
-    defaults = TritonOptions()
-    parser.add_argument(
-        "--concurrencies",
-        type=lambda text: tuple(int(part) for part in text.split(",")),
-        default=defaults.concurrencies,
-        help="comma-separated concurrency levels",
-    )
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per point")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument("--elements", type=int, default=defaults.elements)
-
-
-def options_from(arguments: argparse.Namespace) -> TritonOptions:
-    """The options `add_arguments` parsed.
-
-    Raises:
-        ValueError: a count below 1, a negative warm-up or an empty window.
-    """
-    options = TritonOptions(
-        concurrencies=arguments.concurrencies,
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        clients=arguments.clients,
-        elements=arguments.elements,
-    )
-    if min(options.trials, options.clients, options.elements, *options.concurrencies) < 1:
-        raise ValueError("counts and concurrencies must be >= 1")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
-    return options
-
-
 def _headrace_config(path: Path, triton_address: str) -> Path:
     config = {
         "server": {"host": HOST, "port": 0},
@@ -103,7 +55,7 @@ def _headrace_config(path: Path, triton_address: str) -> Path:
     return path
 
 
-def run(options: TritonOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
+def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     """Run the scenario; returns every number, JSON-ready. Triton and Headrace are stopped on
     return, on errors and on KeyboardInterrupt.
 
@@ -150,49 +102,22 @@ def run(options: TritonOptions, results_dir: Path, stamp: str) -> dict[str, Any]
                         file=sys.stderr,
                         flush=True,
                     )
-    summary = _summary(points, options.concurrencies)
+    summary = summarize(points, "side", SIDES, options.concurrencies)
     top = summary[str(max(options.concurrencies))]
     return {
         "options": asdict(options),
         "note": "client processes, Headrace and Triton share the machine's cores",
         "points": points,
         "summary": summary,
-        "speedup_at_top": _divide(top[HEADRACE]["requests_per_s"], top[DIRECT]["requests_per_s"]),
-        "vs_triton_batcher_at_top": _divide(
+        "speedup_at_top": divide(top[HEADRACE]["requests_per_s"], top[DIRECT]["requests_per_s"]),
+        "vs_triton_batcher_at_top": divide(
             top[HEADRACE]["requests_per_s"], top[TRITON_BATCHED]["requests_per_s"]
         ),
-        "p99_vs_triton_batcher_at_top": _divide(
+        "p99_vs_triton_batcher_at_top": divide(
             top[HEADRACE]["p99_ms"], top[TRITON_BATCHED]["p99_ms"]
         ),
         "goals": {"speedup": GOAL_SPEEDUP, "vs_triton": GOAL_VS_TRITON, "p99": GOAL_P99},
     }
-
-
-def _divide(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator is not None and denominator else None
-
-
-def _summary(points: list[dict[str, Any]], concurrencies: tuple[int, ...]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for concurrency in concurrencies:
-        summary[str(concurrency)] = {}
-        for side in SIDES:
-            mine = [p for p in points if p["side"] == side and p["concurrency"] == concurrency]
-            errors: dict[str, int] = {}
-            for point in mine:
-                for code, count in point["errors"].items():
-                    errors[code] = errors.get(code, 0) + count
-            summary[str(concurrency)][side] = {
-                "requests_per_s": statistics.median(p["requests_per_s"] for p in mine),
-                "p50_ms": statistics.median(p["p50_ms"] for p in mine),
-                "p99_ms": statistics.median(p["p99_ms"] for p in mine),
-                "errors": errors,
-            }
-    return summary
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -207,25 +132,16 @@ def render(report: dict[str, Any]) -> str:
         f"{options['duration_s']:g} s window; medians over trials.",
         f"Machine: {one_line(report['machine'])}; clients, Headrace and Triton share its cores.",
         "",
-        "| concurrency | path | requests/s | p50 ms | p99 ms | errors |",
-        "|--:|---|--:|--:|--:|--:|",
     ]
-    for concurrency, sides in report["summary"].items():
-        for side in SIDES:
-            point = sides[side]
-            errors = ", ".join(f"{code} {n}" for code, n in point["errors"].items()) or "0"
-            lines.append(
-                f"| {concurrency} | {LABELS[side]} | {_number(point['requests_per_s'], 0)} "
-                f"| {_number(point['p50_ms'], 2)} | {_number(point['p99_ms'], 2)} | {errors} |"
-            )
+    lines += table(report["summary"], SIDES, LABELS, "path")
     top = max(int(c) for c in report["summary"])
     lines += [
         "",
         f"**At concurrency {top}: Headrace / direct unbatched "
-        f"{_number(report['speedup_at_top'], 1)}x** (goal >= {goals['speedup']:g}x); "
-        f"**Headrace / Triton's batcher {_number(report['vs_triton_batcher_at_top'], 2)}** "
+        f"{number(report['speedup_at_top'], 1)}x** (goal >= {goals['speedup']:g}x); "
+        f"**Headrace / Triton's batcher {number(report['vs_triton_batcher_at_top'], 2)}** "
         f"(goal >= {goals['vs_triton']:g}) at **p99 "
-        f"{_number(report['p99_vs_triton_batcher_at_top'], 2)}x** Triton's (goal <= "
+        f"{number(report['p99_vs_triton_batcher_at_top'], 2)}x** Triton's (goal <= "
         f"{goals['p99']:g}x).",
     ]
     return "\n".join(lines)

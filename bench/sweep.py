@@ -1,0 +1,111 @@
+"""What the concurrency-sweep scenarios (`gpu_sim`, `triton`) share: their options, and the
+medians per concurrency and side they report."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SweepOptions:
+    """A sweep's knobs; the defaults are the standard run."""
+
+    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
+    trials: int = 2
+    """Trials per side and concurrency; the order of the sides reverses between trials."""
+    duration_s: float = 3.0
+    warmup_s: float = 1.0
+    clients: int = 2
+    """Client processes (at most the concurrency)."""
+    elements: int = 16
+    """FP32 values in INPUT0 (batch 1)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """A sweep's command-line options, defaulting to `SweepOptions()`."""
+    defaults = SweepOptions()
+    parser.add_argument(
+        "--concurrencies",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        default=defaults.concurrencies,
+        help="comma-separated concurrency levels",
+    )
+    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per point")
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
+    parser.add_argument("--clients", type=int, default=defaults.clients)
+    parser.add_argument("--elements", type=int, default=defaults.elements)
+
+
+def options_from(arguments: argparse.Namespace) -> SweepOptions:
+    """The options `add_arguments` parsed.
+
+    Raises:
+        ValueError: a count below 1, a negative warm-up or an empty window.
+    """
+    options = SweepOptions(
+        concurrencies=arguments.concurrencies,
+        trials=arguments.trials,
+        duration_s=arguments.duration_s,
+        warmup_s=arguments.warmup_s,
+        clients=arguments.clients,
+        elements=arguments.elements,
+    )
+    if min(options.trials, options.clients, options.elements, *options.concurrencies) < 1:
+        raise ValueError("counts and concurrencies must be >= 1")
+    if options.warmup_s < 0 or options.duration_s <= 0:
+        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
+    return options
+
+
+def summarize(
+    points: list[dict[str, Any]], key: str, sides: tuple[str, ...], concurrencies: tuple[int, ...]
+) -> dict[str, Any]:
+    """Medians over trials of requests/s, p50 and p99, and summed errors, for each
+    concurrency (as a string, for JSON) and side (`point[key]`)."""
+    summary: dict[str, Any] = {}
+    for concurrency in concurrencies:
+        summary[str(concurrency)] = {}
+        for side in sides:
+            mine = [p for p in points if p[key] == side and p["concurrency"] == concurrency]
+            errors: dict[str, int] = {}
+            for point in mine:
+                for code, count in point["errors"].items():
+                    errors[code] = errors.get(code, 0) + count
+            summary[str(concurrency)][side] = {
+                "requests_per_s": statistics.median(p["requests_per_s"] for p in mine),
+                "p50_ms": statistics.median(p["p50_ms"] for p in mine),
+                "p99_ms": statistics.median(p["p99_ms"] for p in mine),
+                "errors": errors,
+            }
+    return summary
+
+
+def divide(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(
+    summary: dict[str, Any], sides: tuple[str, ...], labels: dict[str, str], column: str
+) -> list[str]:
+    """The summary as Markdown table lines, one row per concurrency and side."""
+    lines = [
+        f"| concurrency | {column} | requests/s | p50 ms | p99 ms | errors |",
+        "|--:|---|--:|--:|--:|--:|",
+    ]
+    for concurrency, by_side in summary.items():
+        for side in sides:
+            point = by_side[side]
+            errors = ", ".join(f"{code} {n}" for code, n in point["errors"].items()) or "0"
+            lines.append(
+                f"| {concurrency} | {labels[side]} | {number(point['requests_per_s'], 0)} "
+                f"| {number(point['p50_ms'], 2)} | {number(point['p99_ms'], 2)} | {errors} |"
+            )
+    return lines
