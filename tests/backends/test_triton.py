@@ -264,3 +264,21 @@ def _request(model: str, data: np.ndarray) -> pb.ModelInferRequest:
         ],
         raw_input_contents=[data.tobytes()],
     )
+
+
+def test_batching_twice_is_warned_about(
+    tritons: list[TritonServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    model = {
+        "name": "gpu_sim_triton_batched",
+        "backend": "triton",
+        "endpoints": [tritons[0].address],
+    }
+    with (
+        caplog.at_level("WARNING", logger="headrace.backends.triton"),
+        ServerThread(_settings([model])) as gateway,
+    ):
+        client = triton.InferenceServerClient(gateway.address)
+        config = client.get_model_config("gpu_sim_triton_batched")
+    assert "Triton's dynamic batcher is on as well as Headrace's" in caplog.text
+    assert config.config.WhichOneof("scheduling_choice") == "dynamic_batching"
