@@ -187,6 +187,11 @@ class Application:
             # Blocks for at most the export timeout, after the last request: nothing waits.
             tracing.shutdown()
 
+    def reload_tls(self) -> None:
+        """Re-read the TLS certificate files (SIGHUP); open connections are kept."""
+        if self._frontend is not None and self._frontend.tls is not None:
+            self._frontend.tls.reload()
+
     async def __aenter__(self) -> Application:
         await self.start()
         return self
@@ -207,6 +212,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, application.reload_tls)
     try:
         await application.start()
         await stop_requested.wait()
@@ -216,6 +222,6 @@ async def serve(settings: Settings) -> None:
         )
     finally:
         await application.stop()
-        for signal_number in (signal.SIGTERM, signal.SIGINT):
+        for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signal_number)
     _logger.info("stopped")

@@ -221,6 +221,18 @@ class TritonSettings(_Frozen):
     """How often `dns:///` endpoints are re-resolved."""
 
 
+class TlsSettings(_Frozen):
+    """TLS on the front end. The files are read at start-up and again on SIGHUP; connections
+    already open keep their session, new ones get the new certificate."""
+
+    cert_file: Path
+    """PEM certificate chain the server presents."""
+    key_file: Path
+    """PEM private key of that certificate."""
+    client_ca_file: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+
+
 class ServerSettings(_Frozen):
     """The gRPC front end."""
 
@@ -233,6 +245,8 @@ class ServerSettings(_Frozen):
     cancelled."""
     max_message_bytes: int = Field(default=128 * 1024 * 1024, ge=4 * 1024 * 1024)
     """Largest gRPC message accepted or sent, each direction."""
+    tls: TlsSettings | None = None
+    """TLS (and mutual TLS) on the gRPC port; None serves plaintext."""
     stream_max_inflight_requests: int = Field(default=256, ge=1)
     """Requests of one ModelStreamInfer stream processed at once; the stream stops reading
     (and HTTP/2 flow control pushes back on the client) while this many are open."""
@@ -413,6 +427,13 @@ def load_settings(
         origins[dotted] = "command line"
 
     base_dir = path.resolve().parent if path is not None else None
+    server = tree.get("server")
+    tls = server.get("tls") if isinstance(server, dict) else None
+    if base_dir is not None and isinstance(tls, dict):
+        for key in ("cert_file", "key_file", "client_ca_file"):
+            value = tls.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                tls[key] = str(base_dir / value)
     for model in tree.get("models") or []:
         entrypoint = model.get("entrypoint") if isinstance(model, dict) else None
         if base_dir is not None and isinstance(entrypoint, str):

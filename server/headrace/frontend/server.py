@@ -15,6 +15,7 @@ from headrace.config import ServerSettings
 from headrace.errors import StartupError
 from headrace.frontend.servicer import InferenceServicer
 from headrace.frontend.status import tolerant_deserializer
+from headrace.frontend.tls import ServerTls
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.descriptor_pool import POOL
 
@@ -82,6 +83,8 @@ class FrontendServer:
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=POOL
         )
         self.port = 0
+        self.tls = ServerTls(settings.tls) if settings.tls is not None else None
+        """TLS credentials (None: plaintext); `tls.reload()` re-reads the files."""
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0).
@@ -91,7 +94,10 @@ class FrontendServer:
         """
         address = f"{self._settings.host}:{self._settings.port}"
         try:
-            self.port = self._server.add_insecure_port(address)
+            if self.tls is not None:
+                self.port = self._server.add_secure_port(address, self.tls.credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc's only signal for a failed bind
             raise StartupError(
                 f"cannot listen on {address}: address in use or unavailable"
