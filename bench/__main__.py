@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from bench import frontend, gpu_sim, telemetry
+from bench import frontend, gpu_sim, shared_memory, telemetry
 from bench.loadgen import LoadError
 from bench.machine import describe_machine
 
@@ -54,6 +54,14 @@ def _scenarios() -> dict[str, Scenario]:
                 gpu_sim.options_from(arguments), results_dir, stamp
             ),
             gpu_sim.render,
+        ),
+        "shared_memory": Scenario(
+            shared_memory.SUMMARY,
+            shared_memory.add_arguments,
+            lambda arguments, results_dir, stamp: shared_memory.run(
+                shared_memory.options_from(arguments), results_dir, stamp
+            ),
+            shared_memory.render,
         ),
         "telemetry": Scenario(
             telemetry.SUMMARY,
