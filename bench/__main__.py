@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from bench import frontend, gpu_sim, telemetry, triton
+from bench import frontend, gpu_sim, shared_memory, telemetry, triton
 from bench.loadgen import LoadError
 from bench.machine import describe_machine
 
@@ -62,6 +62,14 @@ def _scenarios() -> dict[str, Scenario]:
                 triton.options_from(arguments), results_dir, stamp
             ),
             triton.render,
+        ),
+        "shared_memory": Scenario(
+            shared_memory.SUMMARY,
+            shared_memory.add_arguments,
+            lambda arguments, results_dir, stamp: shared_memory.run(
+                shared_memory.options_from(arguments), results_dir, stamp
+            ),
+            shared_memory.render,
         ),
         "telemetry": Scenario(
             telemetry.SUMMARY,

@@ -38,6 +38,8 @@ START_DELAY_S = 0.2
 DRAIN_TIMEOUT_S = 10.0
 """How long requests still in flight at the end of the window may take before they are
 cancelled and counted as UNFINISHED."""
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+"""Largest reply a client accepts: Headrace's default `server.max_message_bytes`."""
 WRONG_REPLY = "WRONG_REPLY"
 UNFINISHED = "UNFINISHED"
 
@@ -240,7 +242,10 @@ async def _client(
     start_signal: Event,
     start_ns: c_int64,
 ) -> ClientTally:
-    async with grpc.aio.insecure_channel(spec.target) as channel:
+    # Replies as large as the server may send (the shared_memory scenario's are 4 MiB, grpc's
+    # default limit).
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
         call = channel.unary_unary(spec.method, request_serializer=None, response_deserializer=None)
         try:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)

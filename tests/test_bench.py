@@ -73,3 +73,20 @@ def test_triton_scenario_runs() -> None:
     for point in report["points"]:
         assert point["completed"] > 0
         assert not point["errors"]
+
+
+@pytest.mark.timeout(240)
+def test_shared_memory_scenario_runs() -> None:
+    output, report = _run(
+        "shared_memory", *QUICK, "--concurrencies", "1,2", "--elements", str(64 * 1024)
+    )
+    assert "Shared memory / bytes requests/s" in output
+    assert [(p["model"], p["concurrency"]) for p in report["points"]] == [
+        ("identity_shm", 1),
+        ("identity_bytes", 1),
+        ("identity_shm", 2),
+        ("identity_bytes", 2),
+    ]
+    for point in report["points"]:
+        assert point["completed"] > 0
+        assert not point["errors"]

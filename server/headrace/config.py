@@ -153,6 +153,23 @@ class LocalModelSettings(_Frozen):
         return self
 
 
+class SharedMemorySettings(_Frozen):
+    """System shared memory for a Triton model's large tensors, for endpoints on this host
+    (Headrace and Triton share /dev/shm). Small requests and an exhausted pool use bytes."""
+
+    enabled: bool = False
+    """Pass large tensors through shared-memory regions registered with each endpoint."""
+    min_tensor_bytes: int = Field(default=64 * 1024, ge=0)
+    """A request goes through shared memory when one of its inputs holds at least this many
+    bytes; then all its inputs (and outputs, see `max_output_bytes`) do."""
+    pool_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
+    """Most bytes of regions this model keeps per endpoint (in use and free together)."""
+    max_output_bytes: int | None = Field(default=None, ge=1)
+    """Bytes reserved for an output whose size Triton decides (a -1 beyond the batch
+    dimension); an output larger than this fails the call (Triton's INVALID_ARGUMENT). None:
+    such outputs come back as bytes. Outputs of fixed dims get exactly their size."""
+
+
 class TritonModelSettings(_Frozen):
     """A model served by Triton Inference Server(s); its signature and batching hints are
     read from Triton (ModelMetadata, ModelConfig) at start-up."""
@@ -169,6 +186,8 @@ class TritonModelSettings(_Frozen):
     `triton.dns_refresh_s` (a Kubernetes headless service: one address per pod)."""
     batching: BatchingSettings = BatchingSettings()
     """Headrace's batcher in front of this model."""
+    shared_memory: SharedMemorySettings = SharedMemorySettings()
+    """Large tensors through system shared memory (only for endpoints on this host)."""
 
     @field_validator("endpoints")
     @classmethod

@@ -8,19 +8,30 @@ both ways, and Triton's status codes come back to the client as codes (`Upstream
 A call that fails as if its endpoint were gone (UNAVAILABLE: refused, reset, not ready) is
 retried once on another endpoint: inference on a stateless model is idempotent, so running it
 twice is harmless, and a dead server then costs the client nothing.
+
+Models with `shared_memory.enabled` pass large tensors through system shared-memory regions
+registered with each endpoint (`headrace.backends.shared_memory`), falling back to bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import propagate, trace
 
+from headrace.backends.shared_memory import (
+    SharedMemoryLayout,
+    SharedMemoryPool,
+    SystemSharedMemory,
+)
 from headrace.config import TritonModelSettings, TritonSettings
 from headrace.errors import StartupError, UpstreamError
 from headrace.inference import InferenceRequest, InferenceResponse
@@ -46,6 +57,8 @@ class _Model:
     remote_name: str
     pool: EndpointPool
     spec: ModelSpec | None = None
+    shared_memory: dict[str, SharedMemoryPool] = field(default_factory=dict)
+    """Shared-memory regions by endpoint address, made on first use."""
 
 
 def _tensors(
@@ -80,6 +93,10 @@ class TritonBackend:
             str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceAsyncStub]
         ] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.shared_memory_prefix = f"headrace-{os.getpid()}-{secrets.token_hex(3)}-"
+        """Names of this backend's shared-memory regions (/dev/shm files, Triton regions)."""
+        self._shared_memory_allocator = SystemSharedMemory()
+        self._pool_numbers = itertools.count()
 
     # -- life --------------------------------------------------------------------------
 
@@ -102,6 +119,10 @@ class TritonBackend:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for model in self._models.values():
+            pools, model.shared_memory = model.shared_memory, {}
+            for shared in pools.values():
+                await shared.close()
         channels, self._channels = self._channels, {}
         for channel, _ in channels.values():
             await channel.close(None)
@@ -116,6 +137,22 @@ class TritonBackend:
     def pool(self, name: str) -> EndpointPool:
         """The endpoint pool of a model (for health views and tests)."""
         return self._models[name].pool
+
+    def shared_memory_pools(self, name: str) -> dict[str, SharedMemoryPool]:
+        """A model's shared-memory pools by endpoint address (for tests and the bench)."""
+        return dict(self._models[name].shared_memory)
+
+    def _shared_memory_pool(self, model: _Model, address: str) -> SharedMemoryPool:
+        shared = model.shared_memory.get(address)
+        if shared is None:
+            shared = model.shared_memory[address] = SharedMemoryPool(
+                self._shared_memory_allocator,
+                self._stub(address),
+                address=address,
+                prefix=f"{self.shared_memory_prefix}{next(self._pool_numbers)}-",
+                capacity_bytes=model.settings.shared_memory.pool_bytes,
+            )
+        return shared
 
     # -- calls -------------------------------------------------------------------------
 
@@ -145,7 +182,12 @@ class TritonBackend:
         self, spec: ModelSpec, request: InferenceRequest, timeout_s: float | None = None
     ) -> InferenceResponse:
         model = self._models[spec.name]
-        message = request_to_proto(request, model.remote_name, spec.version)
+        layout = (
+            SharedMemoryLayout.plan(spec, request, model.settings.shared_memory)
+            if model.settings.shared_memory.enabled
+            else None
+        )
+        message: pb.ModelInferRequest | None = None
         # The headrace.backend span is current here: Triton's own spans join its trace.
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
@@ -159,12 +201,29 @@ class TritonBackend:
             remaining = None if deadline is None else max(0.001, deadline - loop.time())
             if span.is_recording():
                 span.set_attribute("server.address", endpoint.address)
+            shared = region = None
             try:
+                if layout is not None:
+                    shared = self._shared_memory_pool(model, endpoint.address)
+                    region = await shared.acquire(layout.byte_size)
+                if layout is not None and region is not None:
+                    layout.write(region, request)
+                    sent = layout.message(region, request, model.remote_name, spec.version)
+                else:
+                    if message is None:
+                        message = request_to_proto(request, model.remote_name, spec.version)
+                    sent = message
                 reply = await self._stub(endpoint.address).ModelInfer(
-                    message, timeout=remaining, metadata=metadata
+                    sent, timeout=remaining, metadata=metadata
                 )
+                if layout is not None and region is not None:
+                    response = layout.response(region, reply)
+                else:
+                    response = response_from_proto(reply)
             except grpc.aio.AioRpcError as exc:
                 unreachable = exc.code() in _RETRYABLE
+                if unreachable and shared is not None:
+                    shared.forget_registrations()  # a restarted Triton knows none of them
                 model.pool.release(endpoint, unreachable=unreachable)
                 tried.append(endpoint)
                 if unreachable and len(tried) == 1 and model.pool.ready():
@@ -181,8 +240,10 @@ class TritonBackend:
             except BaseException:
                 model.pool.release(endpoint)
                 raise
+            finally:
+                if shared is not None and region is not None:
+                    shared.release(region)
             model.pool.release(endpoint)
-            response = response_from_proto(reply)
             response.model_name = spec.name
             response.model_version = spec.version
             response.id = request.id
@@ -265,6 +326,9 @@ class TritonBackend:
             for endpoint, healthy in zip(
                 model.pool.endpoints, await asyncio.gather(*checks), strict=True
             ):
+                shared = model.shared_memory.get(endpoint.address)
+                if shared is not None and healthy and not endpoint.healthy:
+                    shared.forget_registrations()  # back after an outage: maybe restarted
                 model.pool.record_health(endpoint, healthy)
 
     async def _probe(self, endpoint: Endpoint, model: _Model, spec: ModelSpec | None) -> bool:

@@ -29,9 +29,13 @@ def _method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHan
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
+        # The protocol declares methods Headrace only calls on Triton (SystemSharedMemory*);
+        # left unregistered, grpc answers them UNIMPLEMENTED, as for any undeclared method.
+        behaviour: Callable[..., Any] | None = getattr(servicer, method.name, None)
+        if behaviour is None:
+            continue
         request_type: type[Message] = getattr(pb, method.input_type.name)
         response_type: type[Message] = getattr(pb, method.output_type.name)
-        behaviour: Callable[..., Any] = getattr(servicer, method.name)
         make: Callable[..., grpc.RpcMethodHandler[Any, Any]]
         if method.client_streaming and method.server_streaming:
             make = grpc.stream_stream_rpc_method_handler

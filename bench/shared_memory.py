@@ -1,0 +1,359 @@
+"""Scenario `shared_memory`: large tensors to a Triton on the same host, through system shared
+memory versus as bytes in the gRPC messages.
+
+One tritonserver (Headrace's launcher, the example repository) and one Headrace process whose
+config has two entries for Triton's `identity` model: `identity_shm` with
+`shared_memory.enabled` and `identity_bytes` without. Each request is one 1 x N FP32 tensor
+(4 MiB by default); at each concurrency the two are measured back to back, in an order that
+alternates between trials. Only the Headrace -> Triton hop changes: the client still sends and
+receives the tensor as bytes over gRPC to Headrace.
+
+So the scenario also measures that hop alone: Headrace's `TritonBackend`, in the bench process,
+calling the same Triton with the same two model entries, without the front end or a client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.loadgen import LoadSpec, percentile, run_load
+from bench.machine import one_line
+from bench.server_process import ServerProcess
+from headrace.backends.triton import TritonBackend
+from headrace.config import Settings, TritonModelSettings
+from headrace.inference import InferenceRequest
+from headrace.launchers.triton import TritonServer, example_repository
+from headrace.spec import ModelSpec
+
+SUMMARY = "4 MiB FP32 tensors to a local Triton: shared memory vs bytes"
+SHARED = "identity_shm"
+BYTES = "identity_bytes"
+MODELS = (SHARED, BYTES)
+LABELS = {SHARED: "shared memory", BYTES: "bytes"}
+GOAL_RATIO = 2.0
+"""Shared-memory over bytes requests/s, at every concurrency."""
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMemoryOptions:
+    """The scenario's knobs; the defaults are the standard run."""
+
+    concurrencies: tuple[int, ...] = (1, 4)
+    trials: int = 2
+    """Trials per model and concurrency."""
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    clients: int = 1
+    elements: int = MIB
+    """FP32 values per request (1 Mi: 4 MiB)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scenario's command-line options, defaulting to `SharedMemoryOptions()`."""
+    defaults = SharedMemoryOptions()
+    parser.add_argument(
+        "--concurrencies",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        default=defaults.concurrencies,
+        help="comma-separated concurrency levels",
+    )
+    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per point")
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
+    parser.add_argument("--clients", type=int, default=defaults.clients)
+    parser.add_argument("--elements", type=int, default=defaults.elements)
+
+
+def options_from(arguments: argparse.Namespace) -> SharedMemoryOptions:
+    """The options `add_arguments` parsed.
+
+    Raises:
+        ValueError: a count below 1, a negative warm-up or an empty window.
+    """
+    options = SharedMemoryOptions(
+        concurrencies=arguments.concurrencies,
+        trials=arguments.trials,
+        duration_s=arguments.duration_s,
+        warmup_s=arguments.warmup_s,
+        clients=arguments.clients,
+        elements=arguments.elements,
+    )
+    if min(options.trials, options.clients, options.elements, *options.concurrencies) < 1:
+        raise ValueError("counts and concurrencies must be >= 1")
+    if options.warmup_s < 0 or options.duration_s <= 0:
+        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
+    return options
+
+
+def headrace_config(triton_address: str, options: SharedMemoryOptions) -> dict[str, Any]:
+    """Headrace's config: the Triton identity model twice, with and without shared memory."""
+    tensor_bytes = options.elements * 4
+    concurrency = max(options.concurrencies)
+
+    def entry(name: str, shared_memory: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "backend": "triton",
+            "remote_name": "identity",
+            "endpoints": [triton_address],
+            "batching": {"enabled": False},
+            "shared_memory": shared_memory,
+        }
+
+    shared = {
+        "enabled": True,
+        "min_tensor_bytes": min(64 * 1024, tensor_bytes),
+        "max_output_bytes": tensor_bytes,
+        # A region per request in flight, each holding the input and the output.
+        "pool_bytes": concurrency * 4 * max(tensor_bytes, 64 * 1024),
+    }
+    return {
+        "server": {"max_message_bytes": max(128 * MIB, 4 * tensor_bytes)},
+        "triton": {
+            "max_inflight_per_endpoint": concurrency,
+            "max_message_bytes": max(128 * MIB, 4 * tensor_bytes),
+        },
+        "models": [entry(SHARED, shared), entry(BYTES, {})],
+    }
+
+
+def run(options: SharedMemoryOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
+    """Run the scenario; returns every number, JSON-ready. Triton and Headrace are stopped on
+    return, on errors and on KeyboardInterrupt.
+
+    Raises:
+        RuntimeError: a server did not start (TritonLaunchError included).
+        LoadError: a client failed (a wrong reply included).
+    """
+    points: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        triton = stack.enter_context(TritonServer(example_repository()))
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-shm-")))
+        config = scratch / "headrace.yaml"
+        config.write_text(yaml.safe_dump(headrace_config(triton.address, options)))
+        argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config)]
+        argv += ["--host", HOST, "--port", "0"]
+        log = results_dir / f"shared_memory-{stamp}-headrace.log"
+        server = stack.enter_context(ServerProcess("headrace", argv, log))
+        for concurrency in options.concurrencies:
+            for trial in range(options.trials):
+                order = MODELS if trial % 2 == 0 else MODELS[::-1]
+                for model in order:
+                    spec = LoadSpec(
+                        target=f"{HOST}:{server.port}",
+                        method=METHOD,
+                        request=identity_request(options.elements, model),
+                        check=check_identity_reply,
+                        concurrency=concurrency,
+                        clients=min(options.clients, concurrency),
+                        warmup_s=options.warmup_s,
+                        duration_s=options.duration_s,
+                    )
+                    load = run_load(spec, meter=server.cpu_seconds)
+                    points.append(
+                        {"model": model, "concurrency": concurrency, "trial": trial, **asdict(load)}
+                    )
+                    print(
+                        f"{model} c={concurrency} trial {trial + 1}: "
+                        f"{load.requests_per_s:,.1f} requests/s, p99 {load.p99_ms or 0:.1f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        hop_points = asyncio.run(_measure_hop(triton.address, options))
+    summary = _summary(points, options.concurrencies)
+    hop_summary = _summary(hop_points, options.concurrencies)
+    ratios = {
+        concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
+        for concurrency, models in summary.items()
+    }
+    hop_ratios = {
+        concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
+        for concurrency, models in hop_summary.items()
+    }
+    return {
+        "options": asdict(options),
+        "tensor_bytes": options.elements * 4,
+        "note": "client processes, Headrace and Triton share the machine's cores; the client "
+        "to Headrace hop is bytes over gRPC for both models",
+        "points": points,
+        "summary": summary,
+        "ratios": ratios,
+        "hop_points": hop_points,
+        "hop_summary": hop_summary,
+        "hop_ratios": hop_ratios,
+        "goal_ratio": GOAL_RATIO,
+    }
+
+
+async def _measure_hop(triton_address: str, options: SharedMemoryOptions) -> list[dict[str, Any]]:
+    """The Headrace -> Triton hop alone: `TritonBackend.infer` in this process, closed loop at
+    each concurrency, both model entries back to back (order alternating by trial). Every
+    reply is checked against the input. CPU is this process's (Headrace's side of the hop)."""
+    settings = Settings.model_validate(headrace_config(triton_address, options))
+    models = [model for model in settings.models if isinstance(model, TritonModelSettings)]
+    backend = TritonBackend(models, settings.triton)
+    await backend.start()
+    try:
+        specs = {spec.name: spec for spec in backend.model_specs()}
+        data = np.arange(options.elements, dtype="<f4").reshape(1, options.elements)
+        points: list[dict[str, Any]] = []
+        for concurrency in options.concurrencies:
+            for trial in range(options.trials):
+                for model in MODELS if trial % 2 == 0 else MODELS[::-1]:
+                    latencies_ns: list[int] = []
+                    spec = specs[model]
+                    warmup_end = time.perf_counter() + options.warmup_s
+                    await asyncio.gather(
+                        *(
+                            _hop_calls(backend, spec, data, warmup_end, [])
+                            for _ in range(concurrency)
+                        )
+                    )
+                    cpu_start, start = time.process_time(), time.perf_counter()
+                    end = start + options.duration_s
+                    await asyncio.gather(
+                        *(
+                            _hop_calls(backend, spec, data, end, latencies_ns)
+                            for _ in range(concurrency)
+                        )
+                    )
+                    elapsed = time.perf_counter() - start
+                    cpu_s = time.process_time() - cpu_start
+                    latencies_ns.sort()
+                    completed = len(latencies_ns)
+                    point = {
+                        "model": model,
+                        "concurrency": concurrency,
+                        "trial": trial,
+                        "completed": completed,
+                        "requests_per_s": completed / elapsed,
+                        "p50_ms": percentile(latencies_ns, 0.5) / 1e6 if completed else None,
+                        "p99_ms": percentile(latencies_ns, 0.99) / 1e6 if completed else None,
+                        "metered": cpu_s,
+                        "errors": {},
+                    }
+                    points.append(point)
+                    print(
+                        f"hop {model} c={concurrency} trial {trial + 1}: "
+                        f"{point['requests_per_s']:,.1f} requests/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        return points
+    finally:
+        await backend.stop()
+
+
+async def _hop_calls(
+    backend: TritonBackend, spec: ModelSpec, data: np.ndarray, end_s: float, latencies_ns: list[int]
+) -> None:
+    """Back-to-back calls until `end_s` (perf_counter), each reply checked."""
+    request = InferenceRequest(spec.name, "", "", {"INPUT0": data})
+    while (started := time.perf_counter()) < end_s:
+        response = await backend.infer(spec, request)
+        latencies_ns.append(int((time.perf_counter() - started) * 1e9))
+        if not np.array_equal(response.outputs["OUTPUT0"], data):
+            raise ValueError(f"{spec.name}: OUTPUT0 is not INPUT0")
+
+
+def _divide(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def _summary(points: list[dict[str, Any]], concurrencies: tuple[int, ...]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for concurrency in concurrencies:
+        summary[str(concurrency)] = {}
+        for model in MODELS:
+            mine = [p for p in points if p["model"] == model and p["concurrency"] == concurrency]
+            errors: dict[str, int] = {}
+            for point in mine:
+                for code, count in point["errors"].items():
+                    errors[code] = errors.get(code, 0) + count
+            latencies = {
+                key: [p[key] for p in mine if p[key] is not None] for key in ("p50_ms", "p99_ms")
+            }
+            summary[str(concurrency)][model] = {
+                "requests_per_s": statistics.median(p["requests_per_s"] for p in mine),
+                "p50_ms": statistics.median(latencies["p50_ms"]) if latencies["p50_ms"] else None,
+                "p99_ms": statistics.median(latencies["p99_ms"]) if latencies["p99_ms"] else None,
+                "server_cpu_ms_per_request": statistics.median(
+                    p["metered"] * 1000 / p["completed"] if p["completed"] else 0.0 for p in mine
+                ),
+                "errors": errors,
+            }
+    return summary
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as Markdown: one row per concurrency and model, then the ratios."""
+    options = report["options"]
+    lines = [
+        f"## shared_memory: {SUMMARY}",
+        "",
+        f"1x{options['elements']} FP32 requests ({report['tensor_bytes'] / MIB:g} MiB each way), "
+        f"{options['clients']} client process(es), {options['trials']} trials per point, "
+        f"{options['warmup_s']:g} s warm-up + {options['duration_s']:g} s window; medians over "
+        "trials. One tritonserver (launcher, `identity` python-backend model) and one Headrace "
+        "with two entries for it, shared memory on and off.",
+        f"Machine: {one_line(report['machine'])}; clients, Headrace and Triton share its cores.",
+        "",
+        "| concurrency | Headrace -> Triton | requests/s | p50 ms | p99 ms "
+        "| Headrace CPU ms/request | errors |",
+        "|--:|---|--:|--:|--:|--:|--:|",
+    ]
+    for concurrency, models in report["summary"].items():
+        for model in MODELS:
+            point = models[model]
+            errors = ", ".join(f"{code} {n}" for code, n in point["errors"].items()) or "0"
+            lines.append(
+                f"| {concurrency} | {LABELS[model]} | {_number(point['requests_per_s'], 1)} "
+                f"| {_number(point['p50_ms'], 1)} | {_number(point['p99_ms'], 1)} "
+                f"| {_number(point['server_cpu_ms_per_request'], 2)} | {errors} |"
+            )
+    ratios = ", ".join(
+        f"concurrency {concurrency}: {_number(ratio, 2)}x"
+        for concurrency, ratio in report["ratios"].items()
+    )
+    hop_ratios = ", ".join(
+        f"concurrency {concurrency}: {_number(ratio, 2)}x"
+        for concurrency, ratio in report["hop_ratios"].items()
+    )
+    lines += [
+        "",
+        f"**Shared memory / bytes requests/s: {ratios}** (goal >= {report['goal_ratio']:g}x).",
+        "",
+        "The Headrace -> Triton hop alone (`TritonBackend.infer` in the bench process, no front "
+        "end, no client; CPU is the bench process's):",
+        "",
+        "| concurrency | Headrace -> Triton | calls/s | p50 ms | p99 ms | CPU ms/call |",
+        "|--:|---|--:|--:|--:|--:|",
+    ]
+    for concurrency, models in report["hop_summary"].items():
+        for model in MODELS:
+            point = models[model]
+            lines.append(
+                f"| {concurrency} | {LABELS[model]} | {_number(point['requests_per_s'], 1)} "
+                f"| {_number(point['p50_ms'], 2)} | {_number(point['p99_ms'], 2)} "
+                f"| {_number(point['server_cpu_ms_per_request'], 2)} |"
+            )
+    lines += ["", f"**Hop alone, shared memory / bytes calls/s: {hop_ratios}**."]
+    return "\n".join(lines)
