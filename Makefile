@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck unit proto bench clean
+.PHONY: serve test lint typecheck unit toolchains proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,12 @@ lint: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-unit: $(DEV_STAMP)
+# The client tests build clients/node and clients/cpp from proto/: their toolchains come from
+# Debian's packages when missing (a no-op when present).
+toolchains:
+	clients/install-toolchains.sh
+
+unit: $(DEV_STAMP) toolchains
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## proto: regenerate server/headrace/protocol/*_pb2* from proto/
