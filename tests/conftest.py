@@ -155,16 +155,25 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
-        self.port = self.run(self.application.start())
+        try:
+            self.port = self.run(self.application.start())
+        except BaseException:
+            # A failed start-up must not leave the loop thread running: pytest would wait
+            # for it forever at exit.
+            self._end_loop()
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         try:
             self.run(self.application.stop(grace_s=1))
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -208,5 +208,8 @@ def test_unreadable_certificate_stops_start_up(tmp_path: Path) -> None:
             }
         }
     )
-    with pytest.raises(StartupError, match=r"server\.tls: cannot read .*missing\.crt"):
-        ServerThread(settings).__enter__()
+    with (
+        pytest.raises(StartupError, match=r"server\.tls: cannot read .*missing\.crt"),
+        ServerThread(settings),
+    ):
+        pass
