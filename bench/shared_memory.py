@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, percentile, run_load
 from bench.machine import one_line
 from bench.server_process import ServerProcess
+from bench.sweep import SweepOptions
+from bench.sweep import add_arguments as sweep_arguments
+from bench.sweep import options_from as options_from
 from headrace.backends.triton import TritonBackend
 from headrace.config import Settings, TritonModelSettings
 from headrace.inference import InferenceRequest
@@ -48,58 +51,16 @@ GOAL_RATIO = 2.0
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class SharedMemoryOptions:
-    """The scenario's knobs; the defaults are the standard run."""
-
-    concurrencies: tuple[int, ...] = (1, 4)
-    trials: int = 2
-    """Trials per model and concurrency."""
-    duration_s: float = 5.0
-    warmup_s: float = 1.0
-    clients: int = 1
-    elements: int = MIB
-    """FP32 values per request (1 Mi: 4 MiB)."""
+DEFAULTS = SweepOptions(concurrencies=(1, 4), duration_s=5.0, clients=1, elements=MIB)
+"""The standard run: 1 Mi FP32 values (4 MiB) per request, one client process."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The scenario's command-line options, defaulting to `SharedMemoryOptions()`."""
-    defaults = SharedMemoryOptions()
-    parser.add_argument(
-        "--concurrencies",
-        type=lambda text: tuple(int(part) for part in text.split(",")),
-        default=defaults.concurrencies,
-        help="comma-separated concurrency levels",
-    )
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per point")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument("--elements", type=int, default=defaults.elements)
+    """The scenario's command-line options, defaulting to `DEFAULTS`."""
+    sweep_arguments(parser, DEFAULTS)
 
 
-def options_from(arguments: argparse.Namespace) -> SharedMemoryOptions:
-    """The options `add_arguments` parsed.
-
-    Raises:
-        ValueError: a count below 1, a negative warm-up or an empty window.
-    """
-    options = SharedMemoryOptions(
-        concurrencies=arguments.concurrencies,
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        clients=arguments.clients,
-        elements=arguments.elements,
-    )
-    if min(options.trials, options.clients, options.elements, *options.concurrencies) < 1:
-        raise ValueError("counts and concurrencies must be >= 1")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
-    return options
-
-
-def headrace_config(triton_address: str, options: SharedMemoryOptions) -> dict[str, Any]:
+def headrace_config(triton_address: str, options: SweepOptions) -> dict[str, Any]:
     """Headrace's config: the Triton identity model twice, with and without shared memory."""
     tensor_bytes = options.elements * 4
     concurrency = max(options.concurrencies)
@@ -131,7 +92,7 @@ def headrace_config(triton_address: str, options: SharedMemoryOptions) -> dict[s
     }
 
 
-def run(options: SharedMemoryOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
+def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     """Run the scenario; returns every number, JSON-ready. Triton and Headrace are stopped on
     return, on errors and on KeyboardInterrupt.
 
@@ -199,7 +160,7 @@ def run(options: SharedMemoryOptions, results_dir: Path, stamp: str) -> dict[str
     }
 
 
-async def _measure_hop(triton_address: str, options: SharedMemoryOptions) -> list[dict[str, Any]]:
+async def _measure_hop(triton_address: str, options: SweepOptions) -> list[dict[str, Any]]:
     """The Headrace -> Triton hop alone: `TritonBackend.infer` in this process, closed loop at
     each concurrency, both model entries back to back (order alternating by trial). Every
     reply is checked against the input. CPU is this process's (Headrace's side of the hop)."""

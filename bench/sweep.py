@@ -24,9 +24,9 @@ class SweepOptions:
     """FP32 values in INPUT0 (batch 1)."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """A sweep's command-line options, defaulting to `SweepOptions()`."""
-    defaults = SweepOptions()
+def add_arguments(parser: argparse.ArgumentParser, defaults: SweepOptions | None = None) -> None:
+    """A sweep's command-line options, defaulting to `defaults` (else `SweepOptions()`)."""
+    defaults = defaults or SweepOptions()
     parser.add_argument(
         "--concurrencies",
         type=lambda text: tuple(int(part) for part in text.split(",")),
