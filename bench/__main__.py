@@ -9,11 +9,10 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from bench import frontend, gpu_sim, shared_memory, telemetry, triton
 from bench.loadgen import LoadError
@@ -26,60 +25,25 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
-@dataclass(frozen=True, slots=True)
-class Scenario:
-    """How the CLI drives one scenario module."""
+class Scenario(Protocol):
+    """What every scenario module (bench/<name>.py) provides to the CLI."""
 
-    summary: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, Path, str], dict[str, Any]]
-    """(parsed options, results directory, UTC time stamp) -> JSON-ready report."""
-    render: Callable[[dict[str, Any]], str]
+    SUMMARY: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def options_from(self, arguments: argparse.Namespace) -> Any: ...
+
+    def run(self, options: Any, results_dir: Path, stamp: str) -> dict[str, Any]:
+        """(options, results directory, UTC time stamp) -> JSON-ready report."""
+        ...
+
+    def render(self, report: dict[str, Any]) -> str: ...
 
 
 def _scenarios() -> dict[str, Scenario]:
-    return {
-        "frontend": Scenario(
-            frontend.SUMMARY,
-            frontend.add_arguments,
-            lambda arguments, results_dir, stamp: frontend.run(
-                frontend.options_from(arguments), results_dir, stamp
-            ),
-            frontend.render,
-        ),
-        "gpu_sim": Scenario(
-            gpu_sim.SUMMARY,
-            gpu_sim.add_arguments,
-            lambda arguments, results_dir, stamp: gpu_sim.run(
-                gpu_sim.options_from(arguments), results_dir, stamp
-            ),
-            gpu_sim.render,
-        ),
-        "triton": Scenario(
-            triton.SUMMARY,
-            triton.add_arguments,
-            lambda arguments, results_dir, stamp: triton.run(
-                triton.options_from(arguments), results_dir, stamp
-            ),
-            triton.render,
-        ),
-        "shared_memory": Scenario(
-            shared_memory.SUMMARY,
-            shared_memory.add_arguments,
-            lambda arguments, results_dir, stamp: shared_memory.run(
-                shared_memory.options_from(arguments), results_dir, stamp
-            ),
-            shared_memory.render,
-        ),
-        "telemetry": Scenario(
-            telemetry.SUMMARY,
-            telemetry.add_arguments,
-            lambda arguments, results_dir, stamp: telemetry.run(
-                telemetry.options_from(arguments), results_dir, stamp
-            ),
-            telemetry.render,
-        ),
-    }
+    modules: tuple[Any, ...] = (frontend, gpu_sim, triton, shared_memory, telemetry)
+    return {module.__name__.rpartition(".")[2]: module for module in modules}
 
 
 def _parser(scenarios: dict[str, Scenario]) -> argparse.ArgumentParser:
@@ -90,7 +54,7 @@ def _parser(scenarios: dict[str, Scenario]) -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="scenario", metavar="SCENARIO")
     for name, scenario in scenarios.items():
-        scenario.add_arguments(commands.add_parser(name, help=scenario.summary))
+        scenario.add_arguments(commands.add_parser(name, help=scenario.SUMMARY))
     return parser
 
 
@@ -118,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         print(f"running {name} ...", file=sys.stderr, flush=True)
         try:
-            report = scenarios[name].run(scenario_arguments, RESULTS_DIR, stamp)
+            scenario = scenarios[name]
+            report = scenario.run(scenario.options_from(scenario_arguments), RESULTS_DIR, stamp)
         except KeyboardInterrupt:
             print("interrupted; servers stopped", file=sys.stderr)
             return EXIT_INTERRUPTED

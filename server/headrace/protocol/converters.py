@@ -248,11 +248,7 @@ def response_to_proto(
     for name, array in response.outputs.items():
         if wanted is not None and name not in wanted:
             continue
-        datatype = datatype_of(array)
-        if datatype is None:
-            raise ModelExecutionError(
-                f"output '{name}' has numpy dtype {array.dtype}, which has no protocol datatype"
-            )
+        datatype = _tensor_datatype(name, array, "output")
         outputs.append(
             pb.ModelInferResponse.InferOutputTensor(
                 name=name, datatype=datatype.name, shape=array.shape
