@@ -66,6 +66,9 @@ class CaptureRecord:
     """The client metadata headers the model's capture settings select."""
     parameters: dict[str, ParameterValue] = field(default_factory=dict)
     """The request's parameters, as the protocol's InferParameter carries them."""
+    truncated: bool = False
+    """True when the tensors were left out (`request`/`response` empty) because the record
+    exceeded the model's size cap; the metadata is still captured."""
 
     def encode(self) -> bytes:
         metadata = json.dumps(
@@ -86,6 +89,7 @@ class CaptureRecord:
                 "identity": self.identity,
                 "headers": self.headers,
                 "parameters": self.parameters,
+                "truncated": self.truncated,
             },
             separators=(",", ":"),
         ).encode()
