@@ -7,15 +7,22 @@ import logging
 import signal
 from types import TracebackType
 
+from prometheus_client import CollectorRegistry
+
+from headrace.analysis.drift import Profile, ProfileError
+from headrace.analysis.monitor import DriftMetrics, DriftMonitor
+from headrace.analysis.shadow import CaptureSink, ShadowMetrics, ShadowMirror, shadow_candidate
 from headrace.backends import Backend, LocalBackend
 from headrace.backends.triton import TritonBackend
 from headrace.batching import BatchPolicy, DynamicBatcher
 from headrace.config import (
     BatchingSettings,
     LocalModelSettings,
+    ModelSettings,
     Settings,
     TritonModelSettings,
 )
+from headrace.errors import ConfigError
 from headrace.frontend import FrontendServer, InferenceServicer
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
@@ -59,6 +66,11 @@ class Application:
         self._metrics_server: MetricsServer | None = None
         self.metrics_port = 0
         """The bound /metrics port once started (0: metrics are off)."""
+        self.shadows: list[ShadowMirror] = []
+        """Shadow mirrors of the models with `shadow` settings, once started."""
+        self._drift_monitors: list[DriftMonitor] = []
+        self.capture_sink: CaptureSink | None = None
+        """Where shadow calls' records go (the capture pipeline's tee); set before start()."""
 
     async def start(self) -> int:
         """Start everything; returns the bound gRPC port.
@@ -74,6 +86,7 @@ class Application:
             self.repository = ModelRepository(self._backends)
             self._attach_telemetry(self.repository)
             self._start_batchers(self.repository)
+            await self._start_analysis(self.repository)
             servicer = InferenceServicer(
                 self.repository,
                 self.settings.server.stream_max_inflight_requests,
@@ -125,6 +138,52 @@ class Application:
                 return model.batching
         return BatchingSettings()
 
+    def _model_settings(self, spec: ModelSpec) -> ModelSettings | None:
+        # A Triton model entry without a version serves whichever version Triton reports.
+        for model in self.settings.models:
+            if model.name == spec.name and model.version in (spec.version, None):
+                return model
+        return None
+
+    async def _start_analysis(self, repository: ModelRepository) -> None:
+        """Shadow mirrors and drift monitors of the models that configure them."""
+        registry = self.metrics.registry if self.metrics is not None else CollectorRegistry()
+        shadow_metrics: ShadowMetrics | None = None
+        drift_metrics: DriftMetrics | None = None
+        for served in repository.models():
+            settings = self._model_settings(served.spec)
+            if settings is None:
+                continue
+            answers = list(served.answers)
+            if settings.drift is not None:
+                try:
+                    profile = Profile.load(settings.drift.profile_path)
+                except ProfileError as exc:
+                    raise ConfigError(f"model '{served.spec.name}' drift: {exc}") from exc
+                drift_metrics = drift_metrics or DriftMetrics(registry)
+                monitor = DriftMonitor(served.spec, settings.drift, profile, drift_metrics)
+                monitor.start()
+                self._drift_monitors.append(monitor)
+                answers.append(monitor)
+            if settings.shadow is not None:
+                candidate, model, version = shadow_candidate(
+                    served.spec, settings.shadow, repository
+                )
+                shadow_metrics = shadow_metrics or ShadowMetrics(registry)
+                mirror = ShadowMirror(
+                    served.spec,
+                    settings.shadow,
+                    candidate,
+                    model,
+                    version,
+                    shadow_metrics,
+                    self.capture_sink,
+                )
+                await mirror.start()
+                self.shadows.append(mirror)
+                answers.append(mirror)
+            served.answers = tuple(answers)
+
     def _start_telemetry(self) -> None:
         tracing = self.settings.tracing
         if tracing.exporter != "none":
@@ -175,6 +234,11 @@ class Application:
         if self._frontend is not None:
             frontend, self._frontend = self._frontend, None
             await frontend.stop(grace_s)
+        # Shadow calls to a local candidate go through its batcher: stop them first.
+        while self.shadows:
+            await self.shadows.pop().stop()
+        while self._drift_monitors:
+            self._drift_monitors.pop().stop()
         while self._batchers:
             await self._batchers.pop().stop()
         while self._started:

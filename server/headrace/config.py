@@ -115,6 +115,61 @@ class BatchingSettings(_Frozen):
         return self
 
 
+class ShadowSettings(_Frozen):
+    """Shadow traffic: a sample of this model's answered requests mirrored to a candidate
+    (another model version in this Headrace, or any Open Inference Protocol endpoint), after
+    the primary answered. The primary never waits for the candidate and never sees its errors;
+    both calls are captured with the same request id, the shadow's record marked with the
+    request parameter `headrace_shadow`."""
+
+    endpoint: str | None = None
+    """Candidate `host:port` (a Triton server or another Headrace); None: a model served by
+    this Headrace."""
+    model: str | None = None
+    """Candidate model name; default: the primary's name."""
+    version: str = ""
+    """Candidate model version; empty: the endpoint's (or this Headrace's) latest version."""
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of answered requests mirrored."""
+    timeout_s: float = Field(default=5.0, gt=0)
+    """Longest a shadow call may take; beyond it the call is abandoned and counted."""
+    max_queue_size: int = Field(default=256, ge=1)
+    """Mirrored requests waiting for a shadow slot at most; beyond, new ones are dropped and
+    counted (`headrace_shadow_requests_total{result="dropped"}`)."""
+    max_concurrency: int = Field(default=4, ge=1)
+    """Shadow calls in flight at once."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"shadow endpoint '{value}' is not host:port")
+        return value
+
+
+class DriftSettings(_Frozen):
+    """Live drift of this model's inputs and outputs against a reference profile (built with
+    `headrace drift profile`): PSI and KS distance per feature over a sliding window,
+    exported as `headrace_drift_psi` and `headrace_drift_ks`. Computed off the request path,
+    in a worker thread; when it falls behind, calls are dropped from the window and counted."""
+
+    profile_path: Path
+    """Reference profile JSON (relative paths: to the config file)."""
+    window_rows: int = Field(default=1000, ge=10)
+    """Rows (tensor rows, not requests) per tensor in the sliding window."""
+    window_s: float | None = Field(default=None, gt=0)
+    """Also forget rows older than this; None keeps the last `window_rows` whatever their age."""
+    min_rows: int = Field(default=100, ge=1)
+    """Rows the window needs before the gauges are set."""
+    update_interval_s: float = Field(default=5.0, gt=0)
+    """How often PSI and KS are recomputed."""
+    max_queue_size: int = Field(default=1024, ge=1)
+    """Answered calls waiting for the drift worker at most; beyond, they are dropped and
+    counted (`headrace_drift_dropped_total`)."""
+
+
 class LocalModelSettings(_Frozen):
     """A model run in-process by the local backend: a Python callable over numpy arrays."""
 
@@ -142,6 +197,10 @@ class LocalModelSettings(_Frozen):
     """Free-form parameters reported in ModelConfig."""
     batching: BatchingSettings = BatchingSettings()
     """The dynamic batcher in front of this model (batching models only)."""
+    shadow: ShadowSettings | None = None
+    """Mirror a sample of this model's traffic to a candidate; None: no shadow traffic."""
+    drift: DriftSettings | None = None
+    """Live drift against a reference profile; None: no drift monitoring."""
 
     @model_validator(mode="after")
     def _unique_tensor_names(self) -> LocalModelSettings:
@@ -188,6 +247,10 @@ class TritonModelSettings(_Frozen):
     """Headrace's batcher in front of this model."""
     shared_memory: SharedMemorySettings = SharedMemorySettings()
     """Large tensors through system shared memory (only for endpoints on this host)."""
+    shadow: ShadowSettings | None = None
+    """Mirror a sample of this model's traffic to a candidate; None: no shadow traffic."""
+    drift: DriftSettings | None = None
+    """Live drift against a reference profile; None: no drift monitoring."""
 
     @field_validator("endpoints")
     @classmethod
@@ -454,6 +517,11 @@ def load_settings(
             if isinstance(value, str) and not Path(value).is_absolute():
                 tls[key] = str(base_dir / value)
     for model in tree.get("models") or []:
+        drift = model.get("drift") if isinstance(model, dict) else None
+        profile_path = drift.get("profile_path") if isinstance(drift, dict) else None
+        relative = isinstance(profile_path, str) and not Path(profile_path).is_absolute()
+        if base_dir is not None and isinstance(drift, dict) and relative:
+            drift["profile_path"] = str(base_dir / str(profile_path))
         entrypoint = model.get("entrypoint") if isinstance(model, dict) else None
         if base_dir is not None and isinstance(entrypoint, str):
             module, _, attribute = entrypoint.rpartition(":")

@@ -36,6 +36,15 @@ class RequestObserver(Protocol):
     def record_request(self, code: grpc.StatusCode, duration_ns: int) -> None: ...
 
 
+class AnswerObserver(Protocol):
+    """What is handed every answered request with its response (shadow traffic, drift):
+    references only, off the request path; must not block or raise."""
+
+    def observe_answer(
+        self, request: InferenceRequest, response: InferenceResponse, request_id: str
+    ) -> None: ...
+
+
 @dataclass(slots=True, eq=False)
 class ServedModel:
     """One model version, the backend that runs it, its batcher (None: requests go straight
@@ -51,6 +60,8 @@ class ServedModel:
     tracing: ModelTracing | None = None
     requests: RequestObserver | None = None
     """Told of every request to this model version the servicer answers."""
+    answers: tuple[AnswerObserver, ...] = ()
+    """Handed every successfully answered request and its response."""
 
     @property
     def ready(self) -> bool:

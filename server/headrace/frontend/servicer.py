@@ -90,6 +90,10 @@ class InferenceServicer:
         except HeadraceError:
             statistics.record_failure(perf_counter_ns() - started)
             raise
+        # TODO(capture): pass the request id capture assigns when the client sent none, so
+        # shadow records pair with the primary's.
+        for observer in served.answers:
+            observer.observe_answer(request, response, request.id)
         finished = perf_counter_ns()
         statistics.record_success(
             total_ns=finished - started, input_ns=decoded - started, output_ns=finished - answered

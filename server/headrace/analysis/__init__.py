@@ -1,0 +1,1 @@
+"""What the captures are for: backtests of candidate models, shadow traffic, drift."""

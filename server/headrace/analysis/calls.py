@@ -1,0 +1,127 @@
+"""The captured call as analysis sees it, and the sources that yield them.
+
+Analysis works on `CapturedCall`s: a request id, the decoded input and output tensors, the
+latency and whether the call was a shadow call. Sources are plain iterables, so a backtest or a
+drift report streams a capture of any size in bounded memory: the capture reader
+(`headrace.capture.reader.read_records`, Parquet files one by one), spool records
+(`CaptureRecord`s, e.g. what the shadow mirror produced), or anything else that yields calls.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from headrace.capture.record import CaptureRecord, ParameterValue
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol.converters import request_from_proto, response_from_proto
+
+SHADOW_PARAMETER = "headrace_shadow"
+"""Request parameter that marks a shadow call's capture record (value: True). The shadow
+record carries the primary call's request id, so the two pair up."""
+SHADOW_OF_PARAMETER = "headrace_shadow_of"
+"""Request parameter on a shadow record: the primary model version it mirrors."""
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedCall:
+    """One answered call: what was sent, what came back, and how long it took."""
+
+    request_id: str
+    inputs: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
+    latency_s: float
+    model: str = ""
+    version: str = ""
+    received_ns: int = 0
+    parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
+
+    @property
+    def shadow(self) -> bool:
+        """Whether this is a shadow call's record (mirrored to a candidate)."""
+        return bool(self.parameters.get(SHADOW_PARAMETER, False))
+
+
+CallSource = Callable[[], Iterable[CapturedCall]]
+"""A source of calls that can be read more than once (a fresh iterable per call)."""
+
+
+def call_from_record(record: CaptureRecord) -> CapturedCall | None:
+    """Decode a spool record; None for a failed call or one whose tensors were left out."""
+    if record.status_code != 0 or record.truncated or not record.response:
+        return None
+    request = request_from_proto(pb.ModelInferRequest.FromString(record.request))
+    response = response_from_proto(pb.ModelInferResponse.FromString(record.response))
+    return CapturedCall(
+        request_id=record.request_id,
+        inputs=request.inputs,
+        outputs=response.outputs,
+        latency_s=record.latency_ns / 1e9,
+        model=record.model,
+        version=record.version,
+        received_ns=record.received_ns,
+        parameters=record.parameters,
+    )
+
+
+def calls_from_records(records: Iterable[CaptureRecord]) -> Iterator[CapturedCall]:
+    """The answered calls among spool records, decoded one at a time."""
+    for record in records:
+        call = call_from_record(record)
+        if call is not None:
+            yield call
+
+
+def call_from_row(row: Mapping[str, Any]) -> CapturedCall | None:
+    """A row of the capture reader (metadata plus `inputs`/`outputs` as numpy arrays); None
+    for a failed or truncated call."""
+    if int(row.get("status_code", 0)) != 0 or row.get("truncated"):
+        return None
+    outputs = row.get("outputs") or {}
+    if not outputs:
+        return None
+    parameters = row.get("parameters") or {}
+    return CapturedCall(
+        request_id=str(row.get("request_id", "")),
+        inputs=dict(row.get("inputs") or {}),
+        outputs=dict(outputs),
+        latency_s=int(row.get("latency_ns", 0)) / 1e9,
+        model=str(row.get("model", "")),
+        version=str(row.get("version", "")),
+        received_ns=int(row.get("received_ns", 0)),
+        parameters=dict(parameters) if isinstance(parameters, Mapping) else {},
+    )
+
+
+class CaptureReaderMissingError(RuntimeError):
+    """This Headrace has no capture reader (headrace.capture.reader) to read captures with."""
+
+
+def captured_calls(
+    source: str,
+    model: str,
+    version: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> Iterator[CapturedCall]:
+    """Answered calls of `model` (one version, or all) captured between `start` and `end`
+    under `source` (a local folder or an s3:// URL), streamed file by file.
+
+    Raises:
+        CaptureReaderMissingError: headrace.capture.reader is not installed.
+    """
+    try:
+        reader = importlib.import_module("headrace.capture.reader")
+    except ModuleNotFoundError as exc:
+        raise CaptureReaderMissingError(
+            "reading captures needs headrace.capture.reader, which this install lacks"
+        ) from exc
+    for row in reader.read_records(source, model, version=version, start=start, end=end):
+        call = call_from_row(row)
+        if call is not None:
+            yield call
