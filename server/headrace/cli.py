@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     triton.add_argument(
         "--log-file", type=Path, help="keep Triton's log here (default: a temporary file)"
     )
+    from headrace.analysis.commands import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -87,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     if arguments.command == "triton":
         return _triton(arguments)
+    if arguments.command in ("backtest", "drift"):
+        from headrace.analysis.commands import run
+
+        return run(arguments)
     try:
         settings = _settings(arguments)
     except ConfigError as exc:

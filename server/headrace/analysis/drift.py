@@ -280,6 +280,17 @@ class ProfileBuilder:
         for call in calls:
             self.add_call(call)
 
+    def feature_values(self) -> dict[str, np.ndarray]:
+        """Each feature's values in the reservoir (all of them while fewer than
+        `reservoir_rows` rows were added)."""
+        values: dict[str, np.ndarray] = {}
+        for (kind, tensor), stats in self._tensors.items():
+            rows = stats.reservoir.items
+            names = feature_names(kind, tensor, rows, stats.one_dimensional)
+            for column, name in enumerate(names):
+                values[name] = rows[:, column]
+        return values
+
     def build(self) -> Profile:
         """Raises ProfileError when nothing numeric was added."""
         features: dict[str, FeatureProfile] = {}
