@@ -7,7 +7,8 @@ ring buffers and recomputes the distances every `update_interval_s`, in numpy.
 
 Metrics (labels model, version, feature):
 `headrace_drift_psi`, `headrace_drift_ks`; per model version: `headrace_drift_window_rows`
-(rows of the window's smallest tensor) and `headrace_drift_dropped_total`.
+(rows of the window's smallest tensor), `headrace_drift_rows_total` (rows taken into the
+gauges) and `headrace_drift_dropped_total`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class DriftMetrics:
         self.window_rows = Gauge(
             "headrace_drift_window_rows",
             "Rows in the drift window (the smallest of the model's tensors).",
+            ("model", "version"),
+            registry=registry,
+        )
+        self.rows = Counter(
+            "headrace_drift_rows",
+            "Tensor rows (of the model's first profiled tensor) taken into the drift gauges.",
             ("model", "version"),
             registry=registry,
         )
@@ -110,6 +117,9 @@ class DriftMonitor:
         self._labels = (spec.name, spec.version)
         self._dropped = metrics.dropped.labels(*self._labels)
         self._window_rows = metrics.window_rows.labels(*self._labels)
+        self._rows = metrics.rows.labels(*self._labels)
+        self._new_rows = 0
+        """Rows of the first tensor appended since the gauges were last set."""
         self._tensors: dict[tuple[str, str], list[tuple[FeatureProfile, Gauge, Gauge]]] = {}
         self._windows: dict[tuple[str, str], _Window] = {}
         for (kind, tensor), features in profile.tensors().items():
@@ -175,7 +185,7 @@ class DriftMonitor:
 
     def _append(self, item: _Item) -> None:
         arrived, inputs, outputs = item
-        for (kind, tensor), window in self._windows.items():
+        for index, ((kind, tensor), window) in enumerate(self._windows.items()):
             array = (inputs if kind == "input" else outputs).get(tensor)
             if array is None:
                 continue
@@ -183,6 +193,8 @@ class DriftMonitor:
             if rows is None or rows.shape[1] != window.rows.shape[1]:
                 continue
             window.append(rows, arrived)
+            if index == 0:
+                self._new_rows += len(rows)
 
     def _update(self) -> None:
         window_s = self._settings.window_s
@@ -198,3 +210,6 @@ class DriftMonitor:
                 psi_gauge.set(feature.psi(values))
                 ks_gauge.set(feature.ks(values))
         self._window_rows.set(smallest or 0)
+        # Last, so a reader who sees the count also sees the gauges computed with those rows.
+        self._rows.inc(self._new_rows)
+        self._new_rows = 0
