@@ -140,6 +140,11 @@ class Application:
             self.metrics_port = self._metrics_server.start()
 
     def _attach_telemetry(self, repository: ModelRepository) -> None:
+        if self.metrics is not None:
+            for backend in self._backends:
+                if isinstance(backend, TritonBackend):
+                    for name in backend.model_names():
+                        backend.pool(name).observe(self.metrics.for_endpoints(name))
         for served in repository.models():
             if self.metrics is not None:
                 model_metrics = self.metrics.for_model(served.spec)
