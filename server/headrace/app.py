@@ -17,6 +17,7 @@ from headrace.config import (
     TritonModelSettings,
 )
 from headrace.frontend import FrontendServer, InferenceServicer
+from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
 from headrace.telemetry import Metrics, MetricsServer, Tracing, TracingInterceptor, traced_methods
@@ -56,6 +57,10 @@ class Application:
         self.tracing: Tracing | None = None
         """The tracer provider, from start-up until shutdown; None when tracing is off."""
         self.metrics: Metrics | None = Metrics() if settings.metrics.enabled else None
+        self.shared_memory: SystemSharedMemoryRegistry | None = (
+            SystemSharedMemoryRegistry() if settings.server.system_shared_memory else None
+        )
+        """Regions clients registered (Triton's system shared memory extension); None: off."""
         self._metrics_server: MetricsServer | None = None
         self.metrics_port = 0
         """The bound /metrics port once started (0: metrics are off)."""
@@ -78,6 +83,7 @@ class Application:
                 self.repository,
                 self.settings.server.stream_max_inflight_requests,
                 self.metrics.unresolved if self.metrics is not None else None,
+                self.shared_memory,
             )
             interceptors = []
             if self.tracing is not None:
@@ -182,6 +188,8 @@ class Application:
             await frontend.stop(grace_s)
         while self._batchers:
             await self._batchers.pop().stop()
+        if self.shared_memory is not None:
+            self.shared_memory.close()  # no request is left to read or write a region
         while self._started:
             await self._started.pop().stop()
         if self._metrics_server is not None:
