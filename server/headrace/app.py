@@ -24,6 +24,7 @@ from headrace.config import (
 )
 from headrace.errors import ConfigError
 from headrace.frontend import FrontendServer, InferenceServicer
+from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
 from headrace.telemetry import Metrics, MetricsServer, Tracing, TracingInterceptor, traced_methods
@@ -63,6 +64,10 @@ class Application:
         self.tracing: Tracing | None = None
         """The tracer provider, from start-up until shutdown; None when tracing is off."""
         self.metrics: Metrics | None = Metrics() if settings.metrics.enabled else None
+        self.shared_memory: SystemSharedMemoryRegistry | None = (
+            SystemSharedMemoryRegistry() if settings.server.system_shared_memory else None
+        )
+        """Regions clients registered (Triton's system shared memory extension); None: off."""
         self._metrics_server: MetricsServer | None = None
         self.metrics_port = 0
         """The bound /metrics port once started (0: metrics are off)."""
@@ -91,6 +96,7 @@ class Application:
                 self.repository,
                 self.settings.server.stream_max_inflight_requests,
                 self.metrics.unresolved if self.metrics is not None else None,
+                self.shared_memory,
             )
             interceptors = []
             if self.tracing is not None:
@@ -199,6 +205,11 @@ class Application:
             self.metrics_port = self._metrics_server.start()
 
     def _attach_telemetry(self, repository: ModelRepository) -> None:
+        if self.metrics is not None:
+            for backend in self._backends:
+                if isinstance(backend, TritonBackend):
+                    for name in backend.model_names():
+                        backend.pool(name).observe(self.metrics.for_endpoints(name))
         for served in repository.models():
             if self.metrics is not None:
                 model_metrics = self.metrics.for_model(served.spec)
@@ -241,6 +252,8 @@ class Application:
             self._drift_monitors.pop().stop()
         while self._batchers:
             await self._batchers.pop().stop()
+        if self.shared_memory is not None:
+            self.shared_memory.close()  # no request is left to read or write a region
         while self._started:
             await self._started.pop().stop()
         if self._metrics_server is not None:

@@ -332,6 +332,10 @@ class ServerSettings(_Frozen):
     stream_max_inflight_requests: int = Field(default=256, ge=1)
     """Requests of one ModelStreamInfer stream processed at once; the stream stops reading
     (and HTTP/2 flow control pushes back on the client) while this many are open."""
+    system_shared_memory: bool = False
+    """Let clients on this host register system shared memory regions and pass tensors
+    through them (Triton's extension; tritonclient.utils.shared_memory). Off by default: a
+    client that may register any /dev/shm object of Headrace's user can read and write it."""
 
 
 class LoggingSettings(_Frozen):

@@ -8,6 +8,7 @@ code): constant time, nothing waits on a scrape.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from wsgiref.simple_server import WSGIServer
@@ -47,6 +48,7 @@ UNRESOLVED = ""
 """`model` and `version` label of requests that name no served model, or cannot be read:
 client-chosen names never become label values."""
 MODEL_LABELS = ("model", "version")
+ENDPOINT_LABELS = ("model", "endpoint")
 
 
 class Metrics:
@@ -97,6 +99,24 @@ class Metrics:
             MODEL_LABELS,
             registry=registry,
         )
+        self.endpoint_in_flight = Gauge(
+            "headrace_endpoint_in_flight",
+            "Backend calls in flight on each endpoint of a model's pool.",
+            ENDPOINT_LABELS,
+            registry=registry,
+        )
+        self.endpoint_up = Gauge(
+            "headrace_endpoint_up",
+            "1 while the endpoint takes calls (healthy and not ejected), else 0.",
+            ENDPOINT_LABELS,
+            registry=registry,
+        )
+        self.endpoint_ejections = Counter(
+            "headrace_endpoint_ejections",
+            "Times the endpoint was ejected after consecutive failed calls.",
+            ENDPOINT_LABELS,
+            registry=registry,
+        )
         ProcessCollector(registry=registry)
         self.unresolved = RequestMetrics(self, UNRESOLVED, UNRESOLVED)
         """Requests that cannot be read or name no served model."""
@@ -105,6 +125,10 @@ class Metrics:
         """The instruments of one served model version, its label children made now (so
         its series exist, at zero, before its first request)."""
         return ModelMetrics(self, spec.name, spec.version)
+
+    def for_endpoints(self, model: str) -> EndpointMetrics:
+        """The instruments of one model's endpoint pool (a `PoolObserver`)."""
+        return EndpointMetrics(self, model)
 
 
 class RequestMetrics:
@@ -153,6 +177,33 @@ class ModelMetrics(RequestMetrics):
 
     def set_queue_depth(self, depth: int) -> None:
         self._queue_depth.set(depth)
+
+
+class EndpointMetrics:
+    """In-flight calls, availability and ejections of one model's endpoints; the series of
+    an endpoint that leaves the pool (DNS) are removed with it."""
+
+    __slots__ = ("_ejections", "_in_flight", "_model", "_up")
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._model = model
+        self._in_flight = metrics.endpoint_in_flight
+        self._up = metrics.endpoint_up
+        self._ejections = metrics.endpoint_ejections
+
+    def endpoint_in_flight(self, address: str, in_flight: int) -> None:
+        self._in_flight.labels(self._model, address).set(in_flight)
+
+    def endpoint_available(self, address: str, available: bool) -> None:
+        self._up.labels(self._model, address).set(1 if available else 0)
+
+    def endpoint_ejected(self, address: str) -> None:
+        self._ejections.labels(self._model, address).inc()
+
+    def endpoint_removed(self, address: str) -> None:
+        for family in (self._in_flight, self._up, self._ejections):
+            with contextlib.suppress(KeyError):
+                family.remove(self._model, address)
 
 
 class MetricsServer:
