@@ -43,9 +43,7 @@ def test_classifier_agreement_counts_rows_whose_label_agrees() -> None:
     comparison = Comparison()
     comparison.add([{"P": captured}], [{"P": candidate}], _latency(1), _latency(1))
     assert comparison.outputs["P"].agreement == pytest.approx(0.75)
-    assert comparison.violations(Thresholds(min_agreement=0.8)) == [
-        "P: agreement 0.7500 < 0.8"
-    ]
+    assert comparison.violations(Thresholds(min_agreement=0.8)) == ["P: agreement 0.7500 < 0.8"]
     assert comparison.violations(Thresholds(min_agreement=0.75)) == []
 
 

@@ -75,7 +75,9 @@ def capture_calls(
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for start in range(0, len(features), rows_per_call):
             request = features_request(
-                features[start : start + rows_per_call], version=version, request_id=uuid.uuid4().hex
+                features[start : start + rows_per_call],
+                version=version,
+                request_id=uuid.uuid4().hex,
             )
             received = time.time_ns()
             began = time.perf_counter_ns()
