@@ -95,8 +95,10 @@ def test_profile_of_calls_has_exact_moments_and_round_trips(tmp_path: Path) -> N
     assert price.mean == pytest.approx(features[:, 0].astype(np.float64).mean())
     assert price.std == pytest.approx(features[:, 0].astype(np.float64).std(), rel=1e-6)
     assert price.min == pytest.approx(features[:, 0].min())
-    assert len(price.sample) == 500 and list(price.sample) == sorted(price.sample)
-    assert len(price.cuts) == 9 and sum(price.shares) == pytest.approx(1)
+    assert len(price.sample) == 500
+    assert list(price.sample) == sorted(price.sample)
+    assert len(price.cuts) == 9
+    assert sum(price.shares) == pytest.approx(1)
     # Its own distribution does not drift from it.
     assert price.psi(features[:, 0].astype(np.float64)) < 0.02
 

@@ -137,4 +137,5 @@ def assert_valid_png(path: Path) -> None:
     with Image.open(path) as image:
         image.load()
         assert image.format == "PNG"
-        assert image.size[0] > 100 and image.size[1] > 100
+        assert image.size[0] > 100
+        assert image.size[1] > 100
