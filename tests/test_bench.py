@@ -90,3 +90,12 @@ def test_shared_memory_scenario_runs() -> None:
     for point in report["points"]:
         assert point["completed"] > 0
         assert not point["errors"]
+
+
+@pytest.mark.timeout(240)
+def test_backtest_scenario_runs() -> None:
+    output, report = _run("backtest", "--records", "300", "--batch-size", "32")
+    assert "calls/s" in output
+    assert report["options"]["records"] == 300
+    assert report["max_rel_error"] < 1e-4
+    assert Path(report["report"]).is_file()
