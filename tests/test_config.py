@@ -132,6 +132,31 @@ def test_file_entrypoint_is_relative_to_the_config(tmp_path: Path) -> None:
     assert settings.models[0].entrypoint == f"{tmp_path}/models/forecast.py:Forecast"
 
 
+def test_shadow_and_drift_settings(tmp_path: Path) -> None:
+    text = MODEL.format(entrypoint="m:M") + (
+        "    shadow: {endpoint: 'triton:8001', version: '2', sample_rate: 0.1}\n"
+        "    drift: {profile_path: profiles/forecast.json, window_rows: 500}\n"
+    )
+    model = load_settings(_write(tmp_path, text)).models[0]
+    assert model.shadow is not None
+    assert (model.shadow.endpoint, model.shadow.version, model.shadow.sample_rate) == (
+        "triton:8001",
+        "2",
+        0.1,
+    )
+    assert model.drift is not None
+    assert model.drift.profile_path == tmp_path / "profiles" / "forecast.json"
+    assert model.drift.window_rows == 500
+
+
+def test_bad_shadow_settings_name_the_field(tmp_path: Path) -> None:
+    text = MODEL.format(entrypoint="m:M") + "    shadow: {endpoint: nohost, sample_rate: 2}\n"
+    with pytest.raises(ConfigError) as error:
+        load_settings(_write(tmp_path, text))
+    assert "models[0].shadow.endpoint" in str(error.value)
+    assert "models[0].shadow.sample_rate" in str(error.value)
+
+
 def test_settings_are_frozen() -> None:
     settings = load_settings(None)
     with pytest.raises(ValueError, match="frozen"):
