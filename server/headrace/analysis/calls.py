@@ -10,6 +10,7 @@ drift report streams a capture of any size in bounded memory: the capture reader
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,6 +87,8 @@ def call_from_row(row: Mapping[str, Any]) -> CapturedCall | None:
     if not outputs:
         return None
     parameters = row.get("parameters") or {}
+    if isinstance(parameters, str | bytes):  # a store may keep them as JSON text
+        parameters = json.loads(parameters)
     return CapturedCall(
         request_id=str(row.get("request_id", "")),
         inputs=dict(row.get("inputs") or {}),

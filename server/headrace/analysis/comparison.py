@@ -261,4 +261,3 @@ def _stackable(arrays: Sequence[np.ndarray | None]) -> bool:
         array is not None and array.dtype == first.dtype and array.shape[1:] == first.shape[1:]
         for array in arrays
     )
-
