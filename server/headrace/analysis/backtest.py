@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,12 +114,13 @@ def run_shadow_backtest(
     `max_pending`; shadow traffic is a sample), the second compares each primary that has one.
     """
     started = time.perf_counter()
-    shadows: dict[str, CapturedCall] = {}
+    # Only what the comparison needs: the shadow's inputs can be large and are the primary's.
+    shadows: dict[str, tuple[Mapping[str, np.ndarray], float, str]] = {}
     skipped = 0
     for call in calls():
         if call.shadow:
             if len(shadows) < max_pending:
-                shadows[call.request_id] = call
+                shadows[call.request_id] = (call.outputs, call.latency_s, call.version)
             else:
                 skipped += 1
     comparison = Comparison()
@@ -134,12 +135,10 @@ def run_shadow_backtest(
             if shadow is None:
                 unmatched += 1
                 continue
-            candidate_versions.add(shadow.version)
+            outputs, latency_s, version = shadow
+            candidate_versions.add(version)
             comparison.add(
-                [call.outputs],
-                [shadow.outputs],
-                np.array([call.latency_s]),
-                np.array([shadow.latency_s]),
+                [call.outputs], [outputs], np.array([call.latency_s]), np.array([latency_s])
             )
             bar.update(1)
     finally:
