@@ -78,25 +78,32 @@ def calls_from_records(records: Iterable[CaptureRecord]) -> Iterator[CapturedCal
             yield call
 
 
-def call_from_row(row: Mapping[str, Any]) -> CapturedCall | None:
-    """A row of the capture reader (metadata plus `inputs`/`outputs` as numpy arrays); None
-    for a failed or truncated call."""
-    if int(row.get("status_code", 0)) != 0 or row.get("truncated"):
+def _field(row: Any, name: str, default: Any = None) -> Any:
+    if isinstance(row, Mapping):
+        return row.get(name, default)
+    return getattr(row, name, default)
+
+
+def call_from_row(row: Any) -> CapturedCall | None:
+    """A row of the capture reader (a `CaptureRow`, or a mapping with the same fields:
+    metadata plus `inputs`/`outputs` as numpy arrays); None for a failed, truncated or
+    undecodable call."""
+    if int(_field(row, "status_code", 0)) != 0 or _field(row, "truncated", False):
         return None
-    outputs = row.get("outputs") or {}
-    if not outputs:
+    outputs = _field(row, "outputs") or {}
+    if not outputs or _field(row, "decode_error", ""):
         return None
-    parameters = row.get("parameters") or {}
+    parameters = _field(row, "parameters") or {}
     if isinstance(parameters, str | bytes):  # a store may keep them as JSON text
         parameters = json.loads(parameters)
     return CapturedCall(
-        request_id=str(row.get("request_id", "")),
-        inputs=dict(row.get("inputs") or {}),
+        request_id=str(_field(row, "request_id", "")),
+        inputs=dict(_field(row, "inputs") or {}),
         outputs=dict(outputs),
-        latency_s=int(row.get("latency_ns", 0)) / 1e9,
-        model=str(row.get("model", "")),
-        version=str(row.get("version", "")),
-        received_ns=int(row.get("received_ns", 0)),
+        latency_s=int(_field(row, "latency_ns", 0)) / 1e9,
+        model=str(_field(row, "model", "")),
+        version=str(_field(row, "version", "")),
+        received_ns=int(_field(row, "received_ns", 0)),
         parameters=dict(parameters) if isinstance(parameters, Mapping) else {},
     )
 
