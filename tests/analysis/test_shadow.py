@@ -16,10 +16,17 @@ from headrace.analysis.calls import SHADOW_PARAMETER, calls_from_records
 from headrace.analysis.comparison import Thresholds
 from headrace.capture.record import CaptureRecord
 from headrace.config import Settings
+from headrace.examples.sales_forecast import synthetic_sales
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import response_from_proto
-from tests.analysis.traffic import assert_valid_png, infer, sample_value, scrape
-from tests.conftest import ServerThread, gated_model, make_settings
+from tests.analysis.traffic import (
+    assert_valid_png,
+    features_request,
+    infer,
+    sample_value,
+    scrape,
+)
+from tests.conftest import ServerThread, gated_model, make_settings, server_with
 from tests.models import GATED
 
 CANDIDATE = "shadow_gate"
@@ -176,3 +183,23 @@ def test_a_failing_candidate_leaves_the_primary_alone(shadowed: Recorded) -> Non
         assert record.status_code == 13  # INTERNAL: the model raised
         assert record.response == b""
         assert "weights are corrupt" in record.status_message
+
+
+def test_a_remote_candidate_is_called_over_grpc() -> None:
+    with server_with() as candidate:
+        tree = make_settings().model_dump(mode="json")
+        _with_shadow(tree, "sales_forecast", "1", {"endpoint": candidate.address, "version": "1"})
+        primary = ServerThread(Settings.model_validate(tree))
+        records: list[CaptureRecord] = []
+        primary.application.capture_sink = records.append
+        features, _ = synthetic_sales(4, seed=41)
+        with primary:
+            response = infer(primary, features_request(features, request_id="remote-1"))
+            _wait_for(lambda: len(records) == 1)
+    (record,) = records
+    assert record.request_id == "remote-1"
+    assert record.endpoint == candidate.address
+    assert record.status_code == 0
+    shadow = response_from_proto(pb.ModelInferResponse.FromString(record.response))
+    primary_forecast = response_from_proto(response).outputs["FORECAST"]
+    np.testing.assert_array_equal(shadow.outputs["FORECAST"], primary_forecast)
