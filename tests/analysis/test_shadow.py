@@ -14,8 +14,10 @@ import pytest
 from headrace.analysis.backtest import run_shadow_backtest
 from headrace.analysis.calls import SHADOW_PARAMETER, calls_from_records
 from headrace.analysis.comparison import Thresholds
+from headrace.app import Application
 from headrace.capture.record import CaptureRecord
 from headrace.config import Settings
+from headrace.errors import ConfigError
 from headrace.examples.sales_forecast import synthetic_sales
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import response_from_proto
@@ -203,3 +205,20 @@ def test_a_remote_candidate_is_called_over_grpc() -> None:
     shadow = response_from_proto(pb.ModelInferResponse.FromString(record.response))
     primary_forecast = response_from_proto(response).outputs["FORECAST"]
     np.testing.assert_array_equal(shadow.outputs["FORECAST"], primary_forecast)
+
+
+@pytest.mark.parametrize(
+    ("shadow", "message"),
+    [
+        ({"model": "no_such_model"}, "shadow candidate: unknown model 'no_such_model'"),
+        ({}, "shadow names the model itself"),
+    ],
+)
+async def test_a_shadow_candidate_that_cannot_be_stops_start_up(
+    shadow: dict[str, Any], message: str
+) -> None:
+    tree = make_settings().model_dump(mode="json")
+    _with_shadow(tree, "scaled", "2", shadow)
+    application = Application(Settings.model_validate(tree))
+    with pytest.raises(ConfigError, match=message):
+        await application.start()

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from headrace.analysis.calls import SHADOW_OF_PARAMETER, SHADOW_PARAMETER
 from headrace.capture.record import CaptureRecord
 from headrace.config import ShadowSettings
-from headrace.errors import ConfigError, HeadraceError
+from headrace.errors import ConfigError, HeadraceError, ModelNotFoundError
 from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -264,13 +264,17 @@ def shadow_candidate(
     """The candidate a model's shadow settings name, with its model name and version.
 
     Raises:
-        ModelNotFoundError: a local candidate this Headrace does not serve.
-        ConfigError: a local candidate that is the primary itself.
+        ConfigError: a local candidate this Headrace does not serve, or the primary itself.
     """
     model = settings.model or spec.name
     if settings.endpoint is not None:
         return RemoteCandidate(settings.endpoint, model, settings.version), model, settings.version
-    candidate = LocalCandidate(repository, model, settings.version)
+    try:
+        candidate = LocalCandidate(repository, model, settings.version)
+    except ModelNotFoundError as exc:
+        raise ConfigError(
+            f"model '{spec.name}' version {spec.version}: shadow candidate: {exc.message}"
+        ) from exc
     if (model, candidate.version) == (spec.name, spec.version):
         raise ConfigError(
             f"model '{spec.name}' version {spec.version}: shadow names the model itself; set "
