@@ -112,10 +112,20 @@ def _accepted(parser: argparse.ArgumentParser, arguments: Sequence[str]) -> list
     return [part for option, value in pairs if option in known for part in (option, value)]
 
 
-def standard_runs(
-    parser: argparse.ArgumentParser, scenarios: dict[str, Scenario], quick: bool
-) -> list[tuple[str, argparse.Namespace]]:
-    """The standard set's scenarios (those registered), each with its parsed options."""
+def plan(
+    argv: Sequence[str], scenarios: dict[str, Scenario]
+) -> list[tuple[str, argparse.Namespace, list[str]]]:
+    """What `python -m bench ARGV` runs: (scenario, its parsed options, the arguments that
+    give them). With no scenario named, the standard set (those registered), each with its
+    standard (or, with --quick, short) options.
+
+    Raises:
+        SystemExit: ARGV does not parse (argparse prints why).
+    """
+    parser = _parser(scenarios)
+    arguments = parser.parse_args(argv)
+    if arguments.scenario:
+        return [(arguments.scenario, arguments, list(argv))]
     commands = next(
         action
         for action in parser._actions
@@ -126,10 +136,10 @@ def standard_runs(
         if name not in scenarios:
             continue
         extra: Sequence[str] = STANDARD_ARGUMENTS.get(name, ())
-        if quick:
+        if arguments.quick:
             extra = [*QUICK_ARGUMENTS, *QUICK_SCENARIO_ARGUMENTS.get(name, ())]
-        options = _accepted(commands.choices[name], extra)
-        runs.append((name, parser.parse_args([name, *options])))
+        scenario_argv = [name, *_accepted(commands.choices[name], extra)]
+        runs.append((name, parser.parse_args(scenario_argv), scenario_argv))
     return runs
 
 
@@ -150,46 +160,51 @@ def write_outputs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the scenarios asked for; returns the exit status."""
+    """Run the scenarios asked for; returns the exit status. In the standard set, a scenario
+    that fails is reported and the others still run (the status is then EXIT_FAILED)."""
     # SIGTERM (from `timeout`, CI, a process manager) unwinds like Ctrl-C, so the servers and
     # client processes are stopped instead of left running.
     signal.signal(signal.SIGTERM, _interrupt)
     argv = list(sys.argv[1:] if argv is None else argv)
     scenarios = _scenarios()
-    parser = _parser(scenarios)
-    arguments = parser.parse_args(argv)
-    # With no scenario named, each of the standard set is parsed alone to get its defaults.
-    runs = (
-        [(arguments.scenario, arguments)]
-        if arguments.scenario
-        else standard_runs(parser, scenarios, arguments.quick)
-    )
+    runs = plan(argv, scenarios)
     machine = describe_machine()
-    for name, scenario_arguments in runs:
+    failed: list[str] = []
+    began = time.monotonic()
+    for name, scenario_arguments, scenario_argv in runs:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        print(f"running {name} ...", file=sys.stderr, flush=True)
+        print(f"running {shlex.join(scenario_argv)} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
         try:
             scenario = scenarios[name]
             report = scenario.run(scenario.options_from(scenario_arguments), RESULTS_DIR, stamp)
         except KeyboardInterrupt:
             print("interrupted; servers stopped", file=sys.stderr)
             return EXIT_INTERRUPTED
-        except (LoadError, RuntimeError, ValueError) as exc:
+        except (LoadError, RuntimeError, ValueError, OSError) as exc:
             print(f"bench {name}: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            failed.append(name)
+            continue
         report = {
             "scenario": name,
             "started_utc": stamp,
-            "command": shlex.join(["python", "-m", "bench", *argv]),
+            "command": shlex.join(["python", "-m", "bench", *scenario_argv]),
+            "elapsed_s": round(time.monotonic() - started, 1),
             "machine": machine,
             **report,
         }
-        json_path, markdown_path, png_path = write_outputs(report, scenarios[name], RESULTS_DIR)
+        json_path, markdown_path, png_path = write_outputs(report, scenario, RESULTS_DIR)
         print(markdown_path.read_text(), end="")
         print(f"\nMarkdown: {markdown_path}")
         if png_path is not None:
             print(f"Plot: {png_path}")
         print(f"Every number: {json_path}", flush=True)
+        print(f"{name}: {report['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
+    if len(runs) > 1:
+        print(f"all: {time.monotonic() - began:.0f} s", file=sys.stderr)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

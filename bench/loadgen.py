@@ -330,7 +330,8 @@ async def _client(
             stream = channel.stream_stream(
                 spec.method, request_serializer=None, response_deserializer=None
             )
-            streams = [_StreamCaller(stream()) for _ in range(share)]
+            # No request iterator: messages are written one at a time (grpc-stubs wants one).
+            streams = [_StreamCaller(stream()) for _ in range(share)]  # type: ignore[call-arg]
             calls: list[Call] = [caller.call for caller in streams]
         else:
             unary = channel.unary_unary(
@@ -410,7 +411,7 @@ class _StreamCaller:
     async def call(self, request: bytes) -> bytes:
         await self._call.write(request)
         reply = await self._call.read()
-        if reply is grpc.aio.EOF:
+        if reply is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from grpc-stubs
             raise ConnectionError("the server ended the stream")
         return reply  # type: ignore[no-any-return]
 

@@ -145,7 +145,7 @@ def run(options: OpenLoopOptions, results_dir: Path, stamp: str) -> dict[str, An
         summary[f"{rate:g}"] = {}
         for side in SIDES:
             mine = [p for p in points if p["side"] == side and p["rate"] == rate]
-            row = {key: median([p[key] for p in mine]) for key in METRICS}
+            row: dict[str, Any] = {key: median([p[key] for p in mine]) for key in METRICS}
             row["server_cpu_ms_per_request"] = median(
                 [p["server_cpu_ms_per_request"] for p in mine]
             )

@@ -90,7 +90,9 @@ def summarize(
             for point in mine:
                 for code, count in point["errors"].items():
                     errors[code] = errors.get(code, 0) + count
-            row = {name: median([p.get(name) for p in mine]) for name in MEDIAN_KEYS}
+            row: dict[str, Any] = {
+                name: median([p.get(name) for p in mine]) for name in MEDIAN_KEYS
+            }
             for name in BATCHING_KEYS:
                 row[name] = median([(p.get("batching") or {}).get(name) for p in mine])
             row["errors"] = errors
