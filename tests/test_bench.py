@@ -142,9 +142,12 @@ def test_shared_memory_scenario_runs() -> None:
     assert [(p["model"], p["concurrency"]) for p in report["points"]] == [
         ("identity_shm", 1),
         ("identity_bytes", 1),
+        ("triton_direct", 1),
         ("identity_shm", 2),
         ("identity_bytes", 2),
+        ("triton_direct", 2),
     ]
+    assert set(report["vs_direct"]["1"]) == {"identity_shm", "identity_bytes"}
     for point in report["points"]:
         assert point["completed"] > 0
         assert not point["errors"]
