@@ -11,8 +11,9 @@ receives the tensor as bytes over gRPC to Headrace.
 At each point a third side sends the same tensor from the client straight to Triton's
 `identity` (bytes, no Headrace): what the gateway adds to a large request.
 
-The scenario also measures the Headrace -> Triton hop alone: Headrace's `TritonBackend`, in the bench process,
-calling the same Triton with the same two model entries, without the front end or a client.
+The scenario also measures the Headrace -> Triton hop alone: Headrace's `TritonBackend`, in
+the bench process, calling the same Triton with the same two model entries, without the front
+end or a client.
 """
 
 from __future__ import annotations
