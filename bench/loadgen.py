@@ -20,6 +20,7 @@ then a measurement window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import queue
 import signal
@@ -330,8 +331,8 @@ async def _client(
             stream = channel.stream_stream(
                 spec.method, request_serializer=None, response_deserializer=None
             )
-            # No request iterator: messages are written one at a time (grpc-stubs wants one).
-            streams = [_StreamCaller(stream()) for _ in range(share)]  # type: ignore[call-arg]
+            # Called with no request iterator: messages are written one at a time.
+            streams = [_StreamCaller(lambda: stream(None)) for _ in range(share)]
             calls: list[Call] = [caller.call for caller in streams]
         else:
             unary = channel.unary_unary(
@@ -403,20 +404,29 @@ class _Window:
 
 
 class _StreamCaller:
-    """One bidirectional stream used as a call: write a message, read its reply."""
+    """One bidirectional stream used as a call: write a message, read its reply. A stream
+    that fails is replaced by a new one (the error is the caller's to count)."""
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self, open_stream: Callable[[], Any]) -> None:
+        self._open_stream = open_stream
+        self._call = open_stream()
 
     async def call(self, request: bytes) -> bytes:
-        await self._call.write(request)
-        reply = await self._call.read()
+        try:
+            await self._call.write(request)
+            reply = await self._call.read()
+        except grpc.aio.AioRpcError:
+            self._call = self._open_stream()
+            raise
         if reply is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from grpc-stubs
             raise ConnectionError("the server ended the stream")
         return reply  # type: ignore[no-any-return]
 
     async def close(self) -> None:
-        await self._call.done_writing()
+        """Half-close (the server ends the stream cleanly), then drop it. A stream whose call
+        was cancelled at the drain cannot be half-closed; it is only dropped."""
+        with contextlib.suppress(grpc.aio.UsageError, grpc.RpcError, asyncio.InvalidStateError):
+            await self._call.done_writing()
         self._call.cancel()
 
 
