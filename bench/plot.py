@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 
 import matplotlib.pyplot as plt  # after use(): the backend is chosen first
-from matplotlib.ticker import NullFormatter, ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 SIDE_KEYS = ("side", "model", "mode", "path", "variant", "config")
 """Keys naming the side a load point belongs to, tried in this order."""
@@ -78,6 +78,7 @@ def draw(
         axes.set_ylabel("p99 latency, ms")
         if min(p99 for points in lines.values() for _, p99 in points) > 0:
             axes.set_yscale("log")  # p99 spans decades between the sides of a sweep
+            axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             axes.yaxis.set_major_formatter(ScalarFormatter())
             axes.yaxis.set_minor_formatter(NullFormatter())
         axes.set_title(f"{report.get('scenario', '')}: throughput vs p99 latency")
