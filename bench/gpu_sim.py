@@ -34,6 +34,12 @@ GOAL_SPEEDUP = 10.0
 """Batched over unbatched requests/s at the highest concurrency."""
 GOAL_CEILING_RATIO = 0.8
 """Batched requests/s over the identity model's at the highest concurrency."""
+METRICS_ENVIRONMENT = {
+    "HEADRACE_METRICS__ENABLED": "true",
+    "HEADRACE_METRICS__HOST": HOST,
+    "HEADRACE_METRICS__PORT": "0",
+}
+"""Headrace settings overrides that turn /metrics on, on a free port."""
 
 
 def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
@@ -46,7 +52,11 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     """
     argv = [sys.executable, "-m", "headrace", "serve", "--config", str(CONFIG)]
     argv += ["--host", HOST, "--port", "0"]
-    server = ServerProcess("headrace", argv, results_dir / f"gpu_sim-{stamp}-headrace.log")
+    # Metrics on (they cost nothing measurable, see the telemetry scenario): each window's
+    # mean batch size and queue/backend time come from the server's own /metrics.
+    server = ServerProcess(
+        "headrace", argv, results_dir / f"gpu_sim-{stamp}-headrace.log", METRICS_ENVIRONMENT
+    )
     points: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(server)
@@ -64,7 +74,9 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
                         warmup_s=options.warmup_s,
                         duration_s=options.duration_s,
                     )
-                    load = run_load(spec, meter=server.cpu_seconds)
+                    load = run_load(
+                        spec, meter=server.cpu_seconds, metrics_url=server.metrics_url()
+                    )
                     points.append(
                         {"model": model, "concurrency": concurrency, "trial": trial, **asdict(load)}
                     )

@@ -16,6 +16,8 @@ from types import TracebackType
 
 LISTENING_PATTERN = re.compile(r"listening on \S+?:(\d+),")
 """The start-up line both Headrace and the baseline server print, with the bound port."""
+METRICS_PATTERN = re.compile(r"metrics on (http://\S+/metrics)")
+"""Headrace's start-up line for its Prometheus endpoint (metrics on)."""
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -73,6 +75,18 @@ class ServerProcess:
             time.sleep(_POLL_INTERVAL_S)
         self.stop()
         raise RuntimeError(f"{self.name} did not start; see {self.log_path}")
+
+    def metrics_url(self) -> str:
+        """The address of the server's /metrics, from its start-up log (Headrace logs it
+        before its listening line).
+
+        Raises:
+            RuntimeError: the server is not running or serves no metrics.
+        """
+        match = METRICS_PATTERN.search(self.log_path.read_text(errors="replace"))
+        if self._process is None or match is None:
+            raise RuntimeError(f"{self.name} serves no metrics; see {self.log_path}")
+        return match.group(1)
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the server has used so far, all its threads together."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.gpu_sim import METRICS_ENVIRONMENT
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.server_process import ServerProcess
@@ -71,9 +72,8 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
         )
         config = _headrace_config(results_dir / f"triton-{stamp}-headrace.yaml", triton.address)
         argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config)]
-        headrace = stack.enter_context(
-            ServerProcess("headrace", argv, results_dir / f"triton-{stamp}-headrace.log")
-        )
+        log = results_dir / f"triton-{stamp}-headrace.log"
+        headrace = stack.enter_context(ServerProcess("headrace", argv, log, METRICS_ENVIRONMENT))
         targets = {
             DIRECT: triton.address,
             TRITON_BATCHED: triton.address,
@@ -92,7 +92,16 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
                         warmup_s=options.warmup_s,
                         duration_s=options.duration_s,
                     )
-                    load = run_load(spec, meter=lambda: 0.0)
+                    # Headrace's CPU and /metrics on its side; Triton's CPU is spread over its
+                    # server and python-backend stub processes, so the direct sides report none.
+                    if side == HEADRACE:
+                        load = run_load(
+                            spec, meter=headrace.cpu_seconds, metrics_url=headrace.metrics_url()
+                        )
+                    else:
+                        load = replace(
+                            run_load(spec, meter=lambda: 0.0), server_cpu_ms_per_request=None
+                        )
                     points.append(
                         {"side": side, "concurrency": concurrency, "trial": trial, **asdict(load)}
                     )
