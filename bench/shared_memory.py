@@ -173,7 +173,7 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
         concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
         for concurrency, models in hop_summary.items()
     }
-    client_summary = _summary(client_points, options.concurrencies)
+    client_summary = _summary(client_points, options.concurrencies, MODELS)
     client_ratios = {
         concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
         for concurrency, models in client_summary.items()
