@@ -59,15 +59,20 @@ class FrontendServer:
         settings: ServerSettings,
         servicer: InferenceServicer,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        """`reuse_port`: share the port with other processes that set it too (the workers of
+        `headrace serve --workers N`; the kernel spreads connections over them)."""
         self._settings = settings
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Never share a port silently with another process (grpc enables it by default).
-                ("grpc.so_reuseport", 0),
+                # Never share a port silently with another process (grpc enables it by
+                # default); only the workers of one supervisor share theirs, on purpose.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         handlers = _method_handlers(servicer)

@@ -4,6 +4,11 @@ HTTP server that exposes them at /metrics.
 Metric names, labels and buckets are a public interface (README, "Metrics"). Every update is
 a few lock-protected additions on label children resolved at start-up (or once per status
 code): constant time, nothing waits on a scrape.
+
+With `headrace serve --workers N` each worker records into prometheus-client's multiprocess
+files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before the worker starts) and the
+supervisor alone serves /metrics for the host (`HostMetrics`): counters and histograms summed
+over workers, gauges as their `multiprocess_mode` says.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
 
 from headrace.config import MetricsSettings
@@ -51,11 +57,19 @@ MODEL_LABELS = ("model", "version")
 
 class Metrics:
     """The instruments of one Headrace process, in a registry of its own (not the global
-    default), so that several servers in one process keep separate counts."""
+    default), so that several servers in one process keep separate counts. `worker_id` is
+    the process's index under `headrace serve --workers N` (0 for a single process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker_id: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        self.worker_requests = Counter(
+            "headrace_worker_requests",
+            "Inference requests answered by each worker process of the host (all models and "
+            "codes): shows how the kernel spread connections over `--workers`.",
+            ["worker"],
+            registry=registry,
+        ).labels(str(worker_id))
         self.requests = Counter(
             "headrace_requests",
             "Inference requests (ModelInfer calls and ModelStreamInfer messages) answered, "
@@ -93,9 +107,10 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "headrace_queue_depth",
-            "Requests waiting in the model's batcher now.",
+            "Requests waiting in the model's batcher now (summed over the host's workers).",
             MODEL_LABELS,
             registry=registry,
+            multiprocess_mode="livesum",
         )
         ProcessCollector(registry=registry)
         self.unresolved = RequestMetrics(self, UNRESOLVED, UNRESOLVED)
@@ -110,10 +125,11 @@ class Metrics:
 class RequestMetrics:
     """Request counts and latency of one model version (or of unresolved requests)."""
 
-    __slots__ = ("_by_code", "_duration", "_labels", "_requests")
+    __slots__ = ("_by_code", "_duration", "_labels", "_requests", "_worker_requests")
 
     def __init__(self, metrics: Metrics, model: str, version: str) -> None:
         self._requests = metrics.requests
+        self._worker_requests = metrics.worker_requests
         self._labels = (model, version)
         self._duration = metrics.request_duration.labels(model, version)
         self._by_code: dict[grpc.StatusCode, Counter] = {
@@ -126,6 +142,7 @@ class RequestMetrics:
         if counter is None:
             counter = self._by_code[code] = self._requests.labels(*self._labels, code.name)
         counter.inc()
+        self._worker_requests.inc()
         self._duration.observe(duration_ns / 1e9)
 
 
@@ -155,13 +172,40 @@ class ModelMetrics(RequestMetrics):
         self._queue_depth.set(depth)
 
 
+class HostMetrics:
+    """What the supervisor of `headrace serve --workers N` serves at /metrics: every worker's
+    instruments read from the multiprocess directory `path` (summed over workers; gauges by
+    their `multiprocess_mode`), plus the supervisor's own: live workers and restarts."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
+        self.workers = Gauge(
+            "headrace_workers",
+            "Worker processes serving now (started and not yet exited).",
+            registry=self.registry,
+        )
+        self.restarts = Counter(
+            "headrace_worker_restarts",
+            "Workers started again after they exited unexpectedly, by worker index.",
+            ["worker"],
+            registry=self.registry,
+        )
+
+    def worker_exited(self, pid: int) -> None:
+        """Forget the live gauges of a worker process that exited (its counters stay, so the
+        host's totals never go down)."""
+        mark_process_dead(pid, self.path)  # type: ignore[no-untyped-call]
+
+
 class MetricsServer:
     """The HTTP server answering scrapes at /metrics, on a thread of its own: started at
     start-up, shut down at exit."""
 
-    def __init__(self, settings: MetricsSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: MetricsSettings, registry: CollectorRegistry) -> None:
         self._settings = settings
-        self._metrics = metrics
+        self._registry = registry
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -174,9 +218,7 @@ class MetricsServer:
         """
         host, port = self._settings.host, self._settings.port
         try:
-            self._server, self._thread = start_http_server(
-                port, addr=host, registry=self._metrics.registry
-            )
+            self._server, self._thread = start_http_server(port, addr=host, registry=self._registry)
         except OSError as exc:
             raise StartupError(
                 f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
