@@ -18,7 +18,7 @@ from typing import Any
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import WORKERS_VARIABLE, ServerProcess
 from bench.sweep import SweepOptions, divide, number, summarize, table
 from bench.sweep import add_arguments as add_arguments  # the scenario's options: a sweep's
 from bench.sweep import options_from as options_from
@@ -46,7 +46,12 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     """
     argv = [sys.executable, "-m", "headrace", "serve", "--config", str(CONFIG)]
     argv += ["--host", HOST, "--port", "0"]
-    server = ServerProcess("headrace", argv, results_dir / f"gpu_sim-{stamp}-headrace.log")
+    server = ServerProcess(
+        "headrace",
+        argv,
+        results_dir / f"gpu_sim-{stamp}-headrace.log",
+        {WORKERS_VARIABLE: str(options.headrace_workers)},
+    )
     points: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(server)
@@ -63,6 +68,7 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
                         clients=min(options.clients, concurrency),
                         warmup_s=options.warmup_s,
                         duration_s=options.duration_s,
+                        connections=options.connections,
                     )
                     load = run_load(spec, meter=server.cpu_seconds)
                     points.append(

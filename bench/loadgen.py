@@ -1,6 +1,7 @@
 """Closed-loop load on one unary gRPC method, from several client processes.
 
-Each client process owns one grpc.aio channel (one HTTP/2 connection) and runs its share of the
+Each client process owns one grpc.aio channel (one HTTP/2 connection; `connections` of them
+for a server with several worker processes behind one port) and runs its share of the
 concurrency as coroutines that send the same pre-serialized request back to back. Requests and
 replies stay bytes (the channel has no serializers), so client-side protobuf work is out of the
 measurement. All processes share one schedule on the system-wide monotonic clock: a warm-up,
@@ -10,8 +11,10 @@ then a measurement window in which every completed request is counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import multiprocessing
+import os
 import queue
 import signal
 import time
@@ -70,12 +73,21 @@ class LoadSpec:
     warmup_s: float
     duration_s: float
     """Length of the measurement window."""
+    connections: int = 1
+    """Channels (HTTP/2 connections) per client process, its coroutines taking them in turn:
+    a server of several processes on one port (SO_REUSEPORT) gets connections, not calls,
+    spread over its processes."""
+    client_cpus: tuple[int, ...] = ()
+    """CPUs the client processes are pinned to (empty: no pinning), to keep them off the
+    server's cores on a machine with more."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients <= self.concurrency:
             raise ValueError(
                 f"need 1 <= clients <= concurrency, got {self.clients} and {self.concurrency}"
             )
+        if self.connections < 1:
+            raise ValueError(f"need connections >= 1, got {self.connections}")
         if self.warmup_s < 0 or self.duration_s <= 0:
             raise ValueError("warm-up must be >= 0 s and the window > 0 s")
 
@@ -228,6 +240,8 @@ def _client_process(
     # clients itself, so they need not print a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        if spec.client_cpus:
+            os.sched_setaffinity(0, spec.client_cpus)
         tally = asyncio.run(_client(spec, share, messages, start_signal, start_ns))
     except Exception as exc:  # reported, not raised: the parent reads only the queue
         messages.put(("failed", f"{type(exc).__name__}: {exc}"))
@@ -243,18 +257,32 @@ async def _client(
     start_ns: c_int64,
 ) -> ClientTally:
     # Replies as large as the server may send (the shared_memory scenario's are 4 MiB, grpc's
-    # default limit).
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
-        call = channel.unary_unary(spec.method, request_serializer=None, response_deserializer=None)
-        try:
-            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
-        except TimeoutError:
-            raise ConnectionError(f"cannot connect to {spec.target}") from None
-        # One checked reply per client and trial: a server that answers wrongly cannot look
-        # fast. Later replies are only compared with this one (both servers are deterministic).
-        expected: bytes = await call(spec.request, timeout=CONNECT_TIMEOUT_S)
-        spec.check(spec.request, expected)
+    # default limit); a subchannel pool per channel, or grpc would share one connection.
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        calls = []
+        for _ in range(spec.connections):
+            channel = await stack.enter_async_context(
+                grpc.aio.insecure_channel(spec.target, options=options)
+            )
+            try:
+                await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+            except TimeoutError:
+                raise ConnectionError(f"cannot connect to {spec.target}") from None
+            calls.append(
+                channel.unary_unary(
+                    spec.method, request_serializer=None, response_deserializer=None
+                )
+            )
+        # One checked reply per connection and trial (each may reach another server process):
+        # a server that answers wrongly cannot look fast. Later replies are only compared
+        # with the first (the servers are deterministic).
+        expected: bytes = await calls[0](spec.request, timeout=CONNECT_TIMEOUT_S)
+        for call in calls:
+            spec.check(spec.request, await call(spec.request, timeout=CONNECT_TIMEOUT_S))
         messages.put(("ready", None))
         if not await asyncio.to_thread(start_signal.wait, CLIENT_START_TIMEOUT_S):
             raise TimeoutError("no start signal from the benchmark process")
@@ -268,9 +296,16 @@ async def _client(
         tally = ClientTally()
         workers = [
             asyncio.create_task(
-                _worker(call, spec.request, expected, window_start_ns, window_end_ns, tally)
+                _worker(
+                    calls[index % len(calls)],
+                    spec.request,
+                    expected,
+                    window_start_ns,
+                    window_end_ns,
+                    tally,
+                )
             )
-            for _ in range(share)
+            for index in range(share)
         ]
         await _sleep_until_perf(window_start_ns)
         cpu_start = time.process_time()
