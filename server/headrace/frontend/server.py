@@ -21,6 +21,10 @@ from headrace.protocol.descriptor_pool import POOL
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LIVENESS_SERVICE = "liveness"
+"""grpc.health.v1 service name that is SERVING from start-up until shutdown begins, whatever
+the models' readiness: for liveness probes, which must not restart a gateway because the
+Triton behind it is down (readiness, service "", does follow the models)."""
 
 _logger = logging.getLogger(__name__)
 
@@ -112,6 +116,7 @@ class FrontendServer:
                 f"cannot listen on {address}: address in use or unavailable"
             ) from exc
         await self._server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
