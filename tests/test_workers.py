@@ -232,6 +232,9 @@ def test_load_reaches_every_worker_and_metrics_sum_over_them(two_workers: Superv
     duration = "headrace_request_duration_seconds_count"
     assert _value(after, duration, **model) - _value(before, duration, **model) == sent
     assert _value(after, "headrace_workers") == 2
+    for worker in ("0", "1"):
+        assert _value(after, "headrace_worker_cpu_seconds_total", worker=worker) > 0
+        assert _value(after, "headrace_worker_resident_memory_bytes", worker=worker) > 0
     # A live-summed gauge: one series for the host, not one per process.
     depth = [key for key in after if key[0] == "headrace_queue_depth"]
     assert depth

@@ -241,11 +241,15 @@ class Supervisor:
         metrics_dir = directory / "metrics"
         metrics_dir.mkdir()
         self._metrics_dir = str(metrics_dir)
-        host_metrics = HostMetrics(self._metrics_dir)
+        host_metrics = HostMetrics(self._metrics_dir, self._worker_pids)
         self._host_metrics = host_metrics
         metrics_server = MetricsServer(self.settings.metrics, host_metrics.registry)
         self.metrics_port = metrics_server.start()
         return metrics_server
+
+    def _worker_pids(self) -> dict[int, int]:
+        # Called from the metrics server's thread: copy first (one step under the GIL).
+        return {index: worker.process.pid for index, worker in dict(self._live).items()}
 
     async def _wait_started(self) -> None:
         ready = asyncio.create_task(self._all_ready.wait())

@@ -14,13 +14,18 @@ over workers, gauges as their `multiprocess_mode` says.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from headrace.config import MetricsSettings
 from headrace.errors import StartupError
@@ -172,15 +177,52 @@ class ModelMetrics(RequestMetrics):
         self._queue_depth.set(depth)
 
 
+class WorkerProcessCollector(Collector):
+    """CPU time and resident memory of each worker process, read from /proc at scrape time
+    (the per-process `process_*` series cannot be summed over processes meaningfully)."""
+
+    def __init__(self, pids: Callable[[], Mapping[int, int]]) -> None:
+        """`pids`: worker index -> pid of the workers alive now."""
+        self._pids = pids
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK")
+        self._page_bytes = os.sysconf("SC_PAGE_SIZE")
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            "headrace_worker_cpu_seconds",
+            "User and system CPU time of each worker process (restarts from 0 with the worker).",
+            labels=["worker"],
+        )
+        memory = GaugeMetricFamily(
+            "headrace_worker_resident_memory_bytes",
+            "Resident memory of each worker process.",
+            labels=["worker"],
+        )
+        for index, pid in sorted(self._pids().items()):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:  # exited since
+                continue
+            # The command name (field 2) may hold spaces; the fields after its ')' do not.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+            cpu.add_metric([str(index)], ticks / self._ticks_per_s)
+            memory.add_metric([str(index)], int(fields[21]) * self._page_bytes)  # rss: 24
+        yield cpu
+        yield memory
+
+
 class HostMetrics:
     """What the supervisor of `headrace serve --workers N` serves at /metrics: every worker's
     instruments read from the multiprocess directory `path` (summed over workers; gauges by
-    their `multiprocess_mode`), plus the supervisor's own: live workers and restarts."""
+    their `multiprocess_mode`), the supervisor's own (live workers, restarts) and each
+    worker's CPU and memory (`worker_pids`: worker index -> pid, called at scrape time)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, worker_pids: Callable[[], Mapping[int, int]]) -> None:
         self.path = path
         self.registry = CollectorRegistry(auto_describe=True)
         MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
+        self.registry.register(WorkerProcessCollector(worker_pids))
         self.workers = Gauge(
             "headrace_workers",
             "Worker processes serving now (started and not yet exited).",
