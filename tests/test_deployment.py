@@ -19,6 +19,7 @@ import yaml
 
 from headrace.config import load_settings
 from headrace.frontend.server import LIVENESS_SERVICE
+from headrace.workers import STOP_MARGIN_S
 from tests.conftest import ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -336,6 +336,8 @@ class Supervisor:
         supervisor_end.setblocking(False)
         worker = _Worker(index, process, supervisor_end, asyncio.get_running_loop().time())
         self._live[index] = worker
+        if self._stop.is_set():  # stop came while it was being started: SIGTERM missed it
+            process.send_signal(signal.SIGTERM)
         return worker
 
     async def _wait_ready(self, worker: _Worker) -> bool:
