@@ -118,10 +118,12 @@ def test_the_configmap_holds_a_valid_headrace_config(tmp_path: Path) -> None:
     assert annotations["prometheus.io/port"] == str(settings.metrics.port)
     # One worker per requested core.
     assert settings.server.workers == int(container["resources"]["requests"]["cpu"])
-    # The drain fits in the pod's termination grace period, after the preStop pause.
+    # The drain, and the supervisor's margin before it kills a stuck worker, fit in the pod's
+    # termination grace period after the preStop pause.
     pod = _find("Deployment", "headrace")["spec"]["template"]["spec"]
     pause_s = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert settings.server.shutdown_grace_period_s + pause_s < pod["terminationGracePeriodSeconds"]
+    stop_s = settings.server.shutdown_grace_period_s + STOP_MARGIN_S
+    assert pause_s + stop_s < pod["terminationGracePeriodSeconds"]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
     config_env = next(e for e in container["env"] if e["name"] == "HEADRACE_CONFIG")
     assert config_env["value"] == f"{mount['mountPath']}/headrace.yaml"
