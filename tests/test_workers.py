@@ -27,6 +27,7 @@ from headrace.errors import StartupError
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from headrace.workers import available_cores, reserve_port
+from tests.frontend.test_tls import Authority
 
 LISTENING = re.compile(r"listening on \S+:(\d+), (\d+) workers \(pids ([\d, ]+)\)")
 METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
@@ -292,6 +293,45 @@ def test_sigint_also_stops_every_worker() -> None:
     supervised = _serving(_start("--workers", "2", metrics=False))
     assert _stop(supervised, signal.SIGINT) == 0, supervised.log
     assert _wait_gone(supervised.pids) == []
+
+
+def _live_over_tls(port: int, trusted_ca: bytes) -> bool:
+    credentials = grpc.ssl_channel_credentials(trusted_ca)
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        return stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+
+
+def test_sighup_reloads_tls_in_every_worker(tmp_path: Path) -> None:
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    first = Authority("first CA")
+    issued = first.issue("headrace", server=True)
+    cert.write_bytes(issued.cert)
+    key.write_bytes(issued.key)
+    config = tmp_path / "tls.yaml"
+    config.write_text(f"server:\n  tls: {{cert_file: {cert}, key_file: {key}}}\n")
+    supervised = _serving(_start("--workers", "2", "--config", str(config), metrics=False))
+    try:
+        assert _live_over_tls(supervised.port, first.pem)
+        renewed = Authority("renewed CA")
+        issued = renewed.issue("headrace", server=True)
+        cert.write_bytes(issued.cert)
+        key.write_bytes(issued.key)
+        mark = len(supervised.lines)
+        supervised.process.send_signal(signal.SIGHUP)
+        reloaded = re.compile(r"TLS certificate reloaded")
+        supervised.wait_for(reloaded, mark)
+        deadline = time.monotonic() + WAIT_S
+        while len(reloaded.findall("".join(supervised.lines[mark:]))) < 2:  # one per worker
+            assert time.monotonic() < deadline, supervised.log
+            time.sleep(0.05)
+        # New connections, wherever the kernel puts them, get the new certificate.
+        assert all(_live_over_tls(supervised.port, renewed.pem) for _ in range(CONNECTIONS))
+        with pytest.raises(grpc.RpcError):
+            _live_over_tls(supervised.port, first.pem)
+    finally:
+        assert _stop(supervised) == 0, supervised.log
 
 
 def test_workers_stop_when_the_supervisor_is_killed() -> None:
