@@ -3,6 +3,7 @@ processes on one port, real signals, /metrics scraped as Prometheus would."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -26,7 +27,7 @@ from headrace.config import ENV_WORKER_ID, load_settings
 from headrace.errors import StartupError
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
-from headrace.workers import available_cores, reserve_port
+from headrace.workers import available_cores, cgroup_cpu_quota, reserve_port
 from tests.frontend.test_tls import Authority
 
 LISTENING = re.compile(r"listening on \S+:(\d+), (\d+) workers \(pids ([\d, ]+)\)")
@@ -398,6 +399,28 @@ def test_the_supervisor_reports_a_port_in_use_and_exits_1() -> None:
 
 def test_available_cores_is_within_the_affinity() -> None:
     assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_a_container_cpu_limit_caps_the_default_workers(
+    tmp_path: Path, files: dict[str, str], quota: float | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+    cores = len(os.sched_getaffinity(0))
+    expected = cores if quota is None else min(cores, math.ceil(quota))
+    assert available_cores(tmp_path) == expected
 
 
 def test_the_worker_id_variable_is_not_a_settings_override() -> None:

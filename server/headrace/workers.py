@@ -66,24 +66,27 @@ EXIT_STARTUP_ERROR = 1
 _logger = logging.getLogger(__name__)
 
 
-def available_cores() -> int:
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
     container's CPU limit), rounded up; at least 1."""
     cores = len(os.sched_getaffinity(0))
-    quota = _cgroup_cpu_quota()
+    quota = cgroup_cpu_quota(cgroup_root)
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))
     return cores
 
 
-def _cgroup_cpu_quota() -> float | None:
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
     """CPUs' worth of time per period the cgroup allows (cgroup v2 `cpu.max`, else v1
-    `cpu.cfs_quota_us`); None without a limit."""
+    `cpu/cpu.cfs_quota_us`); None without a limit or a readable cgroup."""
     with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = (cgroup_root / "cpu.max").read_text().split()
         return None if quota == "max" else int(quota) / int(period)
     with contextlib.suppress(OSError, ValueError):
-        v1 = Path("/sys/fs/cgroup/cpu")
+        v1 = cgroup_root / "cpu"
         quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
         period_us = int((v1 / "cpu.cfs_period_us").read_text())
         return None if quota_us <= 0 else quota_us / period_us
