@@ -15,7 +15,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, Protocol
 
-from bench import frontend, gpu_sim, open_loop, plot, shared_memory, stream, telemetry, triton
+from bench import (
+    frontend,
+    gpu_sim,
+    open_loop,
+    plot,
+    shared_memory,
+    stream,
+    telemetry,
+    triton,
+    workers,
+)
 from bench.loadgen import LoadError
 from bench.machine import describe_machine
 
@@ -80,6 +90,7 @@ def _scenarios() -> dict[str, Scenario]:
         triton,
         shared_memory,
         telemetry,
+        workers,
     )
     return {module.__name__.rpartition(".")[2]: module for module in modules}
 

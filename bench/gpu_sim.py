@@ -18,7 +18,7 @@ from typing import Any
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import WORKERS_VARIABLE, ServerProcess
 from bench.sweep import SweepOptions, divide, number, summarize, table
 from bench.sweep import add_arguments as add_arguments  # the scenario's options: a sweep's
 from bench.sweep import options_from as options_from
@@ -55,7 +55,10 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     # Metrics on (they cost nothing measurable, see the telemetry scenario): each window's
     # mean batch size and queue/backend time come from the server's own /metrics.
     server = ServerProcess(
-        "headrace", argv, results_dir / f"gpu_sim-{stamp}-headrace.log", METRICS_ENVIRONMENT
+        "headrace",
+        argv,
+        results_dir / f"gpu_sim-{stamp}-headrace.log",
+        {**METRICS_ENVIRONMENT, WORKERS_VARIABLE: str(options.headrace_workers)},
     )
     points: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -73,6 +76,7 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
                         clients=min(options.clients, concurrency),
                         warmup_s=options.warmup_s,
                         duration_s=options.duration_s,
+                        connections=options.connections,
                     )
                     load = run_load(
                         spec, meter=server.cpu_seconds, metrics_url=server.metrics_url()

@@ -1,7 +1,8 @@
 """Load on one gRPC method, from several client processes: closed loop or open loop.
 
-Each client process owns one grpc.aio channel (one HTTP/2 connection). Requests and replies
-stay bytes (the channel has no serializers), so client-side protobuf work is out of the
+Each client process owns one grpc.aio channel (one HTTP/2 connection; `connections` of them
+for a server with several worker processes behind one port). Requests and replies stay bytes
+(the channels have no serializers), so client-side protobuf work is out of the
 measurement. All processes share one schedule on the system-wide monotonic clock: a warm-up,
 then a measurement window.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import queue
 import signal
 import time
@@ -91,12 +93,21 @@ class LoadSpec:
     streaming: bool = False
     """`method` is a bidirectional streaming method (ModelStreamInfer): one stream per
     coroutine, one message in flight on it. Closed loop only."""
+    connections: int = 1
+    """Channels (HTTP/2 connections) per client process, its coroutines taking them in turn:
+    a server of several processes on one port (SO_REUSEPORT) gets connections, not calls,
+    spread over its processes."""
+    client_cpus: tuple[int, ...] = ()
+    """CPUs the client processes are pinned to (empty: no pinning), to keep them off the
+    server's cores on a machine with more."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients <= self.concurrency:
             raise ValueError(
                 f"need 1 <= clients <= concurrency, got {self.clients} and {self.concurrency}"
             )
+        if self.connections < 1:
+            raise ValueError(f"need connections >= 1, got {self.connections}")
         if self.warmup_s < 0 or self.duration_s <= 0:
             raise ValueError("warm-up must be >= 0 s and the window > 0 s")
         if self.arrival_rate_per_s is not None and self.arrival_rate_per_s <= 0:
@@ -300,6 +311,8 @@ def _client_process(
     # clients itself, so they need not print a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        if spec.client_cpus:
+            os.sched_setaffinity(0, spec.client_cpus)
         tally = asyncio.run(_client(spec, index, share, messages, start_signal, start_ns))
     except Exception as exc:  # reported, not raised: the parent reads only the queue
         messages.put(("failed", f"{type(exc).__name__}: {exc}"))
@@ -320,29 +333,49 @@ async def _client(
     start_ns: c_int64,
 ) -> ClientTally:
     # Replies as large as the server may send (the shared_memory scenario's are 4 MiB, grpc's
-    # default limit).
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
-        try:
-            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
-        except TimeoutError:
-            raise ConnectionError(f"cannot connect to {spec.target}") from None
+    # default limit); a subchannel pool per channel, or grpc would share one connection.
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        channels = []
+        for _ in range(spec.connections):
+            channel = await stack.enter_async_context(
+                grpc.aio.insecure_channel(spec.target, options=options)
+            )
+            try:
+                await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+            except TimeoutError:
+                raise ConnectionError(f"cannot connect to {spec.target}") from None
+            channels.append(channel)
+        # Coroutines take the connections in turn.
+        streams: list[_StreamCaller] = []
         if spec.streaming:
-            stream = channel.stream_stream(
-                spec.method, request_serializer=None, response_deserializer=None
-            )
-            # Called with no request iterator: messages are written one at a time.
-            streams = [_StreamCaller(lambda: stream(None)) for _ in range(share)]
+            for number in range(share):
+                stream = channels[number % len(channels)].stream_stream(
+                    spec.method, request_serializer=None, response_deserializer=None
+                )
+                # Called with no request iterator: messages are written one at a time.
+                streams.append(_StreamCaller(lambda stream=stream: stream(None)))
             calls: list[Call] = [caller.call for caller in streams]
+            checked = calls[: len(channels)]
         else:
-            unary = channel.unary_unary(
-                spec.method, request_serializer=None, response_deserializer=None
-            )
-            calls = [unary] * share
-        # One checked reply per client and trial: a server that answers wrongly cannot look
-        # fast. Later replies are only compared with this one (both servers are deterministic).
+            unaries = [
+                channel.unary_unary(
+                    spec.method, request_serializer=None, response_deserializer=None
+                )
+                for channel in channels
+            ]
+            calls = [unaries[number % len(unaries)] for number in range(share)]
+            checked = list(unaries)
+        # One checked reply per connection and trial (each may reach another server process):
+        # a server that answers wrongly cannot look fast. Later replies are only compared
+        # with the first (the servers are deterministic).
         expected: bytes = await asyncio.wait_for(calls[0](spec.request), CONNECT_TIMEOUT_S)
         spec.check(spec.request, expected)
+        for call in checked[1:]:
+            spec.check(spec.request, await asyncio.wait_for(call(spec.request), CONNECT_TIMEOUT_S))
         messages.put(("ready", None))
         if not await asyncio.to_thread(start_signal.wait, CLIENT_START_TIMEOUT_S):
             raise TimeoutError("no start signal from the benchmark process")

@@ -19,6 +19,10 @@ LISTENING_PATTERN = re.compile(r"listening on \S+?:(\d+),")
 METRICS_PATTERN = re.compile(r"metrics on (http://\S+/metrics)")
 """Headrace's start-up line for its Prometheus endpoint (metrics on)."""
 
+WORKERS_VARIABLE = "HEADRACE_SERVER__WORKERS"
+SINGLE_PROCESS = {WORKERS_VARIABLE: "1"}
+"""Headrace runs one process per core by default; scenarios measure one process unless they
+ask for more (and `cpu_seconds` counts a supervisor's workers too)."""
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 _POLL_INTERVAL_S = 0.05
@@ -34,12 +38,16 @@ class ServerProcess:
         argv: Sequence[str],
         log_path: Path,
         environment: Mapping[str, str] | None = None,
+        cpus: Sequence[int] = (),
     ) -> None:
-        """`environment` is added to this process's own (HEADRACE_* settings overrides)."""
+        """`environment` is added to this process's own (HEADRACE_* settings overrides; a
+        single Headrace process unless it sets HEADRACE_SERVER__WORKERS). `cpus`: pin the
+        server and every process it starts to these CPUs (empty: no pinning)."""
         self.name = name
         self.argv = tuple(argv)
         self.log_path = log_path
-        self.environment = dict(environment or {})
+        self.environment = {**SINGLE_PROCESS, **(environment or {})}
+        self.cpus = tuple(cpus)
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -57,8 +65,9 @@ class ServerProcess:
         """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
+            pinning = ["taskset", "--cpu-list", ",".join(map(str, self.cpus))] if self.cpus else []
             self._process = subprocess.Popen(
-                self.argv,
+                [*pinning, *self.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -89,12 +98,24 @@ class ServerProcess:
         return match.group(1)
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the server has used so far, all its threads together."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        # The command name (field 2) may hold spaces; the fields after its ')' do not.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        user_ticks, system_ticks = int(fields[11]), int(fields[12])  # fields 14 and 15
-        return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
+        """User plus system CPU time the server has used so far, all its threads and live
+        child processes (a supervisor's workers) together."""
+        total = 0.0
+        pending = [self.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+                for task in tasks:
+                    pending += [int(child) for child in (task / "children").read_text().split()]
+            except FileNotFoundError:  # exited meanwhile
+                continue
+            # The command name (field 2) may hold spaces; the fields after its ')' do not.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            user_ticks, system_ticks = int(fields[11]), int(fields[12])  # fields 14 and 15
+            total += (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM, then SIGKILL if the server has not exited within `timeout_s`; idempotent."""

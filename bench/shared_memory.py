@@ -38,7 +38,7 @@ import yaml
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, percentile, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import WORKERS_VARIABLE, ServerProcess
 from bench.sweep import SweepOptions
 from bench.sweep import add_arguments as sweep_arguments
 from bench.sweep import options_from as options_from
@@ -127,7 +127,8 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
         argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config)]
         argv += ["--host", HOST, "--port", "0"]
         log = results_dir / f"shared_memory-{stamp}-headrace.log"
-        server = stack.enter_context(ServerProcess("headrace", argv, log))
+        workers = {WORKERS_VARIABLE: str(options.headrace_workers)}
+        server = stack.enter_context(ServerProcess("headrace", argv, log, workers))
         for concurrency in options.concurrencies:
             for trial in range(options.trials):
                 order = SIDES if trial % 2 == 0 else SIDES[::-1]
@@ -142,6 +143,7 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
                         clients=min(options.clients, concurrency),
                         warmup_s=options.warmup_s,
                         duration_s=options.duration_s,
+                        connections=options.connections,
                     )
                     # Headrace's CPU; none on the direct side, which Headrace does not see.
                     load = run_load(spec, meter=(lambda: 0.0) if direct else server.cpu_seconds)

@@ -23,6 +23,10 @@ class SweepOptions:
     """Client processes (at most the concurrency)."""
     elements: int = 16
     """FP32 values in INPUT0 (batch 1)."""
+    headrace_workers: int = 1
+    """Headrace worker processes (`headrace serve --workers N`)."""
+    connections: int = 1
+    """Connections per client process (several reach several Headrace workers)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: SweepOptions | None = None) -> None:
@@ -39,6 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: SweepOptions | None
     parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
     parser.add_argument("--clients", type=int, default=defaults.clients)
     parser.add_argument("--elements", type=int, default=defaults.elements)
+    parser.add_argument(
+        "--headrace-workers",
+        type=int,
+        default=defaults.headrace_workers,
+        help="Headrace worker processes (serve --workers N); use with --connections",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=defaults.connections,
+        help="connections per client process, the same on every side",
+    )
 
 
 def options_from(arguments: argparse.Namespace) -> SweepOptions:
@@ -54,8 +70,11 @@ def options_from(arguments: argparse.Namespace) -> SweepOptions:
         warmup_s=arguments.warmup_s,
         clients=arguments.clients,
         elements=arguments.elements,
+        headrace_workers=arguments.headrace_workers,
+        connections=arguments.connections,
     )
-    if min(options.trials, options.clients, options.elements, *options.concurrencies) < 1:
+    counts = (options.headrace_workers, options.connections, *options.concurrencies)
+    if min(options.trials, options.clients, options.elements, *counts) < 1:
         raise ValueError("counts and concurrencies must be >= 1")
     if options.warmup_s < 0 or options.duration_s <= 0:
         raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")

@@ -151,3 +151,14 @@ def test_shared_memory_scenario_runs() -> None:
     for point in report["points"]:
         assert point["completed"] > 0
         assert not point["errors"]
+
+
+def test_workers_scenario_runs() -> None:
+    output, report = _run("workers", *QUICK, "--concurrency", "4", "--connections", "2")
+    assert "2 workers / 1 worker requests/s" in output
+    assert [trial["workers"] for trial in report["trials"]] == [1, 2]
+    for trial in report["trials"]:
+        assert trial["load"]["completed"] > 0
+        assert not trial["load"]["errors"]
+        # The meter counts the supervisor's workers too: a server that answered used CPU.
+        assert trial["server_cpu_ms_per_request"] > 0
