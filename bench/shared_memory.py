@@ -8,8 +8,12 @@ config has two entries for Triton's `identity` model: `identity_shm` with
 alternates between trials. Only the Headrace -> Triton hop changes: the client still sends and
 receives the tensor as bytes over gRPC to Headrace.
 
-So the scenario also measures that hop alone: Headrace's `TritonBackend`, in the bench process,
-calling the same Triton with the same two model entries, without the front end or a client.
+At each point a third side sends the same tensor from the client straight to Triton's
+`identity` (bytes, no Headrace): what the gateway adds to a large request.
+
+The scenario also measures the Headrace -> Triton hop alone: Headrace's `TritonBackend`, in
+the bench process, calling the same Triton with the same two model entries, without the front
+end or a client.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import yaml
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, percentile, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import WORKERS_VARIABLE, ServerProcess
 from bench.sweep import SweepOptions
 from bench.sweep import add_arguments as sweep_arguments
 from bench.sweep import options_from as options_from
@@ -49,11 +53,14 @@ from headrace.protocol.datatypes import DATATYPES
 from headrace.protocol.placement import Placement
 from headrace.spec import ModelSpec
 
-SUMMARY = "4 MiB FP32 tensors to a local Triton: shared memory vs bytes"
+SUMMARY = "4 MiB FP32 tensors to a local Triton: shared memory vs bytes, and Triton directly"
 SHARED = "identity_shm"
 BYTES = "identity_bytes"
+DIRECT = "triton_direct"
+"""The client straight to Triton's `identity`, bytes, no Headrace: what Headrace adds."""
 MODELS = (SHARED, BYTES)
-LABELS = {SHARED: "shared memory", BYTES: "bytes"}
+SIDES = (SHARED, BYTES, DIRECT)
+LABELS = {SHARED: "shared memory", BYTES: "bytes", DIRECT: "none: client -> Triton directly"}
 GOAL_RATIO = 2.0
 """Shared-memory over bytes requests/s, at every concurrency."""
 MIB = 1024 * 1024
@@ -120,22 +127,26 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
         argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config)]
         argv += ["--host", HOST, "--port", "0"]
         log = results_dir / f"shared_memory-{stamp}-headrace.log"
-        server = stack.enter_context(ServerProcess("headrace", argv, log))
+        workers = {WORKERS_VARIABLE: str(options.headrace_workers)}
+        server = stack.enter_context(ServerProcess("headrace", argv, log, workers))
         for concurrency in options.concurrencies:
             for trial in range(options.trials):
-                order = MODELS if trial % 2 == 0 else MODELS[::-1]
+                order = SIDES if trial % 2 == 0 else SIDES[::-1]
                 for model in order:
+                    direct = model == DIRECT
                     spec = LoadSpec(
-                        target=f"{HOST}:{server.port}",
+                        target=triton.address if direct else f"{HOST}:{server.port}",
                         method=METHOD,
-                        request=identity_request(options.elements, model),
+                        request=identity_request(options.elements, "identity" if direct else model),
                         check=check_identity_reply,
                         concurrency=concurrency,
                         clients=min(options.clients, concurrency),
                         warmup_s=options.warmup_s,
                         duration_s=options.duration_s,
+                        connections=options.connections,
                     )
-                    load = run_load(spec, meter=server.cpu_seconds)
+                    # Headrace's CPU; none on the direct side, which Headrace does not see.
+                    load = run_load(spec, meter=(lambda: 0.0) if direct else server.cpu_seconds)
                     points.append(
                         {"model": model, "concurrency": concurrency, "trial": trial, **asdict(load)}
                     )
@@ -147,17 +158,24 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
                     )
         client_points = asyncio.run(_measure_client_shared(f"{HOST}:{server.port}", options))
         hop_points = asyncio.run(_measure_hop(triton.address, options))
-    summary = _summary(points, options.concurrencies)
-    hop_summary = _summary(hop_points, options.concurrencies)
+    summary = _summary(points, options.concurrencies, SIDES)
+    hop_summary = _summary(hop_points, options.concurrencies, MODELS)
     ratios = {
         concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
+        for concurrency, models in summary.items()
+    }
+    vs_direct = {
+        concurrency: {
+            model: _divide(models[model]["requests_per_s"], models[DIRECT]["requests_per_s"])
+            for model in MODELS
+        }
         for concurrency, models in summary.items()
     }
     hop_ratios = {
         concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
         for concurrency, models in hop_summary.items()
     }
-    client_summary = _summary(client_points, options.concurrencies)
+    client_summary = _summary(client_points, options.concurrencies, MODELS)
     client_ratios = {
         concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
         for concurrency, models in client_summary.items()
@@ -170,6 +188,7 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
         "points": points,
         "summary": summary,
         "ratios": ratios,
+        "vs_direct": vs_direct,
         "hop_points": hop_points,
         "hop_summary": hop_summary,
         "hop_ratios": hop_ratios,
@@ -360,11 +379,13 @@ def _divide(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
 
-def _summary(points: list[dict[str, Any]], concurrencies: tuple[int, ...]) -> dict[str, Any]:
+def _summary(
+    points: list[dict[str, Any]], concurrencies: tuple[int, ...], sides: tuple[str, ...]
+) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for concurrency in concurrencies:
         summary[str(concurrency)] = {}
-        for model in MODELS:
+        for model in sides:
             mine = [p for p in points if p["model"] == model and p["concurrency"] == concurrency]
             errors: dict[str, int] = {}
             for point in mine:
@@ -377,7 +398,9 @@ def _summary(points: list[dict[str, Any]], concurrencies: tuple[int, ...]) -> di
                 "requests_per_s": statistics.median(p["requests_per_s"] for p in mine),
                 "p50_ms": statistics.median(latencies["p50_ms"]) if latencies["p50_ms"] else None,
                 "p99_ms": statistics.median(latencies["p99_ms"]) if latencies["p99_ms"] else None,
-                "server_cpu_ms_per_request": statistics.median(
+                "server_cpu_ms_per_request": None
+                if model == DIRECT
+                else statistics.median(
                     p["metered"] * 1000 / p["completed"] if p["completed"] else 0.0 for p in mine
                 ),
                 "errors": errors,
@@ -407,7 +430,7 @@ def render(report: dict[str, Any]) -> str:
         "|--:|---|--:|--:|--:|--:|--:|",
     ]
     for concurrency, models in report["summary"].items():
-        for model in MODELS:
+        for model in SIDES if DIRECT in models else MODELS:
             point = models[model]
             errors = ", ".join(f"{code} {n}" for code, n in point["errors"].items()) or "0"
             lines.append(
@@ -423,9 +446,16 @@ def render(report: dict[str, Any]) -> str:
         f"concurrency {concurrency}: {_number(ratio, 2)}x"
         for concurrency, ratio in report["hop_ratios"].items()
     )
+    vs_direct = ", ".join(
+        f"concurrency {concurrency}: shared memory {_number(by_model[SHARED], 2)}, bytes "
+        f"{_number(by_model[BYTES], 2)}"
+        for concurrency, by_model in report.get("vs_direct", {}).items()
+    )
     lines += [
         "",
         f"**Shared memory / bytes requests/s: {ratios}** (goal >= {report['goal_ratio']:g}x).",
+        "",
+        f"Through Headrace / client -> Triton directly (bytes), requests/s: {vs_direct}.",
         "",
         "The Headrace -> Triton hop alone (`TritonBackend.infer` in the bench process, no front "
         "end, no client; CPU is the bench process's):",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import TracebackType
 
 from prometheus_client import CollectorRegistry
@@ -45,10 +46,15 @@ class Application:
     metrics server stops -> tracing flushes what is queued and shuts down.
 
     Usable as an async context manager: `async with Application(settings) as app: app.port`.
+
+    `worker_id` is set when this is one of the worker processes of `headrace serve --workers
+    N` (headrace.workers): the port is shared with the other workers (SO_REUSEPORT), and
+    metrics are recorded for the supervisor, which serves /metrics for the host.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker_id: int | None = None) -> None:
         self.settings = settings
+        self.worker_id = worker_id
         local = [model for model in settings.models if isinstance(model, LocalModelSettings)]
         triton = [model for model in settings.models if isinstance(model, TritonModelSettings)]
         self._backends: list[Backend] = [LocalBackend(local, settings.local_backend)]
@@ -63,7 +69,7 @@ class Application:
         self._health_task: asyncio.Task[None] | None = None
         self.tracing: Tracing | None = None
         """The tracer provider, from start-up until shutdown; None when tracing is off."""
-        self.metrics: Metrics | None = Metrics() if settings.metrics.enabled else None
+        self.metrics: Metrics | None = Metrics(worker_id or 0) if settings.metrics.enabled else None
         self.shared_memory: SystemSharedMemoryRegistry | None = (
             SystemSharedMemoryRegistry() if settings.server.system_shared_memory else None
         )
@@ -107,7 +113,12 @@ class Application:
                         traced_methods(self.settings.tracing.trace_health),
                     )
                 )
-            self._frontend = FrontendServer(self.settings.server, servicer, interceptors)
+            self._frontend = FrontendServer(
+                self.settings.server,
+                servicer,
+                interceptors,
+                reuse_port=self.worker_id is not None,
+            )
             self.port = await self._frontend.start()
         except BaseException:
             await self.stop(grace_s=0)
@@ -120,9 +131,21 @@ class Application:
         models = ", ".join(
             f"{served.spec.name}:{served.spec.version}" for served in self.repository.models()
         )
-        _logger.info(
-            "listening on %s:%d, serving %s", self.settings.server.host, self.port, models or "-"
-        )
+        if self.worker_id is None:
+            _logger.info(
+                "listening on %s:%d, serving %s",
+                self.settings.server.host,
+                self.port,
+                models or "-",
+            )
+        else:  # the supervisor says "listening" once every worker is
+            _logger.info(
+                "worker %d ready on %s:%d, serving %s",
+                self.worker_id,
+                self.settings.server.host,
+                self.port,
+                models or "-",
+            )
         return self.port
 
     async def _follow_readiness(
@@ -200,8 +223,9 @@ class Application:
                 tracing.endpoint or "its default endpoint",
                 tracing.sample_ratio,
             )
-        if self.metrics is not None:
-            self._metrics_server = MetricsServer(self.settings.metrics, self.metrics)
+        # A worker's metrics go to the multiprocess files the supervisor serves.
+        if self.metrics is not None and self.worker_id is None:
+            self._metrics_server = MetricsServer(self.settings.metrics, self.metrics.registry)
             self.metrics_port = self._metrics_server.start()
 
     def _attach_telemetry(self, repository: ModelRepository) -> None:
@@ -282,16 +306,36 @@ class Application:
         await self.stop()
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    application = Application(settings)
+WORKER_READY = b"ready\n"
+"""What a worker sends its supervisor once it serves."""
+
+
+async def serve(
+    settings: Settings,
+    *,
+    worker_id: int | None = None,
+    supervisor: socket.socket | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    As worker `worker_id` of `headrace serve --workers N`, `supervisor` is the worker's end of
+    a socket pair with its supervisor: `WORKER_READY` goes to it once serving, and its
+    closing (the supervisor died, even by SIGKILL) stops the worker as SIGTERM does, so no
+    worker outlives its supervisor.
+    """
+    application = Application(settings, worker_id=worker_id)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, application.reload_tls)
+    if supervisor is not None:
+        # The supervisor never writes: readable means end of file.
+        loop.add_reader(supervisor.fileno(), stop_requested.set)
     try:
         await application.start()
+        if supervisor is not None:
+            supervisor.sendall(WORKER_READY)
         await stop_requested.wait()
         _logger.info(
             "shutting down: in-flight requests have %.1f s to finish",
@@ -299,6 +343,11 @@ async def serve(settings: Settings) -> None:
         )
     finally:
         await application.stop()
+        if supervisor is not None:
+            loop.remove_reader(supervisor.fileno())
         for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signal_number)
-    _logger.info("stopped")
+    if worker_id is None:
+        _logger.info("stopped")
+    else:
+        _logger.info("worker %d stopped", worker_id)
