@@ -341,8 +341,16 @@ class LocalBackendSettings(_Frozen):
     """Threads running models whose `execution` is `thread`."""
 
 
-_CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token", "aws_access_key_id",
-                    "aws_secret_access_key", "aws_session_token", "credentials", "password")
+_CREDENTIAL_KEYS = (
+    "access_key",
+    "secret_key",
+    "session_token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "credentials",
+    "password",
+)
 
 
 class LocalStoreSettings(_Frozen):
@@ -470,7 +478,11 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part not in ("local", "triton", "s3"):  # the discriminator's tag tells a reader nothing
+        elif part not in (
+            "local",
+            "triton",
+            "s3",
+        ):  # the discriminator's tag tells a reader nothing
             text += f".{part}" if text else str(part)
     return text
 

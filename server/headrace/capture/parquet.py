@@ -214,9 +214,7 @@ def _datatype(array: np.ndarray) -> Datatype:
     return found
 
 
-def _plan_columns(
-    decoded: Sequence[_Decoded], side: str
-) -> dict[str, Datatype]:
+def _plan_columns(decoded: Sequence[_Decoded], side: str) -> dict[str, Datatype]:
     """Tensor name -> datatype, first seen wins; rows that disagree become undecoded."""
     plan: dict[str, Datatype] = {}
     for row in decoded:
@@ -294,7 +292,9 @@ def _tensor_columns(
         pa.array(shape_offsets, type=pa.int32()), pa.array(shapes, type=pa.int64()), mask=mask
     )
     data_prefix, shape_prefix = (
-        (INPUT_PREFIX, INPUT_SHAPE_PREFIX) if side == "input" else (OUTPUT_PREFIX, OUTPUT_SHAPE_PREFIX)
+        (INPUT_PREFIX, INPUT_SHAPE_PREFIX)
+        if side == "input"
+        else (OUTPUT_PREFIX, OUTPUT_SHAPE_PREFIX)
     )
     return (
         pa.field(
@@ -362,9 +362,7 @@ def records_to_table(records: Sequence[CaptureRecord]) -> pa.Table:
     for side, plan in (("input", input_plan), ("output", output_plan)):
         for name, datatype in plan.items():
             tensors = [
-                None
-                if bad
-                else (row.inputs if side == "input" else row.outputs).get(name)
+                None if bad else (row.inputs if side == "input" else row.outputs).get(name)
                 for row, bad in zip(decoded, failed, strict=True)
             ]
             data_field, data, shape_field, shape = _tensor_columns(name, datatype, tensors, side)
