@@ -13,6 +13,7 @@ refused credentials or a missing bucket fail at once with `ObjectStoreAccessErro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -116,7 +117,8 @@ class LocalStore:
                 finally:
                     os.close(descriptor)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
             raise ObjectStoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
 
     def get(self, path: str) -> bytes:
