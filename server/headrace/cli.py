@@ -80,8 +80,15 @@ def _captures_parser(commands: Any) -> None:
     def common(action: argparse.ArgumentParser, model_required: bool) -> None:
         action.add_argument(
             "--store",
-            required=True,
-            help="where the captures are: a local folder or s3://bucket/prefix",
+            help="where the captures are: a local folder or s3://bucket/prefix "
+            "(default: capture.store of the config)",
+        )
+        action.add_argument(
+            "--config",
+            type=Path,
+            default=os.environ.get(ENV_CONFIG_PATH) or None,
+            help=f"YAML config whose capture.store to read without --store (default: "
+            f"${ENV_CONFIG_PATH}, else the embedded default)",
         )
         action.add_argument("--endpoint", help="S3 endpoint host:port (not AWS)")
         action.add_argument("--region", default="us-east-1", help="S3 region")

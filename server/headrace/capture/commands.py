@@ -16,6 +16,7 @@ import base64
 import csv
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,9 @@ import pyarrow.parquet as pq
 
 from headrace.capture.parquet import CaptureRow, rows_from_table
 from headrace.capture.reader import list_files, open_source, read_records, read_tables
-from headrace.errors import ObjectStoreError
+from headrace.capture.store import ObjectStore, make_store
+from headrace.config import load_settings
+from headrace.errors import ConfigError, ObjectStoreError
 from headrace.protocol.datatypes import datatype_of
 
 EXIT_FAILURE = 1
@@ -58,7 +61,7 @@ def run_captures_command(arguments: argparse.Namespace, out: TextIO | None = Non
     options = {"endpoint": arguments.endpoint, "region": arguments.region}
     options["scheme"] = arguments.scheme
     try:
-        store = open_source(arguments.store, **options)
+        store = _store(arguments, options)
         selection = (arguments.model, arguments.model_version, arguments.since, arguments.until)
         if arguments.action == "ls":
             files = list_files(store, *selection)
@@ -72,10 +75,24 @@ def run_captures_command(arguments: argparse.Namespace, out: TextIO | None = Non
             count = _export(store, selection, arguments.format, arguments.output)
             out.write(f"{count} calls written to {arguments.output}\n")
         store.close()
-    except ObjectStoreError as exc:
+    except (ObjectStoreError, ConfigError) as exc:
         print(f"headrace captures: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def _store(arguments: argparse.Namespace, options: dict[str, str]) -> ObjectStore:
+    if arguments.store is not None:
+        return open_source(arguments.store, **options)
+    settings = load_settings(arguments.config, environ=os.environ)
+    capture = getattr(settings, "capture", None)
+    store_settings = getattr(capture, "store", None)
+    if store_settings is None:
+        raise ConfigError(
+            f"no --store, and {arguments.config or 'the embedded default config'} has no "
+            "capture.store"
+        )
+    return make_store(store_settings)
 
 
 def _summary(array: np.ndarray) -> str:
