@@ -216,3 +216,43 @@ def test_response_parameters_are_kept() -> None:
 
 def _fields(record: CaptureRecord) -> dict[str, object]:
     return {name: getattr(record, name) for name in CaptureRecord.__dataclass_fields__}
+
+
+TENSOR_CHOICES = {
+    "A": np.arange(4, dtype=np.int32).reshape(2, 2),
+    "B": np.array([b"x\x00", b""], dtype=object),
+    "C": np.array([0.5], dtype=np.float16),
+    "A_as_float": np.arange(4, dtype=np.float32).reshape(2, 2),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.sets(st.sampled_from(sorted(TENSOR_CHOICES)), min_size=1),
+            st.booleans(),
+            st.sets(st.sampled_from(["OUT", "EXTRA"])),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_any_mix_of_calls_round_trips(calls: list[tuple[set[str], bool, set[str]]]) -> None:
+    """Rows with different inputs, failed calls without a response, and a tensor whose
+    datatype changes between calls all come back as sent."""
+    records, expected = [], []
+    for index, (names, answered, output_names) in enumerate(calls):
+        inputs = {name.split("_")[0]: TENSOR_CHOICES[name] for name in sorted(names)}
+        outputs = {name: np.array([index], np.uint64) for name in output_names}
+        records.append(make_record(f"r{index}", inputs, outputs if answered else None))
+        expected.append((inputs, outputs if answered else {}))
+    rows = through_parquet(records)
+    assert [row.request_id for row in rows] == [f"r{i}" for i in range(len(calls))]
+    for row, (inputs, outputs) in zip(rows, expected, strict=True):
+        assert set(row.inputs) == set(inputs)
+        for name, array in inputs.items():
+            assert_exact(row.inputs[name], array)
+        assert set(row.outputs) == set(outputs)
+        for name, array in outputs.items():
+            assert_exact(row.outputs[name], array)

@@ -234,6 +234,10 @@ class SeaweedFS:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-s3.config={identities}",
+            # Its Unix sockets go to our folder rather than /tmp, where a killed weed leaves
+            # them behind.
+            f"-filer.localSocket={self._folder / 'filer.sock'}",
+            f"-s3.localSocket={self._folder / 's3.sock'}",
         ]
         self._log = self.log_path.open("ab")
         self._log.write(f"+ {' '.join(command)}\n".encode())
@@ -308,10 +312,15 @@ class SeaweedFS:
         self._terminate()
 
     def close(self) -> None:
-        """Stop weed and remove the folders it created; idempotent."""
+        """Stop weed and remove the folders and sockets it created; idempotent."""
         self._terminate()
         with contextlib.suppress(OSError):
             shutil.rmtree(self._folder)
+        # The gRPC services' Unix sockets have no flag: weed puts them in /tmp by port.
+        for port in self._ports or ():
+            for service in ("master", "volume", "filer", "s3"):
+                socket_path = Path(f"/tmp/seaweedfs-{service}-grpc-{port + GRPC_PORT_OFFSET}.sock")
+                socket_path.unlink(missing_ok=True)
 
     def __enter__(self) -> SeaweedFS:
         try:
