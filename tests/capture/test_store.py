@@ -72,6 +72,21 @@ def test_s3_store_multipart_upload(seaweedfs: SeaweedFS) -> None:
     assert store.get("big.bin") == data
 
 
+def test_small_files_are_one_put_and_large_ones_multipart(seaweedfs: SeaweedFS) -> None:
+    # The refusal names the request that was refused: the first one of each kind of upload.
+    store = S3Store(
+        seaweedfs.bucket,
+        endpoint=seaweedfs.endpoint,
+        scheme="http",
+        access_key=seaweedfs.access_key,
+        secret_key="not-the-secret",
+    )
+    with pytest.raises(ObjectStoreAccessError, match="uploading object"):
+        store.put("small.bin", b"1" * 1024)
+    with pytest.raises(ObjectStoreAccessError, match="multiple part upload"):
+        store.put("big.bin", b"1" * MULTIPART_BYTES)
+
+
 def test_s3_credentials_come_from_the_aws_environment(
     seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch
 ) -> None:

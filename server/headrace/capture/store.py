@@ -44,6 +44,8 @@ _ACCESS_REFUSALS = (
     "Bucket '",  # pyarrow's "Bucket 'x' not found"
 )
 _T = TypeVar("_T")
+UPLOAD_CHUNK_BYTES = 5 * 1024 * 1024
+"""Writes to pyarrow's S3 stream are this size, S3's smallest part."""
 
 
 @runtime_checkable
@@ -250,10 +252,14 @@ class S3Store:
         key = self._key(path)
 
         def upload() -> None:
-            # One write then close: a failed part fails the close, so no partial object is
-            # ever completed (an abandoned multipart upload is left to the bucket's lifecycle).
+            # Written in parts: pyarrow sends a file smaller than its part size as one PUT,
+            # and a larger one as a multipart upload (one write of everything would be a
+            # single PUT of any size). A failed part fails the close, so no partial object is
+            # ever completed; an abandoned multipart upload is left to the bucket's lifecycle.
+            view = memoryview(data)
             with self._filesystem.open_output_stream(key) as stream:
-                stream.write(data)
+                for start in range(0, len(view), UPLOAD_CHUNK_BYTES):
+                    stream.write(view[start : start + UPLOAD_CHUNK_BYTES])
 
         self._with_retries(f"upload of {path} ({len(data)} bytes)", upload)
 
