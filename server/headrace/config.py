@@ -357,6 +357,7 @@ class LocalStoreSettings(_Frozen):
     """Capture files in a local folder (the embedded default)."""
 
     kind: Literal["local"] = "local"
+    """Selects this store (the default kind)."""
     path: Path
     """The folder; created when missing. Files are written to a temporary name and renamed,
     so readers never see half a file."""
@@ -373,12 +374,15 @@ class S3StoreSettings(_Frozen):
     ~/.aws/credentials, web identity, the instance's role)."""
 
     kind: Literal["s3"]
+    """Selects this store."""
     bucket: str = Field(min_length=1, pattern=r"^[^/]+$")
+    """The bucket; it must exist (Headrace creates none)."""
     prefix: str = ""
     """Folder inside the bucket the capture layout starts at ("" for the bucket's root)."""
     endpoint: str | None = None
     """`host:port` of a store other than AWS (MinIO, SeaweedFS, ...); None for AWS S3."""
     region: str = "us-east-1"
+    """The bucket's region (request signing)."""
     scheme: Literal["https", "http"] = "https"
     """Protocol to the endpoint; `http` only for a store on a trusted network or loopback."""
     max_attempts: int = Field(default=5, ge=1)
@@ -387,8 +391,11 @@ class S3StoreSettings(_Frozen):
     initial_backoff_s: float = Field(default=0.2, gt=0)
     """Wait after the first failed try; doubled after each further one (with jitter)."""
     max_backoff_s: float = Field(default=10.0, gt=0)
+    """Longest wait between two tries."""
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    """How long one try waits to connect."""
     request_timeout_s: float = Field(default=60.0, gt=0)
+    """How long one try (one request) may take once connected."""
 
     @model_validator(mode="before")
     @classmethod

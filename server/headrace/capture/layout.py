@@ -86,6 +86,12 @@ class CaptureFile:
         )
 
 
+def partition_prefix(model: str, version: str | None = None) -> str:
+    """The folder holding `model`'s files (of `version`, when given), ending in `/`."""
+    prefix = f"model={_encode(model)}/"
+    return prefix if version is None else f"{prefix}version={_encode(version)}/"
+
+
 def check_writer_id(writer_id: str) -> str:
     """Raises ValueError for a writer id that cannot be part of a file name."""
     if not WRITER_ID_PATTERN.match(writer_id):

@@ -309,7 +309,11 @@ def _tensor_columns(
 
 
 def _json_or_none(value: Mapping[str, ParameterValue] | None) -> str | None:
-    return None if value is None else json.dumps(dict(value), separators=(",", ":"))
+    if value is None:
+        return None
+    if not value:
+        return "{}"  # most calls: skip the encoder
+    return json.dumps(dict(value), separators=(",", ":"))
 
 
 def records_to_table(records: Sequence[CaptureRecord]) -> pa.Table:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from headrace.capture.layout import CaptureFile, parse_capture_path
+from headrace.capture.layout import CaptureFile, parse_capture_path, partition_prefix
 from headrace.capture.parquet import CaptureRow, rows_from_table
 from headrace.capture.store import LocalStore, ObjectStore, S3Store
 
@@ -84,9 +84,7 @@ def list_files(
     """The capture files of `model` (all models when None) and `version` whose UTC hour
     overlaps [start, end) (naive datetimes are UTC), in partition and write order."""
     start, end = _utc(start), _utc(end)
-    prefix = f"model={model}/" if model else ""
-    if model and version is not None:
-        prefix += f"version={version}/"
+    prefix = partition_prefix(model, version) if model is not None else ""
     found = []
     for path, size in store.list(prefix):
         parsed = parse_capture_path(path)
