@@ -4,6 +4,7 @@ back."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -16,6 +17,7 @@ from headrace.capture.layout import (
     check_writer_id,
     parse_capture_path,
 )
+from headrace.capture.store import LocalStore
 from tests.capture.samples import BASE_NS, HOUR_NS
 
 
@@ -94,3 +96,15 @@ def test_overlap_prunes_by_hour() -> None:
 def test_writer_ids_that_break_paths_are_refused(writer: str) -> None:
     with pytest.raises(ValueError, match="writer id"):
         check_writer_id(writer)
+
+
+@pytest.mark.parametrize("model", ["../../etc", "a/b", "x" * 5000, "ü" * 300, "%2F"])
+def test_any_model_name_a_client_sends_gives_a_usable_path(model: str, tmp_path: Path) -> None:
+    path = capture_file_path(model, "1", BASE_NS, "w", 0, 0)
+    assert all(len(part) <= 255 and part not in ("", ".", "..") for part in path.split("/"))
+    assert len(path) < 1024
+    LocalStore(tmp_path).put(path, b"1")
+    parsed = parse_capture_path(path)
+    assert parsed is not None
+    if len(model) < 100:
+        assert parsed.partition.model == model

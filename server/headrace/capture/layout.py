@@ -12,6 +12,7 @@ instead of adding duplicates. Numbers are zero-padded so names sort in write ord
 
 from __future__ import annotations
 
+import hashlib
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -27,8 +28,19 @@ _FILE_NAME = re.compile(r"^(?P<writer>.+)-(?P<seq>\d+)-(?P<part>\d+)\.parquet$")
 _PARTITION_KEYS = ("model", "version", "date", "hour")
 
 
+MAX_PARTITION_VALUE_CHARS = 160
+"""Longer encoded values (a client asking for an absurd model name) are cut and suffixed with a
+hash, so no path component passes file-system (255) or S3 key (1024) limits."""
+
+
 def _encode(value: str) -> str:
-    return urllib.parse.quote(value, safe="") if value else EMPTY_PARTITION_VALUE
+    if not value:
+        return EMPTY_PARTITION_VALUE
+    encoded = urllib.parse.quote(value, safe="")
+    if len(encoded) <= MAX_PARTITION_VALUE_CHARS:
+        return encoded
+    digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+    return f"{encoded[: MAX_PARTITION_VALUE_CHARS - 18].rstrip('%')}~{digest}"
 
 
 def _decode(value: str) -> str:

@@ -91,10 +91,8 @@ def list_files(
         if parsed is None:
             continue
         partition = parsed.partition
-        if (model is not None and partition.model != model) or (
-            version is not None and partition.version != version
-        ):
-            continue
+        if prefix and not partition_prefix(partition.model, partition.version).startswith(prefix):
+            continue  # compared encoded: a very long model name is cut in the path
         if partition.overlaps(start, end):
             found.append(StoredFile(path, size, parsed))
     found.sort(key=lambda stored: (stored.file, stored.path))
