@@ -7,13 +7,12 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from headrace.analysis.backtest import run_backtest
-from headrace.analysis.calls import CapturedCall, calls_from_records
+from headrace.analysis.calls import CapturedCall, captured_calls
 from headrace.analysis.comparison import Thresholds
-from headrace.analysis.replay import Target, batches
+from headrace.analysis.replay import Target
 from headrace.cli import main
 from headrace.examples.sales_forecast import WEIGHTS_PATH, synthetic_sales
 from tests.analysis.traffic import (
@@ -23,6 +22,7 @@ from tests.analysis.traffic import (
     capture_calls,
     perturbed_weights,
     sales_version,
+    write_captures,
 )
 from tests.conftest import ServerThread, server_with
 
@@ -40,8 +40,10 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]
 
 
 @pytest.fixture(scope="module")
-def captured(versions: ServerThread) -> list[CapturedCall]:
-    """Calls of 1 to 5 rows answered by version 1."""
+def captured(
+    versions: ServerThread, tmp_path_factory: pytest.TempPathFactory
+) -> list[CapturedCall]:
+    """Calls of 1 to 5 rows answered by version 1, stored and read back as captures."""
     features, _ = synthetic_sales(ROWS, seed=11)
     records = []
     start = 0
@@ -50,7 +52,9 @@ def captured(versions: ServerThread) -> list[CapturedCall]:
             break
         records += capture_calls(versions, features[start : start + size], size)
         start += size
-    return list(calls_from_records(records))
+    folder = tmp_path_factory.mktemp("captures")
+    write_captures(folder, records)
+    return list(captured_calls(str(folder), MODEL))
 
 
 def _target(server: ServerThread, version: str) -> Target:
@@ -123,17 +127,6 @@ def test_perturbed_version_shows_the_difference_and_its_size(
     for plot in ("error_FORECAST.png", "scatter_FORECAST.png", "latency.png"):
         assert f"src='{plot}'" in page
         assert_valid_png(tmp_path / plot)
-
-
-def test_batches_keep_calls_of_one_signature_together() -> None:
-    def call(rows: int, columns: int) -> CapturedCall:
-        return CapturedCall("", {"X": np.zeros((rows, columns), np.float32)}, {}, 0.0)
-
-    calls = [call(3, 6), call(3, 2), call(3, 6), call(3, 6), call(9, 6), call(1, 2)]
-    grouped = list(batches(calls, 8))
-    shapes = [[c.inputs["X"].shape for c in group] for group in grouped]
-    assert shapes == [[(3, 6), (3, 6)], [(3, 6)], [(9, 6)], [(3, 2), (1, 2)]]
-    assert [len(group) for group in batches(calls, 1)] == [1] * 6
 
 
 def test_an_unreachable_candidate_is_a_usage_error(tmp_path: Path) -> None:

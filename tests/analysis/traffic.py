@@ -15,6 +15,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from headrace.capture.record import CaptureRecord
+from headrace.capture.store import LocalStore
+from headrace.capture.writer import CaptureFileWriter
 from headrace.examples.sales_forecast import WEIGHTS_PATH
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -139,3 +141,10 @@ def assert_valid_png(path: Path) -> None:
         assert image.format == "PNG"
         assert image.size[0] > 100
         assert image.size[1] > 100
+
+
+def write_captures(folder: Path, records: list[CaptureRecord], segment: int = 0) -> list[str]:
+    """Store records as the capture stage does: partitioned Parquet files under `folder`."""
+    return CaptureFileWriter(LocalStore(folder, fsync=False), "test").write_segment(
+        segment, records
+    )

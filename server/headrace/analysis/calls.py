@@ -9,7 +9,6 @@ drift report streams a capture of any size in bounded memory: the capture reader
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from headrace.capture.reader import read_records
 from headrace.capture.record import CaptureRecord, ParameterValue
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import request_from_proto, response_from_proto
@@ -108,30 +108,18 @@ def call_from_row(row: Any) -> CapturedCall | None:
     )
 
 
-class CaptureReaderMissingError(RuntimeError):
-    """This Headrace has no capture reader (headrace.capture.reader) to read captures with."""
-
-
 def captured_calls(
     source: str,
     model: str,
     version: str | None = None,
     start: datetime | None = None,
     end: datetime | None = None,
+    **source_options: str,
 ) -> Iterator[CapturedCall]:
-    """Answered calls of `model` (one version, or all) captured between `start` and `end`
-    under `source` (a local folder or an s3:// URL), streamed file by file.
-
-    Raises:
-        CaptureReaderMissingError: headrace.capture.reader is not installed.
-    """
-    try:
-        reader = importlib.import_module("headrace.capture.reader")
-    except ModuleNotFoundError as exc:
-        raise CaptureReaderMissingError(
-            "reading captures needs headrace.capture.reader, which this install lacks"
-        ) from exc
-    for row in reader.read_records(source, model, version=version, start=start, end=end):
+    """Answered calls of `model` (one version, or all) captured in [start, end) under
+    `source` (a local folder or an s3:// URL; `source_options`: the reader's endpoint,
+    region, scheme), streamed file by file through the capture reader."""
+    for row in read_records(source, model, version, start, end, **source_options):
         call = call_from_row(row)
         if call is not None:
             yield call

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from headrace.analysis.backtest import run_backtest, run_shadow_backtest
-from headrace.analysis.calls import CapturedCall, CaptureReaderMissingError, captured_calls
+from headrace.analysis.calls import CapturedCall, captured_calls
 from headrace.analysis.comparison import Thresholds
 from headrace.analysis.drift import (
     DEFAULT_BINS,
@@ -61,6 +61,9 @@ def _capture_window(command: argparse.ArgumentParser, required: bool = True) -> 
     command.add_argument("--version", help="only this model version (default: all)")
     command.add_argument("--since", type=_time, help="first capture time (ISO 8601, UTC default)")
     command.add_argument("--until", type=_time, help="capture time to stop at (exclusive)")
+    command.add_argument("--s3-endpoint", help="S3 endpoint host:port of the captures (not AWS)")
+    command.add_argument("--s3-region", default="us-east-1", help="S3 region of the captures")
+    command.add_argument("--s3-scheme", choices=("https", "http"), default="https")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -138,14 +141,22 @@ def run(arguments: argparse.Namespace) -> int:
         if arguments.drift_command == "profile":
             return _profile(arguments)
         return _drift_report(arguments)
-    except (CaptureReaderMissingError, ProfileError, OSError) as exc:
+    except (ProfileError, OSError) as exc:
         print(f"headrace {arguments.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def _calls(arguments: argparse.Namespace) -> Iterator[CapturedCall]:
+    options = {"region": arguments.s3_region, "scheme": arguments.s3_scheme}
+    if arguments.s3_endpoint:
+        options["endpoint"] = arguments.s3_endpoint
     return captured_calls(
-        arguments.captures, arguments.model, arguments.version, arguments.since, arguments.until
+        arguments.captures,
+        arguments.model,
+        arguments.version,
+        arguments.since,
+        arguments.until,
+        **options,
     )
 
 
