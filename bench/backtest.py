@@ -1,10 +1,11 @@
 """Scenario `backtest`: how fast `headrace backtest` replays captures against a real Triton.
 
-N captured calls of the example `sales_forecast` model (one row each, random plausible
-features) are made up front, answered by the in-process model (the same float32 math as
-Triton's twin in configs/triton/models/sales_forecast) and written as capture records. Then
-one tritonserver (the project's launcher, the example repository) gets them replayed by the
-backtest, with client-side batching and bounded concurrency, and the report is written.
+N captured calls of the example `sales_forecast` model (one row each, plausible features),
+answered by the in-process model (the same float32 math as Triton's twin in
+configs/triton/models/sales_forecast), are written up front by the capture writer as
+partitioned Parquet files in a local folder. Then the backtest reads them back through the
+capture reader, replays them against one tritonserver (the project's launcher, the example
+repository) with client-side batching and bounded concurrency, compares, and writes its report.
 
 Measured: wall time of the whole backtest (reading, replaying, comparing, writing the report
 with its plots) and calls per second over it. The replayed outputs must agree with the captured
@@ -14,9 +15,9 @@ ones up to float32 rounding (a wrong answer fails the run, never counts as fast)
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,15 @@ import numpy as np
 
 from bench.machine import one_line
 from headrace.analysis.backtest import run_backtest
-from headrace.analysis.calls import CapturedCall
+from headrace.analysis.calls import captured_calls
 from headrace.analysis.comparison import Thresholds
 from headrace.analysis.replay import Target
+from headrace.capture.record import CaptureRecord
+from headrace.capture.store import LocalStore
+from headrace.capture.writer import CaptureFileWriter
 from headrace.examples.sales_forecast import SalesForecast, synthetic_sales
 from headrace.launchers.triton import TritonServer, example_repository
+from headrace.protocol import grpc_service_pb2 as pb
 
 SUMMARY = "headrace backtest: captured sales_forecast calls replayed against a local Triton"
 MODEL = "sales_forecast"
@@ -37,7 +42,14 @@ GOAL_WALL_S = 60.0
 """100k captured calls replayed, compared and reported within this."""
 MAX_REL_ERROR = 1e-4
 """Triton batches differently from the capture: float32 rounding, nothing more."""
-GENERATE_CHUNK = 4096
+GENERATE_CHUNK = 10_000
+"""Records per capture segment written."""
+FEATURES_TENSOR = pb.ModelInferRequest.InferInputTensor(
+    name="FEATURES", datatype="FP32", shape=[1, 6]
+)
+FORECAST_TENSOR = pb.ModelInferResponse.InferOutputTensor(
+    name="FORECAST", datatype="FP32", shape=[1, 1]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,63 +69,87 @@ def options_from(arguments: argparse.Namespace) -> BacktestOptions:
     return BacktestOptions(arguments.records, arguments.batch_size, arguments.concurrency)
 
 
-def captured_calls(count: int) -> list[CapturedCall]:
-    """`count` one-row calls with the example model's answers, as captured."""
+def write_captures(folder: Path, count: int) -> None:
+    """`count` one-row calls with the example model's answers, written by the capture writer
+    as partitioned Parquet files under `folder` (as the capture stage stores them)."""
     model = SalesForecast()
-    calls: list[CapturedCall] = []
+    writer = CaptureFileWriter(LocalStore(folder, fsync=False), "bench")
     rng = np.random.default_rng(5)
-    for start in range(0, count, GENERATE_CHUNK):
+    now = time.time_ns()
+    for segment, start in enumerate(range(0, count, GENERATE_CHUNK)):
         size = min(GENERATE_CHUNK, count - start)
         features, _ = synthetic_sales(size, seed=start)
         forecasts = model({"FEATURES": features})["FORECAST"]
         latencies = rng.lognormal(np.log(0.002), 0.3, size)
-        calls += [
-            CapturedCall(
-                request_id=f"bench-{start + index}",
-                inputs={"FEATURES": features[index : index + 1]},
-                outputs={"FORECAST": forecasts[index : index + 1]},
-                latency_s=float(latencies[index]),
-                model=MODEL,
-                version="1",
+        records = []
+        for index in range(size):
+            request_id = f"bench-{start + index}"
+            request = pb.ModelInferRequest(
+                model_name=MODEL,
+                id=request_id,
+                inputs=[FEATURES_TENSOR],
+                raw_input_contents=[features[index].tobytes()],
             )
-            for index in range(size)
-        ]
-    return calls
-
-
-def _stream(calls: list[CapturedCall]) -> Iterator[CapturedCall]:
-    yield from calls
+            response = pb.ModelInferResponse(
+                model_name=MODEL,
+                model_version="1",
+                id=request_id,
+                outputs=[FORECAST_TENSOR],
+                raw_output_contents=[forecasts[index].tobytes()],
+            )
+            latency_ns = int(latencies[index] * 1e9)
+            received_ns = now + (start + index) * 1000
+            records.append(
+                CaptureRecord(
+                    request_id=request_id,
+                    model=MODEL,
+                    version="1",
+                    received_ns=received_ns,
+                    responded_ns=received_ns + latency_ns,
+                    latency_ns=latency_ns,
+                    status_code=0,
+                    status_message="",
+                    request=request.SerializeToString(),
+                    response=response.SerializeToString(),
+                    batch_size=1,
+                    endpoint="local",
+                )
+            )
+        writer.write_segment(segment, records)
 
 
 def run(options: BacktestOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     """Raises TritonLaunchError (Triton did not start) or RuntimeError (wrong answers)."""
     results_dir.mkdir(parents=True, exist_ok=True)
+    captures = results_dir / f"backtest-{stamp}-captures"
     started = time.perf_counter()
-    calls = captured_calls(options.records)
+    write_captures(captures, options.records)
     generate_s = time.perf_counter() - started
-    print(f"{len(calls)} captured calls made in {generate_s:.1f} s", file=sys.stderr, flush=True)
+    print(f"{options.records} calls captured in {generate_s:.1f} s", file=sys.stderr, flush=True)
     report_dir = results_dir / f"backtest-{stamp}-report"
     with TritonServer(
         example_repository(), log_path=results_dir / f"backtest-{stamp}-triton.log"
     ) as triton:
         began = time.perf_counter()
         outcome = run_backtest(
-            _stream(calls),
+            captured_calls(str(captures), MODEL),
             Target(triton.address, MODEL),
             report_dir,
             Thresholds(max_rel_error=MAX_REL_ERROR),
             concurrency=options.concurrency,
             batch_size=options.batch_size,
             progress=True,
+            captures=str(captures),
         )
         wall_s = time.perf_counter() - began
+    shutil.rmtree(captures)
     summary = outcome.summary
     if not outcome.passed or summary["calls"] != options.records:
         raise RuntimeError(f"backtest against Triton did not agree: {summary['violations']}")
     return {
         "options": asdict(options),
         "note": "the backtest client and Triton share the machine's cores",
-        "generate_s": round(generate_s, 2),
+        "capture_write_s": round(generate_s, 2),
         "wall_s": round(wall_s, 2),
         "calls_per_s": round(summary["calls"] / wall_s, 1),
         "replay_s": summary["wall_s"],

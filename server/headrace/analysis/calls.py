@@ -9,6 +9,7 @@ drift report streams a capture of any size in bounded memory: the capture reader
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -78,33 +79,30 @@ def calls_from_records(records: Iterable[CaptureRecord]) -> Iterator[CapturedCal
             yield call
 
 
-def _field(row: Any, name: str, default: Any = None) -> Any:
-    if isinstance(row, Mapping):
-        return row.get(name, default)
-    return getattr(row, name, default)
-
-
 def call_from_row(row: Any) -> CapturedCall | None:
     """A row of the capture reader (a `CaptureRow`, or a mapping with the same fields:
     metadata plus `inputs`/`outputs` as numpy arrays); None for a failed, truncated or
     undecodable call."""
-    if int(_field(row, "status_code", 0)) != 0 or _field(row, "truncated", False):
+    field: Callable[[str, Any], Any] = (
+        row.get if isinstance(row, Mapping) else functools.partial(getattr, row)
+    )
+    if int(field("status_code", 0)) != 0 or field("truncated", False):
         return None
-    outputs = _field(row, "outputs") or {}
-    if not outputs or _field(row, "decode_error", ""):
+    outputs = field("outputs", None)
+    if not outputs or field("decode_error", ""):
         return None
-    parameters = _field(row, "parameters") or {}
+    parameters = field("parameters", None) or {}
     if isinstance(parameters, str | bytes):  # a store may keep them as JSON text
         parameters = json.loads(parameters)
     return CapturedCall(
-        request_id=str(_field(row, "request_id", "")),
-        inputs=dict(_field(row, "inputs") or {}),
+        request_id=str(field("request_id", "")),
+        inputs=dict(field("inputs", None) or {}),
         outputs=dict(outputs),
-        latency_s=int(_field(row, "latency_ns", 0)) / 1e9,
-        model=str(_field(row, "model", "")),
-        version=str(_field(row, "version", "")),
-        received_ns=int(_field(row, "received_ns", 0)),
-        parameters=dict(parameters) if isinstance(parameters, Mapping) else {},
+        latency_s=int(field("latency_ns", 0)) / 1e9,
+        model=str(field("model", "")),
+        version=str(field("version", "")),
+        received_ns=int(field("received_ns", 0)),
+        parameters=dict(parameters) if isinstance(parameters, dict) else {},
     )
 
 
