@@ -10,12 +10,16 @@ from types import TracebackType
 from headrace.backends import Backend, LocalBackend
 from headrace.backends.triton import TritonBackend
 from headrace.batching import BatchPolicy, DynamicBatcher
+from headrace.capture.pipeline import CapturePipeline
 from headrace.config import (
     BatchingSettings,
     LocalModelSettings,
+    ModelCaptureSettings,
+    ModelSettings,
     Settings,
     TritonModelSettings,
 )
+from headrace.errors import StartupError
 from headrace.frontend import FrontendServer, InferenceServicer
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
@@ -31,10 +35,12 @@ class Application:
     """One Headrace server: telemetry, backends, model repository and gRPC front end.
 
     Start-up: tracer provider -> metrics server -> backends (models loaded) -> repository ->
-    batchers -> front end bound and serving -> health SERVING once every model is ready.
+    capture (spool recovered, capture stage started) -> batchers -> front end bound and
+    serving -> health SERVING once every model is ready.
     Shutdown, in reverse: health NOT_SERVING -> stop accepting -> in-flight requests (queued
-    ones included) finish within the grace period -> batchers stop -> backends stop ->
-    metrics server stops -> tracing flushes what is queued and shuts down.
+    ones included) finish within the grace period -> batchers stop -> capture flushes what is
+    spooled (within capture.shutdown_timeout_s) -> backends stop -> metrics server stops ->
+    tracing flushes what is queued and shuts down.
 
     Usable as an async context manager: `async with Application(settings) as app: app.port`.
     """
@@ -59,6 +65,8 @@ class Application:
         self._metrics_server: MetricsServer | None = None
         self.metrics_port = 0
         """The bound /metrics port once started (0: metrics are off)."""
+        self.capture: CapturePipeline | None = None
+        """The capture pipeline, from start-up until shutdown; None when capture is off."""
 
     async def start(self) -> int:
         """Start everything; returns the bound gRPC port.
@@ -73,6 +81,7 @@ class Application:
                 self._started.append(backend)
             self.repository = ModelRepository(self._backends)
             self._attach_telemetry(self.repository)
+            self._start_capture(self.repository)
             self._start_batchers(self.repository)
             servicer = InferenceServicer(
                 self.repository,
@@ -118,12 +127,32 @@ class Application:
                 _logger.warning("models %s", "ready: serving" if ready else "not ready")
                 await frontend.set_serving(ready)
 
-    def _batching_settings(self, spec: ModelSpec) -> BatchingSettings:
+    def _model_settings(self, spec: ModelSpec) -> ModelSettings | None:
         # A Triton model entry without a version serves whichever version Triton reports.
         for model in self.settings.models:
             if model.name == spec.name and model.version in (spec.version, None):
-                return model.batching
-        return BatchingSettings()
+                return model
+        return None
+
+    def _batching_settings(self, spec: ModelSpec) -> BatchingSettings:
+        model = self._model_settings(spec)
+        return model.batching if model is not None else BatchingSettings()
+
+    def _start_capture(self, repository: ModelRepository) -> None:
+        if not self.settings.capture.enabled:
+            return
+        self.capture = CapturePipeline(
+            self.settings.capture, self.metrics.capture if self.metrics is not None else None
+        )
+        try:
+            self.capture.start()
+        except OSError as exc:
+            raise StartupError(f"capture: cannot use the spool: {exc}") from exc
+        for served in repository.models():
+            model = self._model_settings(served.spec)
+            served.capture = self.capture.for_model(
+                served.spec, model.capture if model is not None else ModelCaptureSettings()
+            )
 
     def _start_telemetry(self) -> None:
         tracing = self.settings.tracing
@@ -177,6 +206,11 @@ class Application:
             await frontend.stop(grace_s)
         while self._batchers:
             await self._batchers.pop().stop()
+        if self.capture is not None:
+            capture, self.capture = self.capture, None
+            await capture.drain()
+            # Blocks for at most capture.shutdown_timeout_s, after the last request.
+            capture.stop()
         while self._started:
             await self._started.pop().stop()
         if self._metrics_server is not None:

@@ -33,6 +33,13 @@ ENV_PREFIX = "HEADRACE_"
 ENV_SEPARATOR = "__"
 ENV_CONFIG_PATH = "HEADRACE_CONFIG"
 """Names the config file for `headrace serve` without --config; not a settings override."""
+ENV_WORKER_ID = "HEADRACE_WORKER_ID"
+"""This process's worker number when a supervisor runs several (default "0"); it completes
+the capture writer id. Not a settings override."""
+ENV_CAPTURE_HASH_SALT = "HEADRACE_CAPTURE_HASH_SALT"
+"""Salt of the SHA-256 hashes capture writes for hashed fields (kept out of config files).
+Not a settings override."""
+_NOT_OVERRIDES = frozenset({ENV_CONFIG_PATH, ENV_WORKER_ID, ENV_CAPTURE_HASH_SALT})
 DEFAULT_PORT = 8800
 """Headrace's default gRPC port: clear of Triton's 8000 (HTTP), 8001 (gRPC) and 8002 (metrics)."""
 
@@ -115,6 +122,55 @@ class BatchingSettings(_Frozen):
         return self
 
 
+class ModelCaptureSettings(_Frozen):
+    """What capture keeps of one model's calls (when `capture.enabled`)."""
+
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of calls captured, decided per call before it runs (1: every call)."""
+    headers: tuple[str, ...] = ()
+    """Client metadata headers (lowercase names) kept with each record."""
+    drop: tuple[str, ...] = ()
+    """Tensors left out of the records: `inputs.NAME` or `outputs.NAME`."""
+    hash: tuple[str, ...] = ()
+    """Values replaced by their salted SHA-256 (hex) before they are stored:
+    `headers.NAME`, `parameters.NAME`, or `inputs.NAME` of a BYTES input (each element).
+    The salt comes from the HEADRACE_CAPTURE_HASH_SALT environment variable."""
+    max_record_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """A call whose request plus response exceed this is recorded without tensors
+    (`truncated`), its metadata kept."""
+    on_spool_full: Literal["drop", "refuse"] = "drop"
+    """When the spool reaches `capture.spool_max_bytes`: `drop` serves the call and drops
+    its record (counted in headrace_capture_records_total{outcome="dropped"}); `refuse`
+    answers UNAVAILABLE before the call runs, for models that must never serve an
+    uncaptured prediction."""
+
+    @field_validator("headers")
+    @classmethod
+    def _lowercase_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(header.lower() for header in value)
+
+    @field_validator("drop")
+    @classmethod
+    def _tensor_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            kind, _, name = item.partition(".")
+            if kind not in ("inputs", "outputs") or not name:
+                raise ValueError(f"'{item}' is not inputs.NAME or outputs.NAME")
+        return value
+
+    @field_validator("hash")
+    @classmethod
+    def _hashable_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            kind, _, name = item.partition(".")
+            if kind not in ("headers", "parameters", "inputs") or not name:
+                raise ValueError(f"'{item}' is not headers.NAME, parameters.NAME or inputs.NAME")
+        return tuple(
+            f"headers.{item[len('headers.') :].lower()}" if item.startswith("headers.") else item
+            for item in value
+        )
+
+
 class LocalModelSettings(_Frozen):
     """A model run in-process by the local backend: a Python callable over numpy arrays."""
 
@@ -142,6 +198,8 @@ class LocalModelSettings(_Frozen):
     """Free-form parameters reported in ModelConfig."""
     batching: BatchingSettings = BatchingSettings()
     """The dynamic batcher in front of this model (batching models only)."""
+    capture: ModelCaptureSettings = ModelCaptureSettings()
+    """What capture keeps of this model's calls."""
 
     @model_validator(mode="after")
     def _unique_tensor_names(self) -> LocalModelSettings:
@@ -188,6 +246,8 @@ class TritonModelSettings(_Frozen):
     """Headrace's batcher in front of this model."""
     shared_memory: SharedMemorySettings = SharedMemorySettings()
     """Large tensors through system shared memory (only for endpoints on this host)."""
+    capture: ModelCaptureSettings = ModelCaptureSettings()
+    """What capture keeps of this model's calls."""
 
     @field_validator("endpoints")
     @classmethod
@@ -341,6 +401,68 @@ class LocalBackendSettings(_Frozen):
     """Threads running models whose `execution` is `thread`."""
 
 
+# -- capture store: placeholder until the capture-store branch's definitions land ----------
+
+
+class LocalStoreSettings(_Frozen):
+    """Capture files in a local folder."""
+
+    kind: Literal["local"] = "local"
+    path: Path = Path("headrace-captures")
+    """Folder the Parquet files are written under."""
+
+
+class S3StoreSettings(_Frozen):
+    """Capture files in an S3-compatible bucket."""
+
+    kind: Literal["s3"]
+    bucket: str
+    prefix: str = ""
+    endpoint: str | None = None
+    region: str | None = None
+
+
+CaptureStoreSettings = Annotated[LocalStoreSettings | S3StoreSettings, Field(discriminator="kind")]
+
+# -- end of placeholder ---------------------------------------------------------------------
+
+
+class CaptureSettings(_Frozen):
+    """Capture of every inference call (ModelInfer, ModelStreamInfer) to Parquet files in an
+    object store, through a local spool: a call's record is in the spool before its answer
+    leaves; a background stage turns sealed spool segments into files and deletes them once
+    stored. Per-model rules live in each model's `capture` section."""
+
+    enabled: bool = False
+    """Capture calls. Off (the default without a `capture` section) costs nothing."""
+    spool_dir: Path = Path("headrace-captures/spool")
+    """The spool's folder; each writer (process) uses a subfolder named by its writer id."""
+    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    """Disk cap of one writer's spool; beyond it each model's `on_spool_full` applies."""
+    segment_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """A spool segment is sealed (ready for upload) once it holds this many bytes..."""
+    segment_max_age_s: float = Field(default=5.0, gt=0)
+    """...or once it is this old: the most a record waits before its upload starts."""
+    fsync_interval_ms: int | None = Field(default=None, ge=0)
+    """None: records are written to the OS before the answer leaves (safe against a crash
+    of the process, not of the machine). 0: also fsynced before the answer leaves (safe
+    against a machine crash; one fsync per group commit). N: fsynced every N ms in the
+    background (a machine crash loses at most the last N ms)."""
+    writer_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Names this process's files (`{writer_id}-{worker}-...`); default: the host name.
+    The worker number comes from HEADRACE_WORKER_ID (default 0)."""
+    store: CaptureStoreSettings = LocalStoreSettings()
+    """Where the Parquet files go: `kind: local` (a folder) or `kind: s3`."""
+    max_file_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    """A spool segment's records are split into Parquet files of about this size."""
+    upload_retry_max_s: float = Field(default=30.0, gt=0)
+    """Longest wait between upload retries while the store fails (backoff doubles from
+    0.5 s up to this)."""
+    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    """At shutdown, how long uploading what is spooled may take; what is left stays in the
+    spool for the next start."""
+
+
 class Settings(_Frozen):
     """Everything Headrace is configured with."""
 
@@ -350,6 +472,7 @@ class Settings(_Frozen):
     metrics: MetricsSettings = MetricsSettings()
     local_backend: LocalBackendSettings = LocalBackendSettings()
     triton: TritonSettings = TritonSettings()
+    capture: CaptureSettings = CaptureSettings()
     models: tuple[ModelSettings, ...] = ()
     """Models to serve; a name may appear once per version. `backend` (default `local`)
     selects the settings type."""
@@ -370,7 +493,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
     """Map dotted settings paths to (variable name, value) for HEADRACE_* variables."""
     overrides: dict[str, tuple[str, Any]] = {}
     for variable, text in environ.items():
-        if not variable.startswith(ENV_PREFIX) or variable == ENV_CONFIG_PATH:
+        if not variable.startswith(ENV_PREFIX) or variable in _NOT_OVERRIDES:
             continue
         path = variable[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR)
         overrides[".".join(path)] = (variable, yaml.safe_load(text) if text else text)

@@ -247,6 +247,7 @@ class TritonBackend:
             response.model_name = spec.name
             response.model_version = spec.version
             response.id = request.id
+            response.endpoint = endpoint.address
             return response
 
     # -- discovery and health -----------------------------------------------------------

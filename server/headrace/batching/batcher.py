@@ -34,7 +34,7 @@ from headrace.errors import (
     ModelUnavailableError,
     ResourceExhaustedError,
 )
-from headrace.inference import InferenceRequest, InferenceResponse
+from headrace.inference import BatchIds, InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ class DynamicBatcher:
         self._wakeup: asyncio.Future[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
+        self._batch_ids = BatchIds()
         self._batch_seconds = 0.0
         """Moving average of a batch's time in the backend, for the retry hint."""
 
@@ -450,13 +451,17 @@ class DynamicBatcher:
             inferred = perf_counter_ns()
             parts = split(response, requests, sizes)
             finished = perf_counter_ns()
+            batch_id = self._batch_ids.new()
+            batch_size = sum(sizes)
             for entry, part in zip(live, parts, strict=True):
+                part.batch_id = batch_id
+                part.batch_size = batch_size
                 if not entry.future.done():
                     entry.future.set_result(part)
             self._batch_seconds += 0.2 * ((inferred - merged) / 1e9 - self._batch_seconds)
             for observer in self._observers:
                 observer.record_execution(
-                    batch_size=sum(sizes),
+                    batch_size=batch_size,
                     requests=len(live),
                     input_ns=merged - started,
                     infer_ns=inferred - merged,

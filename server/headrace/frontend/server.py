@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from headrace.config import ServerSettings
 from headrace.errors import StartupError
 from headrace.frontend.servicer import InferenceServicer
-from headrace.frontend.status import tolerant_deserializer
+from headrace.frontend.status import serialized, tolerant_deserializer, wire_deserializer
 from headrace.frontend.tls import ServerTls
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.descriptor_pool import POOL
@@ -43,11 +43,19 @@ def _method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHan
             make = grpc.unary_unary_rpc_method_handler
         else:  # the protocol has neither mix; a new one needs its own handler kind
             raise NotImplementedError(f"{method.name}: unsupported streaming kind")
-        handlers[method.name] = make(
-            behaviour,
-            request_deserializer=tolerant_deserializer(request_type),
-            response_serializer=response_type.SerializeToString,
-        )
+        if request_type is pb.ModelInferRequest:
+            # Inference handlers get the wire bytes too (capture), and may answer with bytes.
+            handlers[method.name] = make(
+                behaviour,
+                request_deserializer=wire_deserializer(request_type),
+                response_serializer=serialized,
+            )
+        else:
+            handlers[method.name] = make(
+                behaviour,
+                request_deserializer=tolerant_deserializer(request_type),
+                response_serializer=response_type.SerializeToString,
+            )
     return handlers
 
 

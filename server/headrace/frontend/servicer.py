@@ -8,19 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from time import perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from headrace import __version__
-from headrace.errors import HeadraceError, ModelNotFoundError
-from headrace.frontend.status import MalformedMessage, StatusBoundary, require_message
+from headrace.errors import HeadraceError, ModelNotFoundError, ModelUnavailableError
+from headrace.frontend.status import (
+    MalformedMessage,
+    StatusBoundary,
+    WireMessage,
+    require_message,
+)
+from headrace.inference import InferenceResponse
 from headrace.protocol import grpc_service_pb2 as pb
-from headrace.protocol.converters import request_from_proto, response_to_proto
+from headrace.protocol.converters import (
+    request_from_proto,
+    response_to_proto,
+    stream_response_bytes,
+)
 from headrace.protocol.model_info import config_to_proto, metadata_to_proto, statistics_to_proto
 from headrace.repository import ModelRepository, RequestObserver, ServedModel
+
+if TYPE_CHECKING:
+    from headrace.capture.tee import ModelCapture
 
 SERVER_NAME = "headrace"
 EXTENSIONS = ("model_configuration", "statistics")
@@ -47,15 +61,26 @@ class InferenceServicer:
         self._unresolved_requests = unresolved_requests
 
     async def _infer(
-        self, message: pb.ModelInferRequest | MalformedMessage, context: Context
-    ) -> pb.ModelInferResponse:
+        self, request: WireMessage[pb.ModelInferRequest] | MalformedMessage, context: Context
+    ) -> pb.ModelInferResponse | bytes:
+        """The answer: a message, or its serialized bytes when it was captured (serialized
+        once, for the record and the wire)."""
         started = perf_counter_ns()
+        received_ns = time.time_ns()
         served: ServedModel | None = None
         code = grpc.StatusCode.INTERNAL  # what StatusBoundary answers an unexpected error with
         try:
-            message = require_message(message)
+            wire = require_message(request)
+            message = wire.message
             served = self._repository.resolve(message.model_name, message.model_version)
-            reply = await self._infer_served(served, message, context, started)
+            capture = served.capture
+            reply: pb.ModelInferResponse | bytes
+            if capture is None or not capture.admit():
+                reply = (await self._infer_served(served, message, context, started))[0]
+            else:
+                reply = await self._infer_captured(
+                    served, capture, wire, context, started, received_ns
+                )
         except HeadraceError as exc:
             code = exc.code
             raise
@@ -70,10 +95,60 @@ class InferenceServicer:
             if observer is not None:
                 observer.record_request(code, perf_counter_ns() - started)
 
+    async def _infer_captured(
+        self,
+        served: ServedModel,
+        capture: ModelCapture,
+        wire: WireMessage[pb.ModelInferRequest],
+        context: Context,
+        started: int,
+        received_ns: int,
+    ) -> bytes:
+        """Run the call and spool its record (answer or error) before the answer leaves.
+
+        Raises:
+            ModelUnavailableError (UNAVAILABLE): the record could not be spooled and the
+                model's policy refuses to serve uncaptured calls.
+        """
+        message = wire.message
+        try:
+            reply, response = await self._infer_served(served, message, context, started)
+        except HeadraceError as exc:
+            await capture.record(
+                wire=wire.data,
+                message=message,
+                metadata=context.invocation_metadata(),
+                received_ns=received_ns,
+                started_ns=started,
+                code=exc.code.value[0],
+                status_message=exc.message,
+                response=None,
+                reply=b"",
+            )
+            raise
+        data = reply.SerializeToString()
+        spooled = await capture.record(
+            wire=wire.data,
+            message=message,
+            metadata=context.invocation_metadata(),
+            received_ns=received_ns,
+            started_ns=started,
+            code=grpc.StatusCode.OK.value[0],
+            status_message="",
+            response=response,
+            reply=data,
+        )
+        if not spooled:
+            raise ModelUnavailableError(
+                f"capture spool cannot take the record of model '{served.spec.name}'; "
+                "it serves no uncaptured call; retry later"
+            )
+        return data
+
     @staticmethod
     async def _infer_served(
         served: ServedModel, message: pb.ModelInferRequest, context: Context, started: int
-    ) -> pb.ModelInferResponse:
+    ) -> tuple[pb.ModelInferResponse, InferenceResponse]:
         statistics = served.statistics
         try:
             request = request_from_proto(message)
@@ -94,37 +169,40 @@ class InferenceServicer:
         statistics.record_success(
             total_ns=finished - started, input_ns=decoded - started, output_ns=finished - answered
         )
-        return reply
+        return reply, response
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest | MalformedMessage, context: Context
-    ) -> pb.ModelInferResponse:
+        self, request: WireMessage[pb.ModelInferRequest] | MalformedMessage, context: Context
+    ) -> pb.ModelInferResponse | bytes:
         async with StatusBoundary(context, "ModelInfer"):
             return await self._infer(request, context)
 
     async def ModelStreamInfer(
         self,
-        requests: AsyncIterable[pb.ModelInferRequest | MalformedMessage],
+        requests: AsyncIterable[WireMessage[pb.ModelInferRequest] | MalformedMessage],
         context: Context,
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
         """Answers each request as soon as it is done, so requests on one stream run (and
         batch) concurrently; an error answers its request with `error_message` and the stream
         goes on. At most `stream_max_inflight_requests` run at once; beyond that the stream
         stops reading."""
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | bytes | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_inflight)
         running: set[asyncio.Task[None]] = set()
 
-        async def answer(message: pb.ModelInferRequest) -> None:
+        async def answer(wire: WireMessage[pb.ModelInferRequest]) -> None:
+            reply: pb.ModelStreamInferResponse | bytes
             try:
-                reply = pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(message, context)
-                )
+                answered = await self._infer(wire, context)
+                if isinstance(answered, bytes):
+                    reply = stream_response_bytes(answered)
+                else:
+                    reply = pb.ModelStreamInferResponse(infer_response=answered)
             except HeadraceError as exc:
-                reply = _stream_error(message, exc.message)
+                reply = _stream_error(wire.message, exc.message)
             except Exception:
                 _logger.exception("unexpected error in ModelStreamInfer")
-                reply = _stream_error(message, "internal error; see the server log")
+                reply = _stream_error(wire.message, "internal error; see the server log")
             finally:
                 slots.release()
             answers.put_nowait(reply)

@@ -346,3 +346,19 @@ def _decode_outputs(message: pb.ModelInferResponse) -> dict[str, np.ndarray]:
         else:
             outputs[tensor.name] = _decode_typed(tensor.name, datatype, shape, tensor.contents)
     return outputs
+
+
+_STREAM_INFER_RESPONSE_TAG = b"\x12"
+"""ModelStreamInferResponse.infer_response: field 2, length-delimited."""
+
+
+def stream_response_bytes(infer_response: bytes) -> bytes:
+    """A serialized ModelStreamInferResponse holding `infer_response` (a serialized
+    ModelInferResponse), built without parsing or serializing the inner message again."""
+    length = len(infer_response)
+    prefix = bytearray(_STREAM_INFER_RESPONSE_TAG)
+    while length >= 0x80:
+        prefix.append((length & 0x7F) | 0x80)
+        length >>= 7
+    prefix.append(length)
+    return bytes(prefix) + infer_response

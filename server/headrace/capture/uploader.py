@@ -1,0 +1,202 @@
+"""The capture stage: one thread, started at start-up and stopped at shutdown, that seals spool
+segments by age, turns each sealed segment's records into Parquet files in the object store,
+and deletes the segment only once every file is stored.
+
+While the store fails, the segment stays and is retried with exponential backoff (serving
+never waits: the spool absorbs the backlog up to its cap); when the store returns, the backlog
+drains oldest first. Segments left by a previous run have the lowest sequence numbers, so they
+go first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from google.protobuf.message import DecodeError
+
+from headrace.capture.record import CaptureRecord, RecordFormatError
+from headrace.capture.rules import CaptureRules
+from headrace.capture.spool import Segment, Spool, read_entries
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from headrace.telemetry.metrics import CaptureMetrics
+
+FIRST_RETRY_S = 0.5
+"""Wait before the first retry of a failed upload; it doubles up to `retry_max_s`."""
+MAX_TICK_S = 0.5
+"""Longest the stage sleeps between looks at the spool."""
+
+_logger = logging.getLogger(__name__)
+
+
+class SegmentWriter(Protocol):
+    """What stores one segment's records (`headrace.capture.writer.CaptureFileWriter`)."""
+
+    def write_segment(self, segment_seq: int, records: Sequence[CaptureRecord]) -> list[str]:
+        """Store the records; returns the files written. Raises on any failure."""
+        ...
+
+
+class CaptureUploader:
+    """Moves sealed spool segments into the object store, on a thread of its own."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        writer: SegmentWriter,
+        rules: Callable[[CaptureRecord], CaptureRules],
+        *,
+        segment_max_age_s: float,
+        fsync_interval_ms: int | None,
+        retry_max_s: float,
+        metrics: CaptureMetrics | None = None,
+    ) -> None:
+        self._spool = spool
+        self._writer = writer
+        self._rules = rules
+        self._segment_max_age_s = segment_max_age_s
+        self._fsync_interval_s = (fsync_interval_ms or 0) / 1000
+        self._retry_max_s = retry_max_s
+        self._metrics = metrics
+        self._written: dict[str, Counter] = {}
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._flush_deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._retry_s = 0.0
+        self._retry_at = 0.0
+        if metrics is not None:
+            metrics.spool_bytes.set_function(lambda: spool.size_bytes)
+            metrics.upload_lag.set_function(self.lag_s)
+        self.errors = 0
+        """Failed attempts to store a segment (also in headrace_capture_upload_errors)."""
+
+    def lag_s(self) -> float:
+        """Age in seconds of the oldest record not yet stored (0 when none is pending)."""
+        oldest = self._spool.oldest_s()
+        return max(0.0, time.time() - oldest) if oldest is not None else 0.0
+
+    def start(self) -> None:
+        if self._thread is None:
+            # A daemon: an upload stuck in the store past the shutdown timeout must not keep
+            # the process alive; its segment stays in the spool for the next start.
+            self._thread = threading.Thread(
+                target=self._run, name="headrace-capture-upload", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Seal the open segment, store what is spooled within `timeout_s`, and end the
+        thread. Returns whether everything was stored; what was not stays in the spool."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return not self._spool.sealed()
+        self._flush_deadline = time.monotonic() + timeout_s
+        self._stopping = True
+        self._wakeup.set()
+        thread.join(timeout_s + 1.0)
+        if thread.is_alive():
+            _logger.warning(
+                "capture: an upload still runs after %.1f s; its segment stays in the spool",
+                timeout_s,
+            )
+            return False
+        left = self._spool.sealed()
+        if left:
+            _logger.warning(
+                "capture: %d spool segments (%d bytes) not stored at shutdown; the next start "
+                "stores them",
+                len(left),
+                sum(segment.size for segment in left),
+            )
+        return not left
+
+    def _run(self) -> None:
+        tick = min(MAX_TICK_S, self._segment_max_age_s / 4)
+        if self._fsync_interval_s:
+            tick = min(tick, self._fsync_interval_s)
+        while not self._stopping:
+            try:
+                self._spool.seal(older_than_s=self._segment_max_age_s)
+                if self._fsync_interval_s:
+                    self._spool.sync()
+                if time.monotonic() >= self._retry_at:
+                    self._store_sealed(deadline=None)
+            except Exception:
+                # The stage must outlive any one bad segment or disk hiccup.
+                _logger.exception("capture stage failed a round; retrying")
+            self._wakeup.wait(tick)
+            self._wakeup.clear()
+        try:
+            self._spool.seal()
+            self._store_sealed(deadline=self._flush_deadline)
+        except Exception:
+            _logger.exception("capture: final flush failed")
+
+    def _store_sealed(self, deadline: float | None) -> None:
+        for segment in self._spool.sealed():
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if not self._store(segment):
+                return
+
+    def _store(self, segment: Segment) -> bool:
+        records = []
+        for entry in read_entries(segment.path):
+            try:
+                records.append(self._rules_for(entry))
+            except (RecordFormatError, DecodeError, ValueError) as exc:
+                _logger.warning(
+                    "capture: skipped an unreadable record in %s: %s", segment.path, exc
+                )
+        try:
+            if records:
+                self._writer.write_segment(segment.seq, records)
+        except Exception as exc:
+            self.errors += 1
+            if self._metrics is not None:
+                self._metrics.upload_errors.inc()
+            self._retry_s = min(self._retry_max_s, max(FIRST_RETRY_S, self._retry_s * 2))
+            self._retry_at = time.monotonic() + self._retry_s
+            _logger.warning(
+                "capture: storing spool segment %d failed (%s: %s); retrying in %.1f s",
+                segment.seq,
+                type(exc).__name__,
+                exc,
+                self._retry_s,
+            )
+            return False
+        self._retry_s = 0.0
+        self._spool.delete(segment)
+        self._count_written(records)
+        return True
+
+    def _rules_for(self, entry: memoryview) -> CaptureRecord:
+        record = CaptureRecord.decode(entry)
+        return self._rules(record).apply(record)
+
+    def _count_written(self, records: Sequence[CaptureRecord]) -> None:
+        if self._metrics is None:
+            return
+        counts: dict[str, int] = {}
+        for record in records:
+            counts[record.model] = counts.get(record.model, 0) + 1
+        for model, count in counts.items():
+            counter = self._written.get(model)
+            if counter is None:
+                counter = self._written[model] = self._metrics.records.labels(model, "written")
+            counter.inc(count)
+
+
+def rules_by_model(
+    rules: Mapping[tuple[str, str], CaptureRules], default: CaptureRules
+) -> Callable[[CaptureRecord], CaptureRules]:
+    """Look-up of a record's rules by model name and version; models no longer served (a
+    spool left by an older configuration) get `default`."""
+    return lambda record: rules.get((record.model, record.version), default)
