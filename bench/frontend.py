@@ -155,7 +155,13 @@ def _servers(results_dir: Path, stamp: str) -> dict[str, ServerProcess]:
         BARE: [python, "-m", "bench.baseline_server", "--host", HOST, "--port", "0"],
     }
     return {
-        side: ServerProcess(side, argv, results_dir / f"frontend-{stamp}-{side}.log")
+        # The gateway's own cost; capture is measured by its own scenario (bench/capture.py).
+        side: ServerProcess(
+            side,
+            argv,
+            results_dir / f"frontend-{stamp}-{side}.log",
+            {"HEADRACE_CAPTURE__ENABLED": "false"},
+        )
         for side, argv in argvs.items()
     }
 

@@ -138,7 +138,10 @@ def side_order(trials: int) -> list[str]:
 
 
 def _environments(receiver_port: int, batched: bool) -> dict[str, dict[str, str]]:
-    common = {"HEADRACE_MODELS__0__BATCHING__ENABLED": "true"} if batched else {}
+    # Capture is measured by its own scenario (bench/capture.py).
+    common = {"HEADRACE_CAPTURE__ENABLED": "false"}
+    if batched:
+        common["HEADRACE_MODELS__0__BATCHING__ENABLED"] = "true"
     return {
         OFF: common,
         TRACING: {

@@ -169,3 +169,40 @@ def test_bad_telemetry_values_name_the_field() -> None:
         load_settings(None, environ={"HEADRACE_TRACING__EXPORTER": "jaeger"})
     with pytest.raises(ConfigError, match=r"tracing.sample_ratio"):
         load_settings(None, environ={"HEADRACE_TRACING__SAMPLE_RATIO": "1.5"})
+
+
+def test_embedded_default_captures_to_a_local_folder() -> None:
+    capture = load_settings(None).capture
+    assert capture.enabled
+    assert capture.store.kind == "local"
+    assert capture.spool_dir == Path("headrace-captures/spool")
+
+
+def test_capture_is_off_without_a_capture_section(tmp_path: Path) -> None:
+    path = _write(tmp_path, MODEL.format(entrypoint="m:M"))
+    assert not load_settings(path).capture.enabled
+
+
+def test_worker_id_and_hash_salt_variables_are_not_settings(tmp_path: Path) -> None:
+    path = _write(tmp_path, MODEL.format(entrypoint="m:M"))
+    environ = {"HEADRACE_WORKER_ID": "3", "HEADRACE_CAPTURE_HASH_SALT": "s"}
+    assert load_settings(path, environ=environ).models[0].name == "forecast"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("drop", "[IMAGE]", "'IMAGE' is not inputs.NAME or outputs.NAME"),
+        ("hash", "[outputs.Y]", "'outputs.Y' is not headers.NAME, parameters.NAME or inputs.NAME"),
+        ("on_spool_full", "block", "'drop' or 'refuse'"),
+        ("sample_rate", "1.5", "less than or equal to 1"),
+    ],
+)
+def test_model_capture_settings_are_checked(
+    tmp_path: Path, field: str, value: str, message: str
+) -> None:
+    text = MODEL.format(entrypoint="m:M") + f"    capture: {{{field}: {value}}}\n"
+    with pytest.raises(ConfigError) as error:
+        load_settings(_write(tmp_path, text))
+    assert f"models[0].capture.{field}" in str(error.value)
+    assert message in str(error.value)
