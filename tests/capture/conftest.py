@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pyarrow import dataset
 
 from headrace.capture.record import CaptureRecord
 from headrace.capture.spool import read_entries
@@ -74,3 +75,11 @@ def fp32_request(
         raw_input_contents=[values.astype("<f4").tobytes()],
         parameters=parameters,
     )
+
+
+def stored_request_ids(store: Path) -> list[str]:
+    """The request ids of every row stored under a local store's folder (duplicates kept)."""
+    if not store.exists():
+        return []
+    files = dataset.dataset(store, format="parquet", partitioning="hive")
+    return [str(value) for value in files.to_table(columns=["request_id"])["request_id"]]
