@@ -215,9 +215,9 @@ class Spool:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        if self.fsync_interval and self._unsynced:
+        if self.fsync_interval:
             # fsync is the capture stage's job (never the request path's): it syncs and
-            # closes this file at its next interval.
+            # closes this file at its next interval (it may be syncing it right now).
             self._unsynced_sealed.append(fd)
             self._unsynced = False
         else:
@@ -240,16 +240,19 @@ class Spool:
                 self._seal_open()
 
     def sync(self) -> None:
-        """fsync the open segment if anything was written since the last sync (the interval
-        modes call this every `fsync_interval_ms`)."""
+        """fsync what was written since the last sync (the interval modes call this every
+        `fsync_interval_ms`, from one thread)."""
         with self._lock:
-            if self._fd is not None and self._unsynced:
-                os.fsync(self._fd)
-                self._unsynced = False
+            fd = self._fd if self._unsynced else None
+            self._unsynced = False
             sealed, self._unsynced_sealed = self._unsynced_sealed, []
-        for fd in sealed:
+        # Outside the lock: appends go on while the disk catches up. In the interval modes
+        # only this method closes a segment's file, so `fd` stays open meanwhile.
+        if fd is not None:
             os.fsync(fd)
-            os.close(fd)
+        for sealed_fd in sealed:
+            os.fsync(sealed_fd)
+            os.close(sealed_fd)
 
     def sealed(self) -> list[Segment]:
         """Sealed segments, oldest first."""

@@ -127,7 +127,7 @@ class CaptureUploader:
                 if self._fsync_interval_s:
                     self._spool.sync()
                 if time.monotonic() >= self._retry_at:
-                    self._store_sealed(deadline=None)
+                    self._store_sealed()
             except Exception:
                 # The stage must outlive any one bad segment or disk hiccup.
                 _logger.exception("capture stage failed a round; retrying")
@@ -135,13 +135,14 @@ class CaptureUploader:
             self._wakeup.clear()
         try:
             self._spool.seal()
-            self._store_sealed(deadline=self._flush_deadline)
+            self._store_sealed()
         except Exception:
             _logger.exception("capture: final flush failed")
 
-    def _store_sealed(self, deadline: float | None) -> None:
+    def _store_sealed(self) -> None:
         for segment in self._spool.sealed():
-            if deadline is not None and time.monotonic() >= deadline:
+            # Once shutdown begins, the backlog gets until the flush deadline, no longer.
+            if self._stopping and time.monotonic() >= self._flush_deadline:
                 return
             if not self._store(segment):
                 return
