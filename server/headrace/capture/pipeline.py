@@ -1,10 +1,11 @@
 """The capture pipeline of one Headrace process, built from settings: the spool, the group
-committer on the request path, the object store and Parquet writer, and the capture stage.
+committer on the request path, and the capture stage with its worker process.
 
-Start-up: spool (leftover segments sealed and queued first) -> spool thread -> store and
-writer -> capture stage thread. Shutdown (after the front end and batchers): records still
-being committed are written -> the stage seals and stores what is spooled within
-`shutdown_timeout_s` -> threads end. What is not stored stays in the spool for the next start.
+Start-up: spool (leftover segments sealed and queued first) -> spool thread -> capture stage
+thread (it spawns the worker process that writes Parquet to the store). Shutdown (after the
+front end and batchers): records still being committed are written -> the stage seals and
+stores what is spooled within `shutdown_timeout_s` -> threads and worker end. What is not
+stored stays in the spool for the next start.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from headrace.capture.rules import CaptureRules
-from headrace.capture.spool import Spool
+from headrace.capture.converter import SegmentConverter
+from headrace.capture.spool import Segment, Spool
 from headrace.capture.tee import ModelCapture, SpoolCommitter
-from headrace.capture.uploader import CaptureUploader, SegmentWriter, rules_by_model
+from headrace.capture.uploader import CaptureUploader
 from headrace.config import (
     ENV_CAPTURE_HASH_SALT,
     ENV_WORKER_ID,
@@ -49,19 +50,17 @@ class CapturePipeline:
         settings: CaptureSettings,
         metrics: CaptureMetrics | None = None,
         environ: Mapping[str, str] | None = None,
-        writer: SegmentWriter | None = None,
     ) -> None:
-        """`environ` (default os.environ) supplies HEADRACE_WORKER_ID and the hash salt;
-        `writer` replaces the Parquet writer the settings describe (tests of the stage)."""
+        """`environ` (default os.environ) supplies HEADRACE_WORKER_ID and the hash salt."""
         environ = os.environ if environ is None else environ
         self.settings = settings
         self.writer_id = writer_id(settings, environ)
         self._salt = environ.get(ENV_CAPTURE_HASH_SALT, "").encode()
         self._metrics = metrics
-        self._writer = writer
-        self._rules: dict[tuple[str, str], CaptureRules] = {}
+        self._rules: dict[tuple[str, str], ModelCaptureSettings] = {}
         self.spool: Spool | None = None
         self.uploader: CaptureUploader | None = None
+        self._converter: SegmentConverter | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._committer: SpoolCommitter | None = None
 
@@ -88,11 +87,15 @@ class CapturePipeline:
             )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="headrace-capture-spool")
         self._committer = SpoolCommitter(self.spool, self._executor)
-        writer = self._writer if self._writer is not None else self._make_writer()
+        converter = self._converter = SegmentConverter(settings, self.writer_id, self._salt)
+        rules = self._rules
+
+        def store(segment: Segment, deadline: float | None) -> dict[str, int]:
+            return converter.store(segment, rules, deadline)
+
         self.uploader = CaptureUploader(
             self.spool,
-            writer,
-            rules_by_model(self._rules, CaptureRules(ModelCaptureSettings(), self._salt)),
+            store,
             segment_max_age_s=settings.segment_max_age_s,
             fsync_interval_ms=settings.fsync_interval_ms,
             retry_max_s=settings.upload_retry_max_s,
@@ -106,20 +109,10 @@ class CapturePipeline:
             settings.store.kind,
         )
 
-    def _make_writer(self) -> SegmentWriter:
-        from headrace.capture.store import make_store
-        from headrace.capture.writer import CaptureFileWriter
-
-        writer: SegmentWriter = CaptureFileWriter(
-            make_store(self.settings.store), self.writer_id, self.settings.max_file_bytes
-        )
-        return writer
-
     def for_model(self, spec: ModelSpec, settings: ModelCaptureSettings) -> ModelCapture:
         """The request-path capture of one served model version (after `start`)."""
         if self.spool is None or self._committer is None:
             raise RuntimeError("capture pipeline used before start()")
-        rules = CaptureRules(settings, self._salt)
         if settings.hash and not self._salt:
             _logger.warning(
                 "capture: model %s hashes %s without a salt (set %s)",
@@ -127,7 +120,7 @@ class CapturePipeline:
                 ", ".join(settings.hash),
                 ENV_CAPTURE_HASH_SALT,
             )
-        self._rules[(spec.name, spec.version)] = rules
+        self._rules[(spec.name, spec.version)] = settings
         return ModelCapture(
             spec,
             settings,
@@ -151,6 +144,9 @@ class CapturePipeline:
         if self.uploader is not None:
             uploader, self.uploader = self.uploader, None
             stored = uploader.stop(self.settings.shutdown_timeout_s)
+        if self._converter is not None:
+            converter, self._converter = self._converter, None
+            converter.stop()
         if self.spool is not None:
             self.spool.close()
         return stored

@@ -1,6 +1,7 @@
 """The capture stage: one thread, started at start-up and stopped at shutdown, that seals spool
-segments by age, turns each sealed segment's records into Parquet files in the object store,
-and deletes the segment only once every file is stored.
+segments by age, has each sealed segment's records stored as Parquet files (by the worker
+process of `headrace.capture.converter`), and deletes the segment only once every file is
+stored.
 
 While the store fails, the segment stays and is retried with exponential backoff (serving
 never waits: the spool absorbs the backlog up to its cap); when the store returns, the backlog
@@ -13,14 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-from google.protobuf.message import DecodeError
-
-from headrace.capture.record import CaptureRecord, RecordFormatError
-from headrace.capture.rules import CaptureRules
-from headrace.capture.spool import Segment, Spool, read_entries
+from headrace.capture.spool import Segment, Spool
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -35,12 +32,9 @@ MAX_TICK_S = 0.5
 _logger = logging.getLogger(__name__)
 
 
-class SegmentWriter(Protocol):
-    """What stores one segment's records (`headrace.capture.writer.CaptureFileWriter`)."""
-
-    def write_segment(self, segment_seq: int, records: Sequence[CaptureRecord]) -> list[str]:
-        """Store the records; returns the files written. Raises on any failure."""
-        ...
+SegmentStore = Callable[[Segment, float | None], Mapping[str, int]]
+"""Stores one sealed segment's records before a deadline (monotonic; None: none) and returns
+the records stored per model (`SegmentConverter.store`); raises on any failure."""
 
 
 class CaptureUploader:
@@ -49,8 +43,7 @@ class CaptureUploader:
     def __init__(
         self,
         spool: Spool,
-        writer: SegmentWriter,
-        rules: Callable[[CaptureRecord], CaptureRules],
+        store: SegmentStore,
         *,
         segment_max_age_s: float,
         fsync_interval_ms: int | None,
@@ -58,8 +51,7 @@ class CaptureUploader:
         metrics: CaptureMetrics | None = None,
     ) -> None:
         self._spool = spool
-        self._writer = writer
-        self._rules = rules
+        self._store_segment = store
         self._segment_max_age_s = segment_max_age_s
         self._fsync_interval_s = (fsync_interval_ms or 0) / 1000
         self._retry_max_s = retry_max_s
@@ -148,17 +140,8 @@ class CaptureUploader:
                 return
 
     def _store(self, segment: Segment) -> bool:
-        records = []
-        for entry in read_entries(segment.path):
-            try:
-                records.append(self._rules_for(entry))
-            except (RecordFormatError, DecodeError, ValueError) as exc:
-                _logger.warning(
-                    "capture: skipped an unreadable record in %s: %s", segment.path, exc
-                )
         try:
-            if records:
-                self._writer.write_segment(segment.seq, records)
+            counts = self._store_segment(segment, self._flush_deadline if self._stopping else None)
         except Exception as exc:
             self.errors += 1
             if self._metrics is not None:
@@ -166,38 +149,22 @@ class CaptureUploader:
             self._retry_s = min(self._retry_max_s, max(FIRST_RETRY_S, self._retry_s * 2))
             self._retry_at = time.monotonic() + self._retry_s
             _logger.warning(
-                "capture: storing spool segment %d failed (%s: %s); retrying in %.1f s",
+                "capture: storing spool segment %d failed (%s); retrying in %.1f s",
                 segment.seq,
-                type(exc).__name__,
                 exc,
                 self._retry_s,
             )
             return False
         self._retry_s = 0.0
         self._spool.delete(segment)
-        self._count_written(records)
+        self._count_written(counts)
         return True
 
-    def _rules_for(self, entry: memoryview) -> CaptureRecord:
-        record = CaptureRecord.decode(entry)
-        return self._rules(record).apply(record)
-
-    def _count_written(self, records: Sequence[CaptureRecord]) -> None:
+    def _count_written(self, counts: Mapping[str, int]) -> None:
         if self._metrics is None:
             return
-        counts: dict[str, int] = {}
-        for record in records:
-            counts[record.model] = counts.get(record.model, 0) + 1
         for model, count in counts.items():
             counter = self._written.get(model)
             if counter is None:
                 counter = self._written[model] = self._metrics.records.labels(model, "written")
             counter.inc(count)
-
-
-def rules_by_model(
-    rules: Mapping[tuple[str, str], CaptureRules], default: CaptureRules
-) -> Callable[[CaptureRecord], CaptureRules]:
-    """Look-up of a record's rules by model name and version; models no longer served (a
-    spool left by an older configuration) get `default`."""
-    return lambda record: rules.get((record.model, record.version), default)
