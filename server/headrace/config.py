@@ -34,8 +34,9 @@ ENV_SEPARATOR = "__"
 ENV_CONFIG_PATH = "HEADRACE_CONFIG"
 """Names the config file for `headrace serve` without --config; not a settings override."""
 ENV_WORKER_ID = "HEADRACE_WORKER_ID"
-"""This process's worker number when a supervisor runs several (default "0"); it completes
-the capture writer id. Not a settings override."""
+"""Set by the supervisor of `headrace serve --workers N` in each worker process (0 to N-1);
+not a settings override. It also completes
+the capture writer id."""
 ENV_CAPTURE_HASH_SALT = "HEADRACE_CAPTURE_HASH_SALT"
 """Salt of the SHA-256 hashes capture writes for hashed fields (kept out of config files).
 Not a settings override."""
@@ -329,6 +330,15 @@ class ServerSettings(_Frozen):
     stream_max_inflight_requests: int = Field(default=256, ge=1)
     """Requests of one ModelStreamInfer stream processed at once; the stream stops reading
     (and HTTP/2 flow control pushes back on the client) while this many are open."""
+    system_shared_memory: bool = False
+    """Let clients on this host register system shared memory regions and pass tensors
+    through them (Triton's extension; tritonclient.utils.shared_memory). Off by default: a
+    client that may register any /dev/shm object of Headrace's user can read and write it."""
+    workers: int | None = Field(default=None, ge=1)
+    """Worker processes of `headrace serve`, all serving `port` (SO_REUSEPORT: the kernel
+    spreads new connections over them) under one supervisor that restarts a worker that dies.
+    None: one per core this process may use (CPU affinity and cgroup CPU quota). 1: a single
+    process, no supervisor. `headrace serve --workers N` overrides it."""
 
 
 class LoggingSettings(_Frozen):

@@ -63,9 +63,6 @@ class CaptureUploader:
         self._thread: threading.Thread | None = None
         self._retry_s = 0.0
         self._retry_at = 0.0
-        if metrics is not None:
-            metrics.spool_bytes.set_function(lambda: spool.size_bytes)
-            metrics.upload_lag.set_function(self.lag_s)
         self.errors = 0
         """Failed attempts to store a segment (also in headrace_capture_upload_errors)."""
 
@@ -123,6 +120,7 @@ class CaptureUploader:
             except Exception:
                 # The stage must outlive any one bad segment or disk hiccup.
                 _logger.exception("capture stage failed a round; retrying")
+            self._report()
             self._wakeup.wait(tick)
             self._wakeup.clear()
         try:
@@ -130,6 +128,14 @@ class CaptureUploader:
             self._store_sealed()
         except Exception:
             _logger.exception("capture: final flush failed")
+        self._report()
+
+    def _report(self) -> None:
+        """Set the spool gauges (a gauge set from here works with per-worker metric files
+        too, where a callback gauge would not)."""
+        if self._metrics is not None:
+            self._metrics.spool_bytes.set(self._spool.size_bytes)
+            self._metrics.upload_lag.set(self.lag_s())
 
     def _store_sealed(self) -> None:
         for segment in self._spool.sealed():

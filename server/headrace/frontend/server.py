@@ -21,6 +21,10 @@ from headrace.protocol.descriptor_pool import POOL
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LIVENESS_SERVICE = "liveness"
+"""grpc.health.v1 service name that is SERVING from start-up until shutdown begins, whatever
+the models' readiness: for liveness probes, which must not restart a gateway because the
+Triton behind it is down (readiness, service "", does follow the models)."""
 
 _logger = logging.getLogger(__name__)
 
@@ -67,15 +71,20 @@ class FrontendServer:
         settings: ServerSettings,
         servicer: InferenceServicer,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        """`reuse_port`: share the port with other processes that set it too (the workers of
+        `headrace serve --workers N`; the kernel spreads connections over them)."""
         self._settings = settings
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Never share a port silently with another process (grpc enables it by default).
-                ("grpc.so_reuseport", 0),
+                # Never share a port silently with another process (grpc enables it by
+                # default); only the workers of one supervisor share theirs, on purpose.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         handlers = _method_handlers(servicer)
@@ -115,6 +124,7 @@ class FrontendServer:
                 f"cannot listen on {address}: address in use or unavailable"
             ) from exc
         await self._server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

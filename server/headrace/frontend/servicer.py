@@ -11,22 +11,30 @@ import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 
 from headrace import __version__
-from headrace.errors import HeadraceError, ModelNotFoundError, ModelUnavailableError
+from headrace.errors import (
+    HeadraceError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    NotEnabledError,
+)
+from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
 from headrace.frontend.status import (
     MalformedMessage,
     StatusBoundary,
     WireMessage,
     require_message,
 )
-from headrace.inference import InferenceResponse
+from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import (
+    output_placements,
     request_from_proto,
+    request_to_proto,
     response_to_proto,
     stream_response_bytes,
 )
@@ -53,12 +61,18 @@ class InferenceServicer:
         repository: ModelRepository,
         stream_max_inflight_requests: int,
         unresolved_requests: RequestObserver | None = None,
+        shared_memory: SystemSharedMemoryRegistry | None = None,
     ) -> None:
         """`unresolved_requests` is told of inference requests that cannot be read or name
-        no served model; each served model's own `requests` observer of the others."""
+        no served model; each served model's own `requests` observer of the others.
+        `shared_memory`: the regions clients register (None: the extension is off)."""
         self._repository = repository
         self._stream_max_inflight = stream_max_inflight_requests
         self._unresolved_requests = unresolved_requests
+        self._shared_memory = shared_memory
+        self._extensions = (
+            (*EXTENSIONS, "system_shared_memory") if shared_memory is not None else EXTENSIONS
+        )
 
     async def _infer(
         self, request: WireMessage[pb.ModelInferRequest] | MalformedMessage, context: Context
@@ -76,7 +90,7 @@ class InferenceServicer:
             capture = served.capture
             reply: pb.ModelInferResponse | bytes
             if capture is None or not capture.admit():
-                reply = (await self._infer_served(served, message, context, started))[0]
+                reply = (await self._infer_served(served, message, context, started)).reply
             else:
                 reply = await self._infer_captured(
                     served, capture, wire, context, started, received_ns
@@ -112,7 +126,7 @@ class InferenceServicer:
         """
         message = wire.message
         try:
-            reply, response = await self._infer_served(served, message, context, started)
+            done = await self._infer_served(served, message, context, started)
         except HeadraceError as exc:
             await capture.record(
                 wire=wire.data,
@@ -126,17 +140,25 @@ class InferenceServicer:
                 reply=b"",
             )
             raise
-        data = reply.SerializeToString()
+        data = done.reply.SerializeToString()
+        request_bytes, response_bytes = wire.data, data
+        if self._shared_memory is not None and _uses_shared_memory(message):
+            # Tensors in the client's shared memory are not in the wire bytes: the record
+            # gets them as raw contents, as if they had been sent that way.
+            request_bytes = _captured_request(message, done.request)
+            response_bytes = response_to_proto(
+                done.response, done.request.requested_outputs
+            ).SerializeToString()
         spooled = await capture.record(
-            wire=wire.data,
+            wire=request_bytes,
             message=message,
             metadata=context.invocation_metadata(),
             received_ns=received_ns,
             started_ns=started,
             code=grpc.StatusCode.OK.value[0],
             status_message="",
-            response=response,
-            reply=data,
+            response=done.response,
+            reply=response_bytes,
         )
         if not spooled:
             raise ModelUnavailableError(
@@ -145,13 +167,14 @@ class InferenceServicer:
             )
         return data
 
-    @staticmethod
     async def _infer_served(
-        served: ServedModel, message: pb.ModelInferRequest, context: Context, started: int
-    ) -> tuple[pb.ModelInferResponse, InferenceResponse]:
+        self, served: ServedModel, message: pb.ModelInferRequest, context: Context, started: int
+    ) -> _Answered:
         statistics = served.statistics
+        shared = self._shared_memory
         try:
-            request = request_from_proto(message)
+            request = request_from_proto(message, shared)
+            placements = output_placements(message, shared) if message.outputs else None
             spec = served.spec
             spec.validate_request(request)
             decoded = perf_counter_ns()
@@ -161,7 +184,7 @@ class InferenceServicer:
             )
             response = await served.infer(request, spec.batch_size(request), deadline)
             answered = perf_counter_ns()
-            reply = response_to_proto(response, request.requested_outputs)
+            reply = response_to_proto(response, request.requested_outputs, placements, shared)
         except HeadraceError:
             statistics.record_failure(perf_counter_ns() - started)
             raise
@@ -169,7 +192,7 @@ class InferenceServicer:
         statistics.record_success(
             total_ns=finished - started, input_ns=decoded - started, output_ns=finished - answered
         )
-        return reply, response
+        return _Answered(reply, request, response)
 
     async def ModelInfer(
         self, request: WireMessage[pb.ModelInferRequest] | MalformedMessage, context: Context
@@ -271,7 +294,7 @@ class InferenceServicer:
         async with StatusBoundary(context, "ServerMetadata"):
             require_message(request)
             return pb.ServerMetadataResponse(
-                name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+                name=SERVER_NAME, version=__version__, extensions=self._extensions
             )
 
     async def ModelMetadata(
@@ -331,6 +354,39 @@ class InferenceServicer:
                 )
             return pb.RepositoryIndexResponse(models=entries)
 
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest | MalformedMessage, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        """Raises INVALID_ARGUMENT for an unknown region name, UNIMPLEMENTED when off."""
+        async with StatusBoundary(context, "SystemSharedMemoryStatus"):
+            message = require_message(request)
+            return self._registry().status(message.name)
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest | MalformedMessage, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        """Raises INVALID_ARGUMENT (bad key, range), ALREADY_EXISTS, UNIMPLEMENTED when off."""
+        async with StatusBoundary(context, "SystemSharedMemoryRegister"):
+            message = require_message(request)
+            self._registry().register(message.name, message.key, message.offset, message.byte_size)
+            return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest | MalformedMessage, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        """An empty name unregisters every region. UNIMPLEMENTED when off."""
+        async with StatusBoundary(context, "SystemSharedMemoryUnregister"):
+            message = require_message(request)
+            self._registry().unregister(message.name)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+    def _registry(self) -> SystemSharedMemoryRegistry:
+        if self._shared_memory is None:
+            raise NotEnabledError(
+                "system shared memory is off on this server (server.system_shared_memory)"
+            )
+        return self._shared_memory
+
 
 def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:
     # Triton sends only error_message; the id and model let a client match it to its request.
@@ -340,3 +396,32 @@ def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInf
             model_name=message.model_name, model_version=message.model_version, id=message.id
         ),
     )
+
+
+class _Answered(NamedTuple):
+    reply: pb.ModelInferResponse
+    request: InferenceRequest
+    response: InferenceResponse
+
+
+_SHARED_MEMORY_REGION = "shared_memory_region"
+
+
+def _uses_shared_memory(message: pb.ModelInferRequest) -> bool:
+    inputs = any(_SHARED_MEMORY_REGION in tensor.parameters for tensor in message.inputs)
+    return inputs or any(_SHARED_MEMORY_REGION in tensor.parameters for tensor in message.outputs)
+
+
+def _captured_request(message: pb.ModelInferRequest, request: InferenceRequest) -> bytes:
+    """The request as captured when its inputs came through shared memory: every input in
+    raw contents, the message's own id, parameters and requested outputs kept."""
+    captured = request_to_proto(request, message.model_name, message.model_version)
+    captured.id = message.id
+    captured.parameters.clear()
+    for key, value in message.parameters.items():
+        captured.parameters[key].CopyFrom(value)
+    captured.outputs.extend(
+        pb.ModelInferRequest.InferRequestedOutputTensor(name=output.name)
+        for output in message.outputs
+    )
+    return captured.SerializeToString()
