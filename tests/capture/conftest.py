@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from pyarrow import dataset
 
 from headrace.capture.record import CaptureRecord
@@ -83,3 +86,12 @@ def stored_request_ids(store: Path) -> list[str]:
         return []
     files = dataset.dataset(store, format="parquet", partitioning="hive")
     return [str(value) for value in files.to_table(columns=["request_id"])["request_id"]]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout_s:g} s")
+        time.sleep(0.05)

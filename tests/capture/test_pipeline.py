@@ -11,7 +11,13 @@ import numpy as np
 from headrace.capture.record import CaptureRecord
 from headrace.capture.spool import OPEN_SUFFIX, Spool, frame
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
-from tests.capture.conftest import capturing_server, fp32_request, metric, stored_request_ids
+from tests.capture.conftest import (
+    capturing_server,
+    fp32_request,
+    metric,
+    stored_request_ids,
+    wait_for,
+)
 
 
 def record(request_id: str) -> CaptureRecord:
@@ -71,8 +77,12 @@ def test_metrics_follow_records_into_the_store(tmp_path: Path) -> None:
                 client.ModelInfer(
                     fp32_request("identity", np.ones((1, 4), np.float32), f"m{index}")
                 )
-        assert metric(server, "headrace_capture_spool_bytes") > 0
-        assert metric(server, "headrace_capture_upload_lag_seconds") > 0
+        # The capture stage sets the gauges on its next look at the spool.
+        wait_for(
+            lambda: metric(server, "headrace_capture_upload_lag_seconds") > 0,
+            10,
+            "the spool gauges to be set",
+        )
         spooled_bytes = metric(server, "headrace_capture_bytes_total", model="identity")
         framing = 5 * len(frame(b""))
         assert spooled_bytes + framing == metric(server, "headrace_capture_spool_bytes")
