@@ -3,13 +3,17 @@ a graceful shutdown stores everything spooled, and the metrics follow records to
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import grpc
 import numpy as np
+import yaml
 
+from bench.server_process import ServerProcess
 from headrace.capture.record import CaptureRecord
 from headrace.capture.spool import OPEN_SUFFIX, Spool, frame
+from headrace.config import load_settings
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from tests.capture.conftest import (
     capturing_server,
@@ -91,3 +95,30 @@ def test_metrics_follow_records_into_the_store(tmp_path: Path) -> None:
     )
     assert metric(server, "headrace_capture_spool_bytes") == 0
     assert metric(server, "headrace_capture_upload_lag_seconds") == 0
+
+
+def test_each_worker_has_its_own_spool_and_writer_id(tmp_path: Path) -> None:
+    tree = load_settings(None).model_dump(mode="json")
+    tree["server"].update(host="127.0.0.1", port=0, workers=2)
+    tree["capture"] = {
+        "enabled": True,
+        "spool_dir": str(tmp_path / "spool"),
+        "store": {"kind": "local", "path": str(tmp_path / "store")},
+        "writer_id": "host",
+    }
+    config = tmp_path / "headrace.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config)]
+    sent = []
+    with ServerProcess("workers", argv, tmp_path / "workers.log") as server:
+        # Many connections: the kernel spreads them over both workers.
+        for connection in range(24):
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                client = pb_grpc.GRPCInferenceServiceStub(channel)
+                request_id = f"w{connection}"
+                client.ModelInfer(fp32_request("identity", np.ones((1, 2), np.float32), request_id))
+                sent.append(request_id)
+    assert sorted(stored_request_ids(tmp_path / "store")) == sorted(sent)
+    writers = {path.name.rsplit("-", 2)[0] for path in (tmp_path / "store").rglob("*.parquet")}
+    assert writers == {"host-0", "host-1"}
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["host-0", "host-1"]
