@@ -99,7 +99,7 @@ def test_metrics_follow_records_into_the_store(tmp_path: Path) -> None:
 
 def test_each_worker_has_its_own_spool_and_writer_id(tmp_path: Path) -> None:
     tree = load_settings(None).model_dump(mode="json")
-    tree["server"].update(host="127.0.0.1", port=0, workers=2)
+    tree["server"].update(host="127.0.0.1", port=0)
     tree["capture"] = {
         "enabled": True,
         "spool_dir": str(tmp_path / "spool"),
@@ -110,7 +110,9 @@ def test_each_worker_has_its_own_spool_and_writer_id(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump(tree))
     argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config)]
     sent = []
-    with ServerProcess("workers", argv, tmp_path / "workers.log") as server:
+    log = tmp_path / "workers.log"
+    with ServerProcess("workers", argv, log, {"HEADRACE_SERVER__WORKERS": "2"}) as server:
+        wait_for(lambda: "worker 1 ready" in log.read_text(), 60, "both workers ready")
         # Many connections: the kernel spreads them over both workers.
         for connection in range(24):
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
