@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any, NoReturn, Protocol
 
 from bench import (
+    capture,
     frontend,
     gpu_sim,
     open_loop,
@@ -90,6 +91,7 @@ def _scenarios() -> dict[str, Scenario]:
         triton,
         shared_memory,
         telemetry,
+        capture,
         workers,
     )
     return {module.__name__.rpartition(".")[2]: module for module in modules}

@@ -123,6 +123,20 @@ def test_telemetry_scenario_runs() -> None:
 
 
 @pytest.mark.timeout(240)
+def test_capture_scenario_runs() -> None:
+    output, report = _run("capture", *QUICK, "--concurrency", "2")
+    assert "Capture on / off" in output
+    assert [trial["side"] for trial in report["trials"]] == ["off", "on"]
+    for trial in report["trials"]:
+        assert trial["load"]["completed"] > 0
+        assert not trial["load"]["errors"]
+    captured = next(t for t in report["trials"] if t["side"] == "on")["capture"]
+    assert captured["dropped"] == 0
+    # The graceful stop stored what was spooled: the bucket holds Parquet files.
+    assert report["objects_stored"] > 0
+
+
+@pytest.mark.timeout(240)
 def test_triton_scenario_runs() -> None:
     output, report = _run("triton", *QUICK, "--concurrencies", "2")
     assert "Headrace / direct unbatched" in output
