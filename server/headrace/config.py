@@ -514,7 +514,7 @@ class CaptureSettings(_Frozen):
     of the process, not of the machine). 0: also fsynced before the answer leaves (safe
     against a machine crash; one fsync per group commit). N: fsynced every N ms in the
     background (a machine crash loses at most the last N ms)."""
-    writer_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]+$")
+    writer_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]*$")
     """Names this process's files (`{writer_id}-{worker}-...`); default: the host name.
     The worker number comes from HEADRACE_WORKER_ID (default 0)."""
     store: CaptureStoreSettings = LocalStoreSettings(path=Path("headrace-captures"))

@@ -242,3 +242,17 @@ def test_full_spool_drop_counts_exactly_and_refuse_answers_unavailable(tmp_path:
         assert server.application.capture is not None
         assert server.application.capture.spool is not None
         assert server.application.capture.spool.full
+
+
+@pytest.mark.parametrize("fsync_interval_ms", [0, 20])
+def test_fsync_modes_spool_every_answer_before_it_leaves(
+    tmp_path: Path, fsync_interval_ms: int
+) -> None:
+    with (
+        capturing_server(tmp_path, fsync_interval_ms=fsync_interval_ms, **NO_SEALING) as server,
+        stub(server) as client,
+    ):
+        for index in range(5):
+            request_id = f"f{index}"
+            client.ModelInfer(fp32_request("identity", np.ones((1, 3), np.float32), request_id))
+            assert request_id in by_id(spooled(server))
