@@ -40,6 +40,8 @@ OPEN_SUFFIX = ".open"
 SEALED_SUFFIX = ".seg"
 SEQUENCE_FILE = "sequence"
 _SEQUENCE_DIGITS = 16
+_MAX_BUFFERS = 512
+"""Buffers per writev call, well under every system's IOV_MAX (1024 on Linux)."""
 
 _logger = logging.getLogger(__name__)
 
@@ -59,6 +61,18 @@ class Segment:
 def frame(payload: bytes) -> bytes:
     """One spool entry as written to a segment."""
     return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    """All of `buffers`, in order, with as few system calls as the kernel allows."""
+    for start in range(0, len(buffers), _MAX_BUFFERS):
+        chunk = buffers[start : start + _MAX_BUFFERS]
+        written = os.writev(fd, chunk)
+        if written < sum(len(buffer) for buffer in chunk):
+            # A short write (a signal, a full disk): finish this chunk before the next.
+            rest = memoryview(b"".join(chunk))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
 
 
 def read_entries(path: Path) -> Iterator[memoryview]:
@@ -172,20 +186,23 @@ class Spool:
             OSError: the write failed (disk full, I/O error); a partial write is a torn
                 tail that readers skip.
         """
-        data = b"".join([frame(entry) for entry in entries])
+        # Headers and payloads go to the kernel as they are (writev): no copy of a large
+        # tensor is made here.
+        buffers: list[bytes] = []
+        for entry in entries:
+            buffers.append(_FRAME.pack(len(entry), zlib.crc32(entry)))
+            buffers.append(entry)
+        size = sum(len(buffer) for buffer in buffers)
         with self._lock:
             fd = self._fd if self._fd is not None else self._open_segment()
-            view = memoryview(data)
             try:
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                _write_all(fd, buffers)
             except OSError:
                 # Entries after a torn one would be unreadable: cut back to the last whole one.
                 os.ftruncate(fd, self._open_size)
                 raise
-            self._open_size += len(data)
-            self._bytes += len(data)
+            self._open_size += size
+            self._bytes += size
             if self.fsync_each_append:
                 os.fsync(fd)
             else:
