@@ -114,3 +114,13 @@ def propagating(key: str) -> Propagating:
     """Entrypoint: a new Propagating model, registered under `key`."""
     PROPAGATING[key] = Propagating()
     return PROPAGATING[key]
+
+
+class WhoAmI:
+    """Answers the name of the token the request came with (auth's `current_identity`), as
+    one BYTES element; inline models run in the request's own context."""
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from headrace.frontend.auth import current_identity
+
+        return {"OUTPUT0": np.array([current_identity().encode()], dtype=object)}

@@ -6,6 +6,9 @@ import asyncio
 import logging
 import signal
 from types import TracebackType
+from typing import Any
+
+import grpc
 
 from headrace.backends import Backend, LocalBackend
 from headrace.backends.triton import TritonBackend
@@ -17,6 +20,7 @@ from headrace.config import (
     TritonModelSettings,
 )
 from headrace.frontend import FrontendServer, InferenceServicer
+from headrace.frontend.auth import AuthInterceptor, TokenStore, open_methods
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
 from headrace.telemetry import Metrics, MetricsServer, Tracing, TracingInterceptor, traced_methods
@@ -59,6 +63,9 @@ class Application:
         self._metrics_server: MetricsServer | None = None
         self.metrics_port = 0
         """The bound /metrics port once started (0: metrics are off)."""
+        self.tokens: TokenStore | None = None
+        """The known bearer tokens once started; None when `server.auth` is off."""
+        self.servicer: InferenceServicer | None = None
 
     async def start(self) -> int:
         """Start everything; returns the bound gRPC port.
@@ -74,12 +81,14 @@ class Application:
             self.repository = ModelRepository(self._backends)
             self._attach_telemetry(self.repository)
             self._start_batchers(self.repository)
-            servicer = InferenceServicer(
+            servicer = self.servicer = InferenceServicer(
                 self.repository,
                 self.settings.server.stream_max_inflight_requests,
                 self.metrics.unresolved if self.metrics is not None else None,
+                self.settings.server.limits,
             )
-            interceptors = []
+            # Tracing first: its span is current when auth names the caller on it.
+            interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
             if self.tracing is not None:
                 interceptors.append(
                     TracingInterceptor(
@@ -88,6 +97,10 @@ class Application:
                         traced_methods(self.settings.tracing.trace_health),
                     )
                 )
+            auth = self.settings.server.auth
+            if auth.enabled:
+                self.tokens = TokenStore(auth)
+                interceptors.append(AuthInterceptor(self.tokens, open_methods(auth)))
             self._frontend = FrontendServer(self.settings.server, servicer, interceptors)
             self.port = await self._frontend.start()
         except BaseException:
@@ -192,6 +205,12 @@ class Application:
         if self._frontend is not None and self._frontend.tls is not None:
             self._frontend.tls.reload()
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS certificate files and the tokens file."""
+        self.reload_tls()
+        if self.tokens is not None:
+            self.tokens.reload()
+
     async def __aenter__(self) -> Application:
         await self.start()
         return self
@@ -212,7 +231,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, application.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, application.reload)
     try:
         await application.start()
         await stop_requested.wait()

@@ -51,6 +51,27 @@ def _method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHan
     return handlers
 
 
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """grpc core's options for `settings`: message sizes, streams per connection, keepalive
+    (both the server's pings and what it tolerates from clients)."""
+    limits = settings.limits
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", round(limits.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(limits.keepalive_timeout_s * 1000)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            round(limits.min_client_ping_interval_s * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(limits.permit_keepalive_without_calls)),
+        # Never share a port silently with another process (grpc enables it by default).
+        ("grpc.so_reuseport", 0),
+    ]
+
+
 class FrontendServer:
     """The grpc.aio server with the inference service, grpc.health.v1 and reflection."""
 
@@ -61,15 +82,7 @@ class FrontendServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     ) -> None:
         self._settings = settings
-        self._server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Never share a port silently with another process (grpc enables it by default).
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         handlers = _method_handlers(servicer)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)

@@ -15,7 +15,10 @@ from typing import Any
 import grpc
 
 from headrace import __version__
+from headrace.config import LimitsSettings
 from headrace.errors import HeadraceError, ModelNotFoundError
+from headrace.frontend.auth import authorize_model
+from headrace.frontend.limits import InflightLimit, RequestLimits
 from headrace.frontend.status import MalformedMessage, StatusBoundary, require_message
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import request_from_proto, response_to_proto
@@ -39,12 +42,18 @@ class InferenceServicer:
         repository: ModelRepository,
         stream_max_inflight_requests: int,
         unresolved_requests: RequestObserver | None = None,
+        limits: LimitsSettings | None = None,
     ) -> None:
         """`unresolved_requests` is told of inference requests that cannot be read or name
-        no served model; each served model's own `requests` observer of the others."""
+        no served model; each served model's own `requests` observer of the others.
+        `limits`: `server.limits` (default: its defaults)."""
         self._repository = repository
         self._stream_max_inflight = stream_max_inflight_requests
         self._unresolved_requests = unresolved_requests
+        limits = limits or LimitsSettings()
+        self._limits = RequestLimits(limits)
+        self.inflight = InflightLimit(limits.max_inflight_requests)
+        """Inference requests in progress, and the cap on them."""
 
     async def _infer(
         self, message: pb.ModelInferRequest | MalformedMessage, context: Context
@@ -53,9 +62,13 @@ class InferenceServicer:
         served: ServedModel | None = None
         code = grpc.StatusCode.INTERNAL  # what StatusBoundary answers an unexpected error with
         try:
-            message = require_message(message)
-            served = self._repository.resolve(message.model_name, message.model_version)
-            reply = await self._infer_served(served, message, context, started)
+            with self.inflight.admit():
+                message = require_message(message)
+                authorize_model(message.model_name)
+                self._limits.check_message(message)
+                served = self._repository.resolve(message.model_name, message.model_version)
+                reply = await self._infer_served(served, message, context, started)
+                self.inflight.record_duration((perf_counter_ns() - started) / 1e9)
         except HeadraceError as exc:
             code = exc.code
             raise
@@ -70,15 +83,15 @@ class InferenceServicer:
             if observer is not None:
                 observer.record_request(code, perf_counter_ns() - started)
 
-    @staticmethod
     async def _infer_served(
-        served: ServedModel, message: pb.ModelInferRequest, context: Context, started: int
+        self, served: ServedModel, message: pb.ModelInferRequest, context: Context, started: int
     ) -> pb.ModelInferResponse:
         statistics = served.statistics
         try:
             request = request_from_proto(message)
             spec = served.spec
             spec.validate_request(request)
+            self._limits.check_batch_size(spec.name, spec.batch_size(request))
             decoded = perf_counter_ns()
             remaining = context.time_remaining()
             deadline = (
@@ -181,6 +194,7 @@ class InferenceServicer:
         """An unknown model is not ready (false, not NOT_FOUND): probes want a boolean."""
         async with StatusBoundary(context, "ModelReady"):
             message = require_message(request)
+            authorize_model(message.name)
             try:
                 served = self._repository.resolve(message.name, message.version)
             except ModelNotFoundError:
@@ -201,6 +215,7 @@ class InferenceServicer:
     ) -> pb.ModelMetadataResponse:
         async with StatusBoundary(context, "ModelMetadata"):
             message = require_message(request)
+            authorize_model(message.name)
             served = self._repository.resolve(message.name, message.version)
             return metadata_to_proto(served.spec, self._repository.versions(message.name))
 
@@ -209,6 +224,7 @@ class InferenceServicer:
     ) -> pb.ModelConfigResponse:
         async with StatusBoundary(context, "ModelConfig"):
             message = require_message(request)
+            authorize_model(message.name)
             served = self._repository.resolve(message.name, message.version)
             policy = served.batcher.policy if served.batcher is not None else None
             return pb.ModelConfigResponse(config=config_to_proto(served.spec, policy))
