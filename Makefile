@@ -71,3 +71,8 @@ clean:
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(DEV_STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/frontend/test_fuzz.py
+
+## soak: steady load on one Headrace process for SOAK_SECONDS (default 30 min): RSS, errors
+SOAK_SECONDS ?= 1800
+soak: $(DEV_STAMP)
+	$(BIN)/python -m bench soak --duration-s $(SOAK_SECONDS)

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, Protocol
 
-from bench import frontend, gpu_sim, shared_memory, telemetry, triton
+from bench import frontend, gpu_sim, overload, shared_memory, soak, telemetry, triton
 from bench.loadgen import LoadError
 from bench.machine import describe_machine
 
@@ -42,7 +42,15 @@ class Scenario(Protocol):
 
 
 def _scenarios() -> dict[str, Scenario]:
-    modules: tuple[Any, ...] = (frontend, gpu_sim, triton, shared_memory, telemetry)
+    modules: tuple[Any, ...] = (
+        frontend,
+        gpu_sim,
+        triton,
+        shared_memory,
+        telemetry,
+        overload,
+        soak,
+    )
     return {module.__name__.rpartition(".")[2]: module for module in modules}
 
 

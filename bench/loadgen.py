@@ -91,6 +91,8 @@ class ClientTally:
 
     latencies_ns: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    error_latencies_ns: list[int] = field(default_factory=list)
+    """How long each failed call took to fail (a refusal's speed)."""
     cpu_s: float = 0.0
 
 
@@ -108,6 +110,8 @@ class LoadResult:
     errors: dict[str, int]
     """Failed requests in the window by gRPC status code name, plus WRONG_REPLY and
     UNFINISHED."""
+    error_p99_ms: float | None
+    """99th percentile of the time failed calls took to fail; None when none failed."""
     client_cpu_s: float
     """CPU time of all client processes during the window."""
     metered: float
@@ -204,6 +208,7 @@ def _summarize(duration_s: float, tallies: list[ClientTally], metered: float) ->
     for tally in tallies:
         errors.update(tally.errors)
     completed = len(latencies)
+    failed = sorted(latency for tally in tallies for latency in tally.error_latencies_ns)
     return LoadResult(
         duration_s=duration_s,
         completed=completed,
@@ -212,6 +217,7 @@ def _summarize(duration_s: float, tallies: list[ClientTally], metered: float) ->
         p99_ms=percentile(latencies, 0.99) / _NS_PER_MS if latencies else None,
         mean_ms=sum(latencies) / completed / _NS_PER_MS if latencies else None,
         errors=dict(sorted(errors.items())),
+        error_p99_ms=percentile(failed, 0.99) / _NS_PER_MS if failed else None,
         client_cpu_s=sum(tally.cpu_s for tally in tallies),
         metered=metered,
     )
@@ -306,8 +312,10 @@ async def _worker(
         try:
             reply = await call(request)
         except grpc.aio.AioRpcError as exc:
-            if window_start_ns <= time.perf_counter_ns() < window_end_ns:
+            failed = time.perf_counter_ns()
+            if window_start_ns <= failed < window_end_ns:
                 errors[exc.code().name] += 1
+                tally.error_latencies_ns.append(failed - started)
             continue
         finished = time.perf_counter_ns()
         if window_start_ns <= finished < window_end_ns:
