@@ -15,6 +15,8 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -359,3 +361,18 @@ def test_tokens_never_reach_the_logs(
     for token in (READER, OPS, "hr_wrong-token-value", FILED):
         assert token not in caplog.text
         assert token not in stream.getvalue()
+
+
+_header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=200)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(value=_header_text | _header_text.map(lambda text: f"Bearer {text}"))
+def test_any_other_authorization_is_unauthenticated(guarded: ServerThread, value: str) -> None:
+    with grpc.insecure_channel(guarded.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = (("authorization", value),)
+        assert _code(stub.ModelInfer, _infer_request(), metadata=metadata) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert stub.ModelInfer(_infer_request(), metadata=_bearer(READER)).raw_output_contents
