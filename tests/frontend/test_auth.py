@@ -15,10 +15,10 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from headrace.config import LoggingSettings, Settings
 from headrace.frontend.auth import IDENTITY_ATTRIBUTE, hash_token, new_token

@@ -88,6 +88,8 @@ class InferenceServicer:
     ) -> pb.ModelInferResponse:
         statistics = served.statistics
         try:
+            if served.batcher is not None:
+                served.batcher.check_room()  # before decoding: refusals stay cheap
             request = request_from_proto(message)
             spec = served.spec
             spec.validate_request(request)
