@@ -295,9 +295,12 @@ class LimitsSettings(_Frozen):
     """Inference requests in progress at once, across all models, calls and streams (queued
     in a batcher or running); beyond it requests get RESOURCE_EXHAUSTED at once with a
     `grpc-retry-pushback-ms` hint. None: no limit beyond the batchers' queues."""
-    max_concurrent_streams: int = Field(default=256, ge=1)
+    max_concurrent_streams: int | None = Field(default=None, ge=1)
     """Calls open at once on one client connection (HTTP/2 streams,
-    `grpc.max_concurrent_streams`); more wait in the client until one ends."""
+    `grpc.max_concurrent_streams`); more wait in the client until one ends, except calls a
+    client opens before it has read the server's limit (right after connecting), which are
+    refused (UNAVAILABLE, RST_STREAM REFUSED_STREAM). None: grpc's default, no limit, since
+    clients firing hundreds of calls on a fresh connection are common."""
     keepalive_time_s: float = Field(default=60.0, gt=0)
     """The server pings an idle connection this often to find dead clients."""
     keepalive_timeout_s: float = Field(default=20.0, gt=0)

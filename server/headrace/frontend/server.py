@@ -55,10 +55,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     """grpc core's options for `settings`: message sizes, streams per connection, keepalive
     (both the server's pings and what it tolerates from clients)."""
     limits = settings.limits
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
         ("grpc.keepalive_time_ms", round(limits.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(limits.keepalive_timeout_s * 1000)),
         (
@@ -70,6 +69,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         # Never share a port silently with another process (grpc enables it by default).
         ("grpc.so_reuseport", 0),
     ]
+    if limits.max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
+    return options
 
 
 class FrontendServer:
