@@ -67,7 +67,7 @@ bench: $(DEV_STAMP)
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache clients/node/node_modules clients/cpp/build
 
-## fuzz: the front-end fuzz tests at full size (FUZZ_EXAMPLES per test, 7 tests)
+## fuzz: the front-end fuzz tests at full size (FUZZ_EXAMPLES per test, 8 tests)
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(DEV_STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/frontend/test_fuzz.py

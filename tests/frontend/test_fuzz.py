@@ -8,7 +8,7 @@ RESOURCE_EXHAUSTED, or DEADLINE_EXCEEDED from the request's own `timeout` parame
 INTERNAL or UNKNOWN; the server never crashes; the next valid request succeeds.
 
 The normal test command runs a fast subset. `make fuzz` runs FUZZ_EXAMPLES examples per test
-(default 20000, seven tests: 140k cases).
+(default 20000, eight tests: 160k cases).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headrace.config import Settings, load_settings
+from headrace.frontend.auth import hash_token, new_token
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.datatypes import DATATYPES
 from tests.conftest import ServerThread, served_test_models
@@ -54,8 +56,10 @@ _SLOW_OR_FAILING = {"slow", "failing", "wrong_output"}
 """Test models that fail or stall on purpose: INTERNAL from them is their job."""
 
 
-def _settings() -> Settings:
+def _settings(auth: dict[str, Any] | None = None) -> Settings:
     tree = load_settings(None).model_dump(mode="json")
+    if auth is not None:
+        tree["server"]["auth"] = auth
     tree["server"].update(host="127.0.0.1", port=0, shutdown_grace_period_s=5)
     # Limits far above anything the fuzzer makes: the decoder itself must stand hostile shapes
     # (test_limits covers the limits).
@@ -95,17 +99,24 @@ def _valid_request() -> pb.ModelInferRequest:
 VALID = _valid_request().SerializeToString()
 
 
-def _call(channel: grpc.Channel, method: str, payload: bytes) -> tuple[grpc.StatusCode, str]:
+def _call(
+    channel: grpc.Channel,
+    method: str,
+    payload: bytes,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> tuple[grpc.StatusCode, str]:
     call = channel.unary_unary(SERVICE + method)
     try:
-        call(payload, timeout=CALL_TIMEOUT_S)
+        call(payload, timeout=CALL_TIMEOUT_S, metadata=metadata)
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or ""
     return grpc.StatusCode.OK, ""
 
 
-def _assert_client_error(code: grpc.StatusCode, details: str) -> None:
-    assert code in CLIENT_ERRORS, f"{code.name}: {details}"
+def _assert_client_error(
+    code: grpc.StatusCode, details: str, allowed: frozenset[grpc.StatusCode] = CLIENT_ERRORS
+) -> None:
+    assert code in allowed, f"{code.name}: {details}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         # The server's own answer to a tiny `timeout` parameter, never the client giving up.
         assert "passed its deadline" in details, details
@@ -365,3 +376,35 @@ def test_streams_answer_every_message(channel: grpc.Channel, payloads: list[byte
         assert "internal error" not in reply.error_message, reply.error_message
     valid = [reply for reply in replies if reply.infer_response.id == "valid"]
     assert any(not reply.error_message for reply in valid)
+
+
+TOKEN = new_token()
+AUTH = {
+    "enabled": True,
+    "tokens": [{"name": "fuzzer", "sha256": hash_token(TOKEN), "models": ["echo_*", "add_*"]}],
+}
+AUTH_ERRORS = CLIENT_ERRORS | {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+
+@pytest.fixture(scope="module")
+def guarded_channel() -> Iterator[grpc.Channel]:
+    with ServerThread(_settings(AUTH)) as running, grpc.insecure_channel(running.address) as ch:
+        yield ch
+
+
+_metadata = st.sampled_from(
+    [(), (("authorization", f"Bearer {TOKEN}"),), (("authorization", "Bearer hr_nope"),)]
+)
+
+
+@FUZZ
+@given(payload=_any_bytes | _hostile_bytes, metadata=_metadata)
+def test_hostile_requests_with_auth(
+    guarded_channel: grpc.Channel, payload: bytes, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    """With auth on, the same inputs also get UNAUTHENTICATED (no or a wrong token) and
+    PERMISSION_DENIED (models outside the token's scope), nothing else new."""
+    code, details = _call(guarded_channel, "ModelInfer", payload, metadata)
+    _assert_client_error(code, details, AUTH_ERRORS)
+    if not metadata or "hr_nope" in metadata[0][1]:
+        assert code == grpc.StatusCode.UNAUTHENTICATED, details
