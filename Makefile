@@ -70,7 +70,7 @@ clean:
 ## fuzz: the front-end fuzz tests at full size (FUZZ_EXAMPLES per test, 8 tests)
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(DEV_STAMP)
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/frontend/test_fuzz.py
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider --timeout=0 tests/frontend/test_fuzz.py
 
 ## soak: steady load on one Headrace process for SOAK_SECONDS (default 30 min): RSS, errors
 SOAK_SECONDS ?= 1800
