@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck unit toolchains proto bench clean fuzz soak
+.PHONY: serve test lint typecheck unit toolchains proto bench bench-quick clean fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,9 +60,14 @@ unit: $(DEV_STAMP) toolchains
 proto: $(DEV_STAMP)
 	$(BIN)/python proto/generate_python.py server/headrace/protocol
 
-## bench: the benchmark scenarios (see bench/README.md); results go to bench/results/
+## bench: the standard set of benchmark scenarios (~15 min on 2 cores; see bench/README.md),
+## or one scenario with ARGS="frontend --trials 5"; JSON, Markdown and PNG go to bench/results/
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench $(ARGS)
+
+## bench-quick: the standard set with short windows, one trial, fewer load levels (~2 min)
+bench-quick: $(DEV_STAMP)
+	$(BIN)/python -m bench --quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache clients/node/node_modules clients/cpp/build

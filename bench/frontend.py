@@ -148,14 +148,18 @@ def trial_order(trials: int) -> list[str]:
     return order
 
 
-def _servers(results_dir: Path, stamp: str) -> dict[str, ServerProcess]:
+def server_processes(
+    results_dir: Path, stamp: str, scenario: str = "frontend"
+) -> dict[str, ServerProcess]:
+    """Headrace (embedded default config) and the bare server, not yet started, logging to
+    `results_dir/SCENARIO-STAMP-SIDE.log`."""
     python = sys.executable
     argvs = {
         HEADRACE: [python, "-m", "headrace", "serve", "--host", HOST, "--port", "0"],
         BARE: [python, "-m", "bench.baseline_server", "--host", HOST, "--port", "0"],
     }
     return {
-        side: ServerProcess(side, argv, results_dir / f"frontend-{stamp}-{side}.log")
+        side: ServerProcess(side, argv, results_dir / f"{scenario}-{stamp}-{side}.log")
         for side, argv in argvs.items()
     }
 
@@ -189,7 +193,7 @@ def run(options: FrontendOptions, results_dir: Path, stamp: str) -> dict[str, An
         LoadError: a client failed (a wrong reply included).
     """
     request = identity_request(options.elements)
-    servers = _servers(results_dir, stamp)
+    servers = server_processes(results_dir, stamp)
     trials: list[Trial] = []
     with contextlib.ExitStack() as stack:
         for server in servers.values():

@@ -18,7 +18,7 @@ from typing import Any
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import WORKERS_VARIABLE, ServerProcess
 from bench.sweep import SweepOptions, divide, number, summarize, table
 from bench.sweep import add_arguments as add_arguments  # the scenario's options: a sweep's
 from bench.sweep import options_from as options_from
@@ -34,6 +34,12 @@ GOAL_SPEEDUP = 10.0
 """Batched over unbatched requests/s at the highest concurrency."""
 GOAL_CEILING_RATIO = 0.8
 """Batched requests/s over the identity model's at the highest concurrency."""
+METRICS_ENVIRONMENT = {
+    "HEADRACE_METRICS__ENABLED": "true",
+    "HEADRACE_METRICS__HOST": HOST,
+    "HEADRACE_METRICS__PORT": "0",
+}
+"""Headrace settings overrides that turn /metrics on, on a free port."""
 
 
 def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
@@ -46,7 +52,14 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     """
     argv = [sys.executable, "-m", "headrace", "serve", "--config", str(CONFIG)]
     argv += ["--host", HOST, "--port", "0"]
-    server = ServerProcess("headrace", argv, results_dir / f"gpu_sim-{stamp}-headrace.log")
+    # Metrics on (they cost nothing measurable, see the telemetry scenario): each window's
+    # mean batch size and queue/backend time come from the server's own /metrics.
+    server = ServerProcess(
+        "headrace",
+        argv,
+        results_dir / f"gpu_sim-{stamp}-headrace.log",
+        {**METRICS_ENVIRONMENT, WORKERS_VARIABLE: str(options.headrace_workers)},
+    )
     points: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(server)
@@ -63,8 +76,11 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
                         clients=min(options.clients, concurrency),
                         warmup_s=options.warmup_s,
                         duration_s=options.duration_s,
+                        connections=options.connections,
                     )
-                    load = run_load(spec, meter=server.cpu_seconds)
+                    load = run_load(
+                        spec, meter=server.cpu_seconds, metrics_url=server.metrics_url()
+                    )
                     points.append(
                         {"model": model, "concurrency": concurrency, "trial": trial, **asdict(load)}
                     )

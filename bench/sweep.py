@@ -4,9 +4,10 @@ medians per concurrency and side they report."""
 from __future__ import annotations
 
 import argparse
-import statistics
 from dataclasses import dataclass
 from typing import Any
+
+from bench.stats import median
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,10 @@ class SweepOptions:
     """Client processes (at most the concurrency)."""
     elements: int = 16
     """FP32 values in INPUT0 (batch 1)."""
+    headrace_workers: int = 1
+    """Headrace worker processes (`headrace serve --workers N`)."""
+    connections: int = 1
+    """Connections per client process (several reach several Headrace workers)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: SweepOptions | None = None) -> None:
@@ -38,6 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: SweepOptions | None
     parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
     parser.add_argument("--clients", type=int, default=defaults.clients)
     parser.add_argument("--elements", type=int, default=defaults.elements)
+    parser.add_argument(
+        "--headrace-workers",
+        type=int,
+        default=defaults.headrace_workers,
+        help="Headrace worker processes (serve --workers N); use with --connections",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=defaults.connections,
+        help="connections per client process, the same on every side",
+    )
 
 
 def options_from(arguments: argparse.Namespace) -> SweepOptions:
@@ -53,19 +70,36 @@ def options_from(arguments: argparse.Namespace) -> SweepOptions:
         warmup_s=arguments.warmup_s,
         clients=arguments.clients,
         elements=arguments.elements,
+        headrace_workers=arguments.headrace_workers,
+        connections=arguments.connections,
     )
-    if min(options.trials, options.clients, options.elements, *options.concurrencies) < 1:
+    counts = (options.headrace_workers, options.connections, *options.concurrencies)
+    if min(options.trials, options.clients, options.elements, *counts) < 1:
         raise ValueError("counts and concurrencies must be >= 1")
     if options.warmup_s < 0 or options.duration_s <= 0:
         raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
     return options
 
 
+MEDIAN_KEYS = (
+    "requests_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "p999_ms",
+    "server_cpu_ms_per_request",
+    "client_cpu_ms_per_request",
+)
+BATCHING_KEYS = ("mean_batch_size", "mean_queue_ms", "mean_backend_ms")
+"""From the server's /metrics (`LoadResult.batching`), where the side had it."""
+
+
 def summarize(
     points: list[dict[str, Any]], key: str, sides: tuple[str, ...], concurrencies: tuple[int, ...]
 ) -> dict[str, Any]:
-    """Medians over trials of requests/s, p50 and p99, and summed errors, for each
-    concurrency (as a string, for JSON) and side (`point[key]`)."""
+    """Medians over trials of requests/s, latency percentiles, CPU per request and (where
+    read) batch size and queue/backend time, and summed errors, for each concurrency (as a
+    string, for JSON) and side (`point[key]`)."""
     summary: dict[str, Any] = {}
     for concurrency in concurrencies:
         summary[str(concurrency)] = {}
@@ -75,12 +109,13 @@ def summarize(
             for point in mine:
                 for code, count in point["errors"].items():
                     errors[code] = errors.get(code, 0) + count
-            summary[str(concurrency)][side] = {
-                "requests_per_s": statistics.median(p["requests_per_s"] for p in mine),
-                "p50_ms": statistics.median(p["p50_ms"] for p in mine),
-                "p99_ms": statistics.median(p["p99_ms"] for p in mine),
-                "errors": errors,
+            row: dict[str, Any] = {
+                name: median([p.get(name) for p in mine]) for name in MEDIAN_KEYS
             }
+            for name in BATCHING_KEYS:
+                row[name] = median([(p.get("batching") or {}).get(name) for p in mine])
+            row["errors"] = errors
+            summary[str(concurrency)][side] = row
     return summary
 
 
@@ -95,10 +130,12 @@ def number(value: float | None, digits: int) -> str:
 def table(
     summary: dict[str, Any], sides: tuple[str, ...], labels: dict[str, str], column: str
 ) -> list[str]:
-    """The summary as Markdown table lines, one row per concurrency and side."""
+    """The summary as Markdown table lines, one row per concurrency and side. Batch size,
+    queue and backend time come from the server's /metrics ("-" where it was not read)."""
     lines = [
-        f"| concurrency | {column} | requests/s | p50 ms | p99 ms | errors |",
-        "|--:|---|--:|--:|--:|--:|",
+        f"| concurrency | {column} | requests/s | p50 ms | p99 ms | p99.9 ms "
+        "| server CPU ms/request | mean batch | queue ms | backend ms | errors |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for concurrency, by_side in summary.items():
         for side in sides:
@@ -106,6 +143,11 @@ def table(
             errors = ", ".join(f"{code} {n}" for code, n in point["errors"].items()) or "0"
             lines.append(
                 f"| {concurrency} | {labels[side]} | {number(point['requests_per_s'], 0)} "
-                f"| {number(point['p50_ms'], 2)} | {number(point['p99_ms'], 2)} | {errors} |"
+                f"| {number(point['p50_ms'], 2)} | {number(point['p99_ms'], 2)} "
+                f"| {number(point.get('p999_ms'), 2)} "
+                f"| {number(point.get('server_cpu_ms_per_request'), 3)} "
+                f"| {number(point.get('mean_batch_size'), 1)} "
+                f"| {number(point.get('mean_queue_ms'), 2)} "
+                f"| {number(point.get('mean_backend_ms'), 2)} | {errors} |"
             )
     return lines

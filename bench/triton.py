@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.gpu_sim import METRICS_ENVIRONMENT
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import WORKERS_VARIABLE, ServerProcess
 from bench.sweep import SweepOptions, divide, number, summarize, table
 from bench.sweep import add_arguments as add_arguments  # the scenario's options: a sweep's
 from bench.sweep import options_from as options_from
@@ -72,7 +73,12 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
         config = _headrace_config(results_dir / f"triton-{stamp}-headrace.yaml", triton.address)
         argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config)]
         headrace = stack.enter_context(
-            ServerProcess("headrace", argv, results_dir / f"triton-{stamp}-headrace.log")
+            ServerProcess(
+                "headrace",
+                argv,
+                results_dir / f"triton-{stamp}-headrace.log",
+                {**METRICS_ENVIRONMENT, WORKERS_VARIABLE: str(options.headrace_workers)},
+            )
         )
         targets = {
             DIRECT: triton.address,
@@ -91,8 +97,18 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
                         clients=min(options.clients, concurrency),
                         warmup_s=options.warmup_s,
                         duration_s=options.duration_s,
+                        connections=options.connections,
                     )
-                    load = run_load(spec, meter=lambda: 0.0)
+                    # Headrace's CPU and /metrics on its side; Triton's CPU is spread over its
+                    # server and python-backend stub processes, so the direct sides report none.
+                    if side == HEADRACE:
+                        load = run_load(
+                            spec, meter=headrace.cpu_seconds, metrics_url=headrace.metrics_url()
+                        )
+                    else:
+                        load = replace(
+                            run_load(spec, meter=lambda: 0.0), server_cpu_ms_per_request=None
+                        )
                     points.append(
                         {"side": side, "concurrency": concurrency, "trial": trial, **asdict(load)}
                     )
@@ -106,7 +122,8 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     top = summary[str(max(options.concurrencies))]
     return {
         "options": asdict(options),
-        "note": "client processes, Headrace and Triton share the machine's cores",
+        "note": "client processes, Headrace and Triton share the machine's cores; Headrace "
+        f"ran {options.headrace_workers} worker process(es)",
         "points": points,
         "summary": summary,
         "speedup_at_top": divide(top[HEADRACE]["requests_per_s"], top[DIRECT]["requests_per_s"]),
@@ -129,7 +146,9 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"1x{options['elements']} FP32 requests, {options['clients']} client processes, "
         f"{options['trials']} trials per point, {options['warmup_s']:g} s warm-up + "
-        f"{options['duration_s']:g} s window; medians over trials.",
+        f"{options['duration_s']:g} s window; medians over trials; Headrace "
+        f"{options.get('headrace_workers', 1)} worker(s), {options.get('connections', 1)} "
+        "connection(s) per client.",
         f"Machine: {one_line(report['machine'])}; clients, Headrace and Triton share its cores.",
         "",
     ]

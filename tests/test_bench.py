@@ -1,5 +1,6 @@
 """The benchmarks run end to end (tiny settings): servers start, replies are verified, the
-report is written. They assert no timings: speed is measured in bench/, never in tests."""
+report is written as JSON, Markdown and a PNG plot. They assert no timings: speed is measured
+in bench/, never in tests."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import matplotlib.image
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--trials", "1", "--warmup-s", "0.2", "--duration-s", "0.4", "--clients", "1"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(*arguments: str) -> tuple[str, dict[str, Any]]:
+def _run_keeping_files(*arguments: str) -> tuple[str, dict[str, Any], Path]:
+    """stdout, the JSON report, and the results' path without suffix (SCENARIO-STAMP)."""
     result = subprocess.run(
         [sys.executable, "-m", "bench", *arguments],
         cwd=ROOT,
@@ -25,9 +29,58 @@ def _run(*arguments: str) -> tuple[str, dict[str, Any]]:
     )
     assert result.returncode == 0, result.stderr
     report_path = Path(result.stdout.rsplit("Every number: ", 1)[1].strip())
-    report = json.loads(report_path.read_text())
-    report_path.unlink()
-    return result.stdout, report
+    return result.stdout, json.loads(report_path.read_text()), report_path.with_suffix("")
+
+
+def _run(*arguments: str) -> tuple[str, dict[str, Any]]:
+    output, report, base = _run_keeping_files(*arguments)
+    for suffix in (".json", ".md", ".png"):
+        base.with_suffix(suffix).unlink(missing_ok=True)
+    return output, report
+
+
+def test_stream_scenario_writes_json_markdown_and_a_png() -> None:
+    output, report, base = _run_keeping_files("stream", *QUICK, "--concurrency", "2")
+    try:
+        assert report["scenario"] == "stream"
+        assert report["machine"]["nproc"] >= 1
+        assert [trial["side"] for trial in report["trials"]] == ["unary", "stream"]
+        for trial in report["trials"]:
+            load = trial["load"]
+            assert load["completed"] > 0
+            assert not load["errors"]
+            for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "server_cpu_ms_per_request"):
+                assert load[key] > 0
+        markdown = base.with_suffix(".md").read_text()
+        assert markdown in output
+        assert markdown.startswith("## stream:")
+        table = [line for line in markdown.splitlines() if line.startswith("| ")]
+        header_cells = table[0].count("|")
+        assert len(table) == 3  # header + one row per side (the separator starts "|--")
+        assert all(line.count("|") == header_cells for line in table)
+        png = base.with_suffix(".png")
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        assert matplotlib.image.imread(png).ndim == 3
+    finally:
+        for suffix in (".json", ".md", ".png"):
+            base.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def test_open_loop_scenario_runs() -> None:
+    output, report = _run(
+        "open_loop", *QUICK, "--rates", "100", "--max-in-flight", "8", "--seed", "3"
+    )
+    assert "scheduled/s" in output
+    assert [(p["side"], p["rate"]) for p in report["points"]] == [
+        ("headrace", 100.0),
+        ("bare", 100.0),
+    ]
+    headrace, bare = report["points"]
+    # The same seeded schedule for both servers.
+    assert headrace["offered_per_s"] == bare["offered_per_s"] > 0
+    for point in report["points"]:
+        assert point["completed"] > 0
+        assert not point["errors"]
 
 
 def test_frontend_scenario_runs() -> None:
@@ -51,6 +104,10 @@ def test_gpu_sim_scenario_runs() -> None:
     for point in report["points"]:
         assert point["completed"] > 0
         assert not point["errors"]
+        # Read from the server's /metrics: one item per execution without the batcher.
+        assert point["batching"]["batches"] > 0
+        if point["model"] != "gpu_sim":
+            assert point["batching"]["mean_batch_size"] == 1.0
 
 
 def test_telemetry_scenario_runs() -> None:
@@ -73,6 +130,7 @@ def test_triton_scenario_runs() -> None:
     for point in report["points"]:
         assert point["completed"] > 0
         assert not point["errors"]
+        assert (point["batching"] is not None) == (point["side"] == "headrace")
 
 
 @pytest.mark.timeout(240)
@@ -84,12 +142,26 @@ def test_shared_memory_scenario_runs() -> None:
     assert [(p["model"], p["concurrency"]) for p in report["points"]] == [
         ("identity_shm", 1),
         ("identity_bytes", 1),
+        ("triton_direct", 1),
         ("identity_shm", 2),
         ("identity_bytes", 2),
+        ("triton_direct", 2),
     ]
+    assert set(report["vs_direct"]["1"]) == {"identity_shm", "identity_bytes"}
     for point in report["points"]:
         assert point["completed"] > 0
         assert not point["errors"]
+
+
+def test_workers_scenario_runs() -> None:
+    output, report = _run("workers", *QUICK, "--concurrency", "4", "--connections", "2")
+    assert "2 workers / 1 worker requests/s" in output
+    assert [trial["workers"] for trial in report["trials"]] == [1, 2]
+    for trial in report["trials"]:
+        assert trial["load"]["completed"] > 0
+        assert not trial["load"]["errors"]
+        # The meter counts the supervisor's workers too: a server that answered used CPU.
+        assert trial["server_cpu_ms_per_request"] > 0
 
 
 def test_overload_scenario_runs() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import TracebackType
 from typing import Any
 
@@ -21,6 +22,7 @@ from headrace.config import (
 )
 from headrace.frontend import FrontendServer, InferenceServicer
 from headrace.frontend.auth import AuthInterceptor, TokenStore, open_methods
+from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
 from headrace.telemetry import Metrics, MetricsServer, Tracing, TracingInterceptor, traced_methods
@@ -41,10 +43,15 @@ class Application:
     metrics server stops -> tracing flushes what is queued and shuts down.
 
     Usable as an async context manager: `async with Application(settings) as app: app.port`.
+
+    `worker_id` is set when this is one of the worker processes of `headrace serve --workers
+    N` (headrace.workers): the port is shared with the other workers (SO_REUSEPORT), and
+    metrics are recorded for the supervisor, which serves /metrics for the host.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker_id: int | None = None) -> None:
         self.settings = settings
+        self.worker_id = worker_id
         local = [model for model in settings.models if isinstance(model, LocalModelSettings)]
         triton = [model for model in settings.models if isinstance(model, TritonModelSettings)]
         self._backends: list[Backend] = [LocalBackend(local, settings.local_backend)]
@@ -59,7 +66,11 @@ class Application:
         self._health_task: asyncio.Task[None] | None = None
         self.tracing: Tracing | None = None
         """The tracer provider, from start-up until shutdown; None when tracing is off."""
-        self.metrics: Metrics | None = Metrics() if settings.metrics.enabled else None
+        self.metrics: Metrics | None = Metrics(worker_id or 0) if settings.metrics.enabled else None
+        self.shared_memory: SystemSharedMemoryRegistry | None = (
+            SystemSharedMemoryRegistry() if settings.server.system_shared_memory else None
+        )
+        """Regions clients registered (Triton's system shared memory extension); None: off."""
         self._metrics_server: MetricsServer | None = None
         self.metrics_port = 0
         """The bound /metrics port once started (0: metrics are off)."""
@@ -85,7 +96,8 @@ class Application:
                 self.repository,
                 self.settings.server.stream_max_inflight_requests,
                 self.metrics.unresolved if self.metrics is not None else None,
-                self.settings.server.limits,
+                self.shared_memory,
+                limits=self.settings.server.limits,
             )
             # Tracing first: its span is current when auth names the caller on it.
             interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
@@ -101,7 +113,12 @@ class Application:
             if auth.enabled:
                 self.tokens = TokenStore(auth)
                 interceptors.append(AuthInterceptor(self.tokens, open_methods(auth)))
-            self._frontend = FrontendServer(self.settings.server, servicer, interceptors)
+            self._frontend = FrontendServer(
+                self.settings.server,
+                servicer,
+                interceptors,
+                reuse_port=self.worker_id is not None,
+            )
             self.port = await self._frontend.start()
         except BaseException:
             await self.stop(grace_s=0)
@@ -114,9 +131,21 @@ class Application:
         models = ", ".join(
             f"{served.spec.name}:{served.spec.version}" for served in self.repository.models()
         )
-        _logger.info(
-            "listening on %s:%d, serving %s", self.settings.server.host, self.port, models or "-"
-        )
+        if self.worker_id is None:
+            _logger.info(
+                "listening on %s:%d, serving %s",
+                self.settings.server.host,
+                self.port,
+                models or "-",
+            )
+        else:  # the supervisor says "listening" once every worker is
+            _logger.info(
+                "worker %d ready on %s:%d, serving %s",
+                self.worker_id,
+                self.settings.server.host,
+                self.port,
+                models or "-",
+            )
         return self.port
 
     async def _follow_readiness(
@@ -148,11 +177,17 @@ class Application:
                 tracing.endpoint or "its default endpoint",
                 tracing.sample_ratio,
             )
-        if self.metrics is not None:
-            self._metrics_server = MetricsServer(self.settings.metrics, self.metrics)
+        # A worker's metrics go to the multiprocess files the supervisor serves.
+        if self.metrics is not None and self.worker_id is None:
+            self._metrics_server = MetricsServer(self.settings.metrics, self.metrics.registry)
             self.metrics_port = self._metrics_server.start()
 
     def _attach_telemetry(self, repository: ModelRepository) -> None:
+        if self.metrics is not None:
+            for backend in self._backends:
+                if isinstance(backend, TritonBackend):
+                    for name in backend.model_names():
+                        backend.pool(name).observe(self.metrics.for_endpoints(name))
         for served in repository.models():
             if self.metrics is not None:
                 model_metrics = self.metrics.for_model(served.spec)
@@ -190,6 +225,8 @@ class Application:
             await frontend.stop(grace_s)
         while self._batchers:
             await self._batchers.pop().stop()
+        if self.shared_memory is not None:
+            self.shared_memory.close()  # no request is left to read or write a region
         while self._started:
             await self._started.pop().stop()
         if self._metrics_server is not None:
@@ -224,16 +261,36 @@ class Application:
         await self.stop()
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    application = Application(settings)
+WORKER_READY = b"ready\n"
+"""What a worker sends its supervisor once it serves."""
+
+
+async def serve(
+    settings: Settings,
+    *,
+    worker_id: int | None = None,
+    supervisor: socket.socket | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    As worker `worker_id` of `headrace serve --workers N`, `supervisor` is the worker's end of
+    a socket pair with its supervisor: `WORKER_READY` goes to it once serving, and its
+    closing (the supervisor died, even by SIGKILL) stops the worker as SIGTERM does, so no
+    worker outlives its supervisor.
+    """
+    application = Application(settings, worker_id=worker_id)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, application.reload)
+    if supervisor is not None:
+        # The supervisor never writes: readable means end of file.
+        loop.add_reader(supervisor.fileno(), stop_requested.set)
     try:
         await application.start()
+        if supervisor is not None:
+            supervisor.sendall(WORKER_READY)
         await stop_requested.wait()
         _logger.info(
             "shutting down: in-flight requests have %.1f s to finish",
@@ -241,6 +298,11 @@ async def serve(settings: Settings) -> None:
         )
     finally:
         await application.stop()
+        if supervisor is not None:
+            loop.remove_reader(supervisor.fileno())
         for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signal_number)
-    _logger.info("stopped")
+    if worker_id is None:
+        _logger.info("stopped")
+    else:
+        _logger.info("worker %d stopped", worker_id)

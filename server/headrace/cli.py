@@ -45,7 +45,14 @@ def _parser() -> argparse.ArgumentParser:
             "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging.level"
         )
 
-    with_config(commands.add_parser("serve", help="run the gateway until SIGTERM/SIGINT"))
+    serve = commands.add_parser("serve", help="run the gateway until SIGTERM/SIGINT")
+    with_config(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port (server.workers; default: one per core, "
+        "1: a single process without supervisor)",
+    )
     with_config(
         commands.add_parser("config", help="validate the config and print the effective settings")
     )
@@ -120,6 +127,8 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         overrides["server.port"] = arguments.port
     if arguments.log_level is not None:
         overrides["logging.level"] = arguments.log_level
+    if getattr(arguments, "workers", None) is not None:
+        overrides["server.workers"] = arguments.workers
     return load_settings(arguments.config, environ=os.environ, overrides=overrides)
 
 
@@ -141,10 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported late: `headrace config` needs neither a grpc server nor OpenTelemetry.
     from headrace.app import serve
     from headrace.telemetry import configure_logging
+    from headrace.workers import Supervisor, available_cores
 
     configure_logging(settings.logging)
 
+    workers = settings.server.workers or available_cores()
     try:
+        if workers > 1:
+            return asyncio.run(Supervisor(settings, workers).run())
         asyncio.run(serve(settings))
     except ConfigError as exc:
         logging.getLogger("headrace").error("%s", exc)

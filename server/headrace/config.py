@@ -33,6 +33,9 @@ ENV_PREFIX = "HEADRACE_"
 ENV_SEPARATOR = "__"
 ENV_CONFIG_PATH = "HEADRACE_CONFIG"
 """Names the config file for `headrace serve` without --config; not a settings override."""
+ENV_WORKER_ID = "HEADRACE_WORKER_ID"
+"""Set by the supervisor of `headrace serve --workers N` in each worker process (0 to N-1);
+not a settings override."""
 DEFAULT_PORT = 8800
 """Headrace's default gRPC port: clear of Triton's 8000 (HTTP), 8001 (gRPC) and 8002 (metrics)."""
 
@@ -374,6 +377,15 @@ class ServerSettings(_Frozen):
     stream_max_inflight_requests: int = Field(default=256, ge=1)
     """Requests of one ModelStreamInfer stream processed at once; the stream stops reading
     (and HTTP/2 flow control pushes back on the client) while this many are open."""
+    system_shared_memory: bool = False
+    """Let clients on this host register system shared memory regions and pass tensors
+    through them (Triton's extension; tritonclient.utils.shared_memory). Off by default: a
+    client that may register any /dev/shm object of Headrace's user can read and write it."""
+    workers: int | None = Field(default=None, ge=1)
+    """Worker processes of `headrace serve`, all serving `port` (SO_REUSEPORT: the kernel
+    spreads new connections over them) under one supervisor that restarts a worker that dies.
+    None: one per core this process may use (CPU affinity and cgroup CPU quota). 1: a single
+    process, no supervisor. `headrace serve --workers N` overrides it."""
     limits: LimitsSettings = LimitsSettings()
     """Request, connection and keepalive limits."""
     auth: AuthSettings = AuthSettings()
@@ -479,7 +491,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
     """Map dotted settings paths to (variable name, value) for HEADRACE_* variables."""
     overrides: dict[str, tuple[str, Any]] = {}
     for variable, text in environ.items():
-        if not variable.startswith(ENV_PREFIX) or variable == ENV_CONFIG_PATH:
+        if not variable.startswith(ENV_PREFIX) or variable in (ENV_CONFIG_PATH, ENV_WORKER_ID):
             continue
         path = variable[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR)
         overrides[".".join(path)] = (variable, yaml.safe_load(text) if text else text)

@@ -55,6 +55,18 @@ class ModelUnavailableError(HeadraceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class AlreadyExistsError(HeadraceError):
+    """What the request would create exists already (a shared memory region's name)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class NotEnabledError(HeadraceError):
+    """The request needs a feature this server has turned off; the message names the setting."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class ResourceExhaustedError(HeadraceError):
     """A bounded queue or limit refused the request; retry later."""
 

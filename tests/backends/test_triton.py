@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
 
 from headrace.app import Application
 from headrace.backends.triton import TritonBackend
-from headrace.config import Settings
+from headrace.config import MetricsSettings, Settings
 from headrace.errors import StartupError
 from headrace.examples.sales_forecast import SalesForecast, synthetic_sales
 from headrace.launchers.triton import TritonServer, example_repository
@@ -195,7 +197,10 @@ def test_killed_server_costs_clients_nothing(repository: Path) -> None:
     pair = _start_pair(repository)
     try:
         models = [{"name": "gpu_sim", "backend": "triton", "endpoints": [s.address for s in pair]}]
-        with ServerThread(_settings(models)) as gateway:
+        settings = _settings(models).model_copy(
+            update={"metrics": MetricsSettings(enabled=True, host="127.0.0.1", port=0)}
+        )
+        with ServerThread(settings) as gateway:
             pool = _backend(gateway).pool("gpu_sim")
             outcomes: Counter[str] = Counter()
             stop = threading.Event()
@@ -224,6 +229,7 @@ def test_killed_server_costs_clients_nothing(repository: Path) -> None:
                 _kill(victim)
                 time.sleep(3.0)  # steady load while one server is gone
                 served_while_down = outcomes["ok"]
+                endpoints_while_down = _endpoint_metrics(gateway)
                 # Restart on the same port: traffic must come back to it within seconds.
                 pair[1] = TritonServer(repository, grpc_port=port)
                 pair[1].start()
@@ -233,6 +239,7 @@ def test_killed_server_costs_clients_nothing(repository: Path) -> None:
                 while _calls(pool, address) <= calls_at_restart + 5 and time.monotonic() < deadline:
                     time.sleep(0.1)
                 returned = _calls(pool, address) > calls_at_restart + 5
+                endpoints_after = _endpoint_metrics(gateway)
             finally:
                 stop.set()
                 for worker in workers:
@@ -240,9 +247,29 @@ def test_killed_server_costs_clients_nothing(repository: Path) -> None:
             assert set(outcomes) == {"ok"}, dict(outcomes)
             assert served_while_down > 0
             assert returned, f"no traffic back to {address} within 20 s of its restart"
+            survivor = pair[0].address
+            assert endpoints_while_down[("headrace_endpoint_up", address)] == 0
+            assert endpoints_while_down[("headrace_endpoint_up", survivor)] == 1
+            assert endpoints_after[("headrace_endpoint_up", address)] == 1
+            assert ("headrace_endpoint_ejections_total", survivor) not in endpoints_after
     finally:
         for server in pair:
             server.stop()
+
+
+def _endpoint_metrics(gateway: ServerThread) -> dict[tuple[str, str], float]:
+    """The gpu_sim pool's endpoint series scraped from /metrics: (sample name, address) ->
+    value."""
+    port = gateway.application.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, sample.labels["endpoint"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("headrace_endpoint_")
+        for sample in family.samples
+        if sample.labels.get("model") == "gpu_sim"
+    }
 
 
 def _calls(pool: Any, address: str) -> int:

@@ -10,6 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.conftest import ServerThread, make_settings
 
 SERVICE = "inference.GRPCInferenceService"
+LIVENESS = "liveness"
 
 
 def _check(address: str, service: str) -> int:
@@ -18,7 +19,7 @@ def _check(address: str, service: str) -> int:
         return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-@pytest.mark.parametrize("service", ["", SERVICE])
+@pytest.mark.parametrize("service", ["", SERVICE, LIVENESS])
 def test_serving_when_models_ready(server, service: str) -> None:
     assert _check(server.address, service) == health_pb2.HealthCheckResponse.SERVING
 
@@ -29,13 +30,14 @@ def test_unknown_service_is_not_found(server) -> None:
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_not_serving_once_shutdown_begins() -> None:
+@pytest.mark.parametrize("service", [SERVICE, LIVENESS])
+def test_not_serving_once_shutdown_begins(service: str) -> None:
     with (
         ServerThread(make_settings()) as running,
         grpc.insecure_channel(running.address) as channel,
     ):
         stub = health_pb2_grpc.HealthStub(channel)
-        watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stopping = running.run_in_background(running.application.stop(grace_s=2))
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -113,3 +113,51 @@ async def test_removed_endpoints_finish_but_get_no_new_calls() -> None:
         pool.release(endpoint)
     assert held.address not in addresses
     assert "d:1" in addresses
+
+
+class _Recorder:
+    """A PoolObserver keeping the latest state it was told."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, int] = {}
+        self.available: dict[str, bool] = {}
+        self.ejections: dict[str, int] = {}
+        self.removed: list[str] = []
+
+    def endpoint_in_flight(self, address: str, in_flight: int) -> None:
+        self.in_flight[address] = in_flight
+
+    def endpoint_available(self, address: str, available: bool) -> None:
+        self.available[address] = available
+
+    def endpoint_ejected(self, address: str) -> None:
+        self.ejections[address] = self.ejections.get(address, 0) + 1
+
+    def endpoint_removed(self, address: str) -> None:
+        self.removed.append(address)
+
+
+async def test_observer_follows_every_change() -> None:
+    pool = _pool(limit=10, failures=2, ejection_s=0.05)
+    held = await pool.acquire()
+    recorder = _Recorder()
+    pool.observe(recorder)  # told the state now, not only what changes later
+    assert recorder.in_flight == {"a:1": 0, "b:1": 0, "c:1": 0, held.address: 1}
+    assert recorder.available == {"a:1": True, "b:1": True, "c:1": True}
+
+    pool.release(held, unreachable=True)
+    second = await pool.acquire(exclude=[e for e in pool.endpoints if e is not held])
+    assert second is held
+    pool.release(held, unreachable=True)
+    assert recorder.in_flight[held.address] == 0
+    assert recorder.ejections == {held.address: 1}
+    assert recorder.available[held.address] is False
+
+    await asyncio.sleep(0.06)
+    pool.record_health(held, True)
+    assert recorder.available[held.address] is True
+
+    pool.set_addresses(["a:1", "d:1"])
+    assert sorted(recorder.removed) == ["b:1", "c:1"]
+    assert recorder.available["d:1"] is True
+    assert recorder.in_flight["d:1"] == 0

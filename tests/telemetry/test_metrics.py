@@ -10,12 +10,14 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from headrace.app import Application
 from headrace.errors import StartupError
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
+from headrace.telemetry import Metrics
 from tests.conftest import ServerThread, gated_model, make_settings
 from tests.models import GATED
 from tests.telemetry.conftest import telemetry_server
@@ -172,3 +174,30 @@ def test_metrics_are_off_by_default() -> None:
     with server:
         assert server.application.metrics is None
         assert server.application.metrics_port == 0
+
+
+def test_endpoint_series_follow_the_pool() -> None:
+    metrics = Metrics()
+    endpoints = metrics.for_endpoints("m")
+    endpoints.endpoint_in_flight("a:1", 3)
+    endpoints.endpoint_available("a:1", True)
+    endpoints.endpoint_available("b:1", False)
+    endpoints.endpoint_ejected("b:1")
+    endpoints.endpoint_ejected("b:1")
+
+    def scrape() -> Samples:
+        text = generate_latest(metrics.registry).decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name.startswith("headrace_endpoint_")
+        }
+
+    samples = scrape()
+    assert _value(samples, "headrace_endpoint_in_flight", model="m", endpoint="a:1") == 3
+    assert _value(samples, "headrace_endpoint_up", model="m", endpoint="a:1") == 1
+    assert _value(samples, "headrace_endpoint_up", model="m", endpoint="b:1") == 0
+    assert _value(samples, "headrace_endpoint_ejections_total", model="m", endpoint="b:1") == 2
+    endpoints.endpoint_removed("b:1")
+    assert not any(dict(labels)["endpoint"] == "b:1" for _, labels in scrape())

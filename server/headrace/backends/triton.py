@@ -160,6 +160,10 @@ class TritonBackend:
         model = self._models.get(spec.name)
         return model is not None and model.pool.ready()
 
+    def model_names(self) -> list[str]:
+        """The configured models' names (as Headrace serves them)."""
+        return list(self._models)
+
     def pool(self, name: str) -> EndpointPool:
         """The endpoint pool of a model (for health views and tests)."""
         return self._models[name].pool

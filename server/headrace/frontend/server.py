@@ -21,6 +21,10 @@ from headrace.protocol.descriptor_pool import POOL
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LIVENESS_SERVICE = "liveness"
+"""grpc.health.v1 service name that is SERVING from start-up until shutdown begins, whatever
+the models' readiness: for liveness probes, which must not restart a gateway because the
+Triton behind it is down (readiness, service "", does follow the models)."""
 
 _logger = logging.getLogger(__name__)
 
@@ -51,9 +55,9 @@ def _method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHan
     return handlers
 
 
-def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+def server_options(settings: ServerSettings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     """grpc core's options for `settings`: message sizes, streams per connection, keepalive
-    (both the server's pings and what it tolerates from clients)."""
+    (both the server's pings and what it tolerates from clients), port sharing."""
     limits = settings.limits
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -66,8 +70,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ),
         ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
         ("grpc.keepalive_permit_without_calls", int(limits.permit_keepalive_without_calls)),
-        # Never share a port silently with another process (grpc enables it by default).
-        ("grpc.so_reuseport", 0),
+        # Never share a port silently with another process (grpc enables it by default); only
+        # the workers of one supervisor share theirs, on purpose.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if limits.max_concurrent_streams is not None:
         options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
@@ -82,9 +87,15 @@ class FrontendServer:
         settings: ServerSettings,
         servicer: InferenceServicer,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        """`reuse_port`: share the port with other processes that set it too (the workers of
+        `headrace serve --workers N`; the kernel spreads connections over them)."""
         self._settings = settings
-        self._server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+        self._server = grpc.aio.server(
+            interceptors=interceptors, options=server_options(settings, reuse_port=reuse_port)
+        )
         handlers = _method_handlers(servicer)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
@@ -122,6 +133,7 @@ class FrontendServer:
                 f"cannot listen on {address}: address in use or unavailable"
             ) from exc
         await self._server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

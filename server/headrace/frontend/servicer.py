@@ -16,12 +16,17 @@ import grpc
 
 from headrace import __version__
 from headrace.config import LimitsSettings
-from headrace.errors import HeadraceError, ModelNotFoundError
+from headrace.errors import HeadraceError, ModelNotFoundError, NotEnabledError
 from headrace.frontend.auth import authorize_model
 from headrace.frontend.limits import InflightLimit, RequestLimits
+from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
 from headrace.frontend.status import MalformedMessage, StatusBoundary, require_message
 from headrace.protocol import grpc_service_pb2 as pb
-from headrace.protocol.converters import request_from_proto, response_to_proto
+from headrace.protocol.converters import (
+    output_placements,
+    request_from_proto,
+    response_to_proto,
+)
 from headrace.protocol.model_info import config_to_proto, metadata_to_proto, statistics_to_proto
 from headrace.repository import ModelRepository, RequestObserver, ServedModel
 
@@ -42,14 +47,21 @@ class InferenceServicer:
         repository: ModelRepository,
         stream_max_inflight_requests: int,
         unresolved_requests: RequestObserver | None = None,
+        shared_memory: SystemSharedMemoryRegistry | None = None,
+        *,
         limits: LimitsSettings | None = None,
     ) -> None:
         """`unresolved_requests` is told of inference requests that cannot be read or name
         no served model; each served model's own `requests` observer of the others.
+        `shared_memory`: the regions clients register (None: the extension is off).
         `limits`: `server.limits` (default: its defaults)."""
         self._repository = repository
         self._stream_max_inflight = stream_max_inflight_requests
         self._unresolved_requests = unresolved_requests
+        self._shared_memory = shared_memory
+        self._extensions = (
+            (*EXTENSIONS, "system_shared_memory") if shared_memory is not None else EXTENSIONS
+        )
         limits = limits or LimitsSettings()
         self._limits = RequestLimits(limits)
         self.inflight = InflightLimit(limits.max_inflight_requests)
@@ -87,10 +99,12 @@ class InferenceServicer:
         self, served: ServedModel, message: pb.ModelInferRequest, context: Context, started: int
     ) -> pb.ModelInferResponse:
         statistics = served.statistics
+        shared = self._shared_memory
         try:
             if served.batcher is not None:
                 served.batcher.check_room()  # before decoding: refusals stay cheap
-            request = request_from_proto(message)
+            request = request_from_proto(message, shared)
+            placements = output_placements(message, shared) if message.outputs else None
             spec = served.spec
             spec.validate_request(request)
             self._limits.check_batch_size(spec.name, spec.batch_size(request))
@@ -101,7 +115,7 @@ class InferenceServicer:
             )
             response = await served.infer(request, spec.batch_size(request), deadline)
             answered = perf_counter_ns()
-            reply = response_to_proto(response, request.requested_outputs)
+            reply = response_to_proto(response, request.requested_outputs, placements, shared)
         except HeadraceError:
             statistics.record_failure(perf_counter_ns() - started)
             raise
@@ -209,7 +223,7 @@ class InferenceServicer:
         async with StatusBoundary(context, "ServerMetadata"):
             require_message(request)
             return pb.ServerMetadataResponse(
-                name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+                name=SERVER_NAME, version=__version__, extensions=self._extensions
             )
 
     async def ModelMetadata(
@@ -270,6 +284,39 @@ class InferenceServicer:
                     )
                 )
             return pb.RepositoryIndexResponse(models=entries)
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest | MalformedMessage, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        """Raises INVALID_ARGUMENT for an unknown region name, UNIMPLEMENTED when off."""
+        async with StatusBoundary(context, "SystemSharedMemoryStatus"):
+            message = require_message(request)
+            return self._registry().status(message.name)
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest | MalformedMessage, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        """Raises INVALID_ARGUMENT (bad key, range), ALREADY_EXISTS, UNIMPLEMENTED when off."""
+        async with StatusBoundary(context, "SystemSharedMemoryRegister"):
+            message = require_message(request)
+            self._registry().register(message.name, message.key, message.offset, message.byte_size)
+            return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest | MalformedMessage, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        """An empty name unregisters every region. UNIMPLEMENTED when off."""
+        async with StatusBoundary(context, "SystemSharedMemoryUnregister"):
+            message = require_message(request)
+            self._registry().unregister(message.name)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+    def _registry(self) -> SystemSharedMemoryRegistry:
+        if self._shared_memory is None:
+            raise NotEnabledError(
+                "system shared memory is off on this server (server.system_shared_memory)"
+            )
+        return self._shared_memory
 
 
 def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:

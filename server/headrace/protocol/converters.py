@@ -18,6 +18,12 @@ from headrace.errors import InvalidArgumentError, ModelExecutionError
 from headrace.inference import InferenceRequest, InferenceResponse, ParameterValue
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.datatypes import DATATYPES, Datatype, datatype_of
+from headrace.protocol.placement import (
+    Placement,
+    SharedTensors,
+    placed_byte_size,
+    placement_of,
+)
 
 _LENGTH_PREFIX_BYTES = 4
 _MAX_BYTES_ELEMENT = 2**32 - 1
@@ -194,24 +200,34 @@ def parameter_to_proto(value: ParameterValue) -> pb.InferParameter:
     return pb.InferParameter(string_param=str(value))
 
 
-def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
-    """Decode a ModelInferRequest.
+def request_from_proto(
+    message: pb.ModelInferRequest, shared: SharedTensors | None = None
+) -> InferenceRequest:
+    """Decode a ModelInferRequest. Inputs whose parameters place them in shared memory are
+    read from `shared` (copied); the others take raw contents in order, or typed contents.
 
     Raises:
         InvalidArgumentError (INVALID_ARGUMENT): an unknown datatype, a negative or
             inconsistent shape, raw contents that do not match shape x datatype, both raw and
-            typed contents for one input, a missing or duplicate input, or typed values out of
-            range. The message names the input.
+            typed contents for one input, a missing or duplicate input, typed values out of
+            range, or a shared-memory placement that is malformed, unknown or out of bounds
+            (or shared memory without `shared`). The message names the input.
     """
     raw_contents = message.raw_input_contents
     input_messages = message.inputs
-    if raw_contents and len(raw_contents) != len(input_messages):
+    placements = [
+        placement_of("input", tensor.name, tensor.parameters) if tensor.parameters else None
+        for tensor in input_messages
+    ]
+    in_message = len(input_messages) - sum(p is not None for p in placements)
+    if raw_contents and len(raw_contents) != in_message:
         raise InvalidArgumentError(
-            f"raw_input_contents has {len(raw_contents)} entries for {len(input_messages)} "
-            "inputs; send raw contents for every input or for none"
+            f"raw_input_contents has {len(raw_contents)} entries for {in_message} "
+            "inputs not in shared memory; send raw contents for every such input or for none"
         )
     inputs: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(input_messages):
+    raw_index = 0
+    for tensor, placement in zip(input_messages, placements, strict=True):
         name = tensor.name
         datatype = DATATYPES.get(tensor.datatype)
         if datatype is None:
@@ -222,12 +238,22 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
         if name in inputs:
             raise InvalidArgumentError(f"input '{name}' appears more than once")
         shape = _shape_of(name, tensor.shape)
-        if raw_contents:
+        if placement is not None:
+            if shared is None:
+                raise InvalidArgumentError(
+                    f"input '{name}' is placed in shared memory region '{placement.region}', "
+                    "but this server does not accept shared memory "
+                    "(server.system_shared_memory is off)"
+                )
+            size = placed_byte_size(datatype, _element_count(shape), placement)
+            inputs[name] = _decode_raw(name, datatype, shape, shared.read(name, placement, size))
+        elif raw_contents:
             if tensor.HasField("contents") and _has_contents(tensor.contents):
                 raise InvalidArgumentError(
                     f"input '{name}' has both raw_input_contents and typed contents"
                 )
-            inputs[name] = _decode_raw(name, datatype, shape, raw_contents[index])
+            inputs[name] = _decode_raw(name, datatype, shape, raw_contents[raw_index])
+            raw_index += 1
         else:
             inputs[name] = _decode_typed(name, datatype, shape, tensor.contents)
     return InferenceRequest(
@@ -242,6 +268,32 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
+def output_placements(
+    message: pb.ModelInferRequest, shared: SharedTensors | None
+) -> dict[str, Placement]:
+    """The requested outputs the request places in shared memory, by name.
+
+    Raises:
+        InvalidArgumentError (INVALID_ARGUMENT): a malformed placement, or one without
+            `shared`; the message names the output.
+    """
+    placements: dict[str, Placement] = {}
+    for output in message.outputs:
+        if not output.parameters:
+            continue
+        placement = placement_of("output", output.name, output.parameters)
+        if placement is None:
+            continue
+        if shared is None:
+            raise InvalidArgumentError(
+                f"output '{output.name}' is placed in shared memory region "
+                f"'{placement.region}', but this server does not accept shared memory "
+                "(server.system_shared_memory is off)"
+            )
+        placements[output.name] = placement
+    return placements
+
+
 def _raw_bytes(array: np.ndarray, datatype: Datatype) -> bytes:
     if datatype.name == "BYTES":
         return encode_bytes_elements(array)
@@ -251,28 +303,44 @@ def _raw_bytes(array: np.ndarray, datatype: Datatype) -> bytes:
 
 
 def response_to_proto(
-    response: InferenceResponse, requested: Collection[str] = ()
+    response: InferenceResponse,
+    requested: Collection[str] = (),
+    placements: Mapping[str, Placement] | None = None,
+    shared: SharedTensors | None = None,
 ) -> pb.ModelInferResponse:
     """Encode a response with every output in raw_output_contents, as Triton does.
 
     `requested` limits the outputs to those names (in the response's order); empty keeps all.
+    Outputs in `placements` are written to `shared` instead: their tensors carry datatype,
+    shape and the placement's parameters, and an empty raw entry (only when some other
+    output has raw contents, so a client's raw indices stay those of the outputs).
 
     Raises:
         ModelExecutionError (INTERNAL): an output has no protocol datatype.
+        InvalidArgumentError (INVALID_ARGUMENT): an output does not fit its placement.
     """
     wanted = set(requested) if requested else None
     outputs = []
     raw = []
+    in_message = 0
     for name, array in response.outputs.items():
         if wanted is not None and name not in wanted:
             continue
         datatype = _tensor_datatype(name, array, "output")
-        outputs.append(
-            pb.ModelInferResponse.InferOutputTensor(
-                name=name, datatype=datatype.name, shape=array.shape
-            )
+        tensor = pb.ModelInferResponse.InferOutputTensor(
+            name=name, datatype=datatype.name, shape=array.shape
         )
-        raw.append(_raw_bytes(array, datatype))
+        placement = placements.get(name) if placements else None
+        if placement is not None and shared is not None:
+            shared.write(name, placement, _raw_bytes(array, datatype))
+            placement.to_parameters(tensor.parameters)
+            raw.append(b"")
+        else:
+            raw.append(_raw_bytes(array, datatype))
+            in_message += 1
+        outputs.append(tensor)
+    if not in_message:
+        raw = []
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,

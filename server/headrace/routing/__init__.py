@@ -1,5 +1,5 @@
 """Routing: endpoint pools, balancing, health, ejection and DNS discovery."""
 
-from headrace.routing.pool import Endpoint, EndpointPool
+from headrace.routing.pool import Endpoint, EndpointPool, PoolObserver
 
-__all__ = ["Endpoint", "EndpointPool"]
+__all__ = ["Endpoint", "EndpointPool", "PoolObserver"]

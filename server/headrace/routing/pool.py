@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Iterable
+from typing import Protocol
 
 from headrace.errors import ModelUnavailableError
 
@@ -56,6 +57,21 @@ class Endpoint:
         return self.address if self.healthy else f"{self.address} (unhealthy)"
 
 
+class PoolObserver(Protocol):
+    """What is told of a pool's endpoints as they change (metrics). Called on the event loop;
+    must be cheap."""
+
+    def endpoint_in_flight(self, address: str, in_flight: int) -> None: ...
+
+    def endpoint_available(self, address: str, available: bool) -> None:
+        """Whether the endpoint takes calls now (healthy, not ejected)."""
+        ...
+
+    def endpoint_ejected(self, address: str) -> None: ...
+
+    def endpoint_removed(self, address: str) -> None: ...
+
+
 class EndpointPool:
     """One model's endpoints. Used from the event loop only."""
 
@@ -74,6 +90,15 @@ class EndpointPool:
         self._ejection_s = ejection_s
         self._endpoints: dict[str, Endpoint] = {}
         self._changed: asyncio.Future[None] | None = None
+        self._observer: PoolObserver | None = None
+
+    def observe(self, observer: PoolObserver) -> None:
+        """Tell `observer` of every change from now on, and of every endpoint's state now."""
+        self._observer = observer
+        now = asyncio.get_running_loop().time()
+        for endpoint in self._endpoints.values():
+            observer.endpoint_in_flight(endpoint.address, endpoint.in_flight)
+            observer.endpoint_available(endpoint.address, endpoint.available(now))
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -89,9 +114,14 @@ class EndpointPool:
                 endpoint = self._endpoints.pop(address)
                 endpoint.removed = True
                 removed.append(endpoint)
+                if self._observer is not None:
+                    self._observer.endpoint_removed(address)
         for address in wanted:
             if address not in self._endpoints:
                 self._endpoints[address] = Endpoint(address)
+                if self._observer is not None:
+                    self._observer.endpoint_in_flight(address, 0)
+                    self._observer.endpoint_available(address, True)
         self._notify()
         return removed
 
@@ -125,6 +155,8 @@ class EndpointPool:
                 endpoint = random.choice([e for e in free if e.in_flight == fewest])
                 endpoint.in_flight += 1
                 endpoint.calls += 1
+                if self._observer is not None:
+                    self._observer.endpoint_in_flight(endpoint.address, endpoint.in_flight)
                 return endpoint
             if self._changed is None or self._changed.done():
                 self._changed = loop.create_future()
@@ -134,6 +166,8 @@ class EndpointPool:
         """End a call. `unreachable`: it failed as if the endpoint were gone (UNAVAILABLE,
         connection refused or reset), which counts towards ejection."""
         endpoint.in_flight -= 1
+        if self._observer is not None and not endpoint.removed:
+            self._observer.endpoint_in_flight(endpoint.address, endpoint.in_flight)
         if unreachable:
             endpoint.consecutive_failures += 1
             if endpoint.consecutive_failures >= self._ejection_failures:
@@ -154,6 +188,9 @@ class EndpointPool:
         endpoint.healthy = healthy
         if healthy:
             endpoint.consecutive_failures = 0
+        if self._observer is not None and not endpoint.removed:
+            now = asyncio.get_running_loop().time()
+            self._observer.endpoint_available(endpoint.address, endpoint.available(now))
         self._notify()
 
     def _eject(self, endpoint: Endpoint) -> None:
@@ -166,9 +203,13 @@ class EndpointPool:
                 self._ejection_s,
                 endpoint.consecutive_failures,
             )
+            if self._observer is not None:
+                self._observer.endpoint_ejected(endpoint.address)
         endpoint.ejected_until = now + self._ejection_s
         # Back only once a health check passes after the ejection period.
         endpoint.healthy = False
+        if self._observer is not None and not endpoint.removed:
+            self._observer.endpoint_available(endpoint.address, False)
 
     def _notify(self) -> None:
         if self._changed is not None and not self._changed.done():

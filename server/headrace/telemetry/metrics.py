@@ -4,17 +4,29 @@ HTTP server that exposes them at /metrics.
 Metric names, labels and buckets are a public interface (README, "Metrics"). Every update is
 a few lock-protected additions on label children resolved at start-up (or once per status
 code): constant time, nothing waits on a scrape.
+
+With `headrace serve --workers N` each worker records into prometheus-client's multiprocess
+files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before the worker starts) and the
+supervisor alone serves /metrics for the host (`HostMetrics`): counters and histograms summed
+over workers, gauges as their `multiprocess_mode` says.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from headrace.config import MetricsSettings
 from headrace.errors import StartupError
@@ -47,15 +59,24 @@ UNRESOLVED = ""
 """`model` and `version` label of requests that name no served model, or cannot be read:
 client-chosen names never become label values."""
 MODEL_LABELS = ("model", "version")
+ENDPOINT_LABELS = ("model", "endpoint")
 
 
 class Metrics:
     """The instruments of one Headrace process, in a registry of its own (not the global
-    default), so that several servers in one process keep separate counts."""
+    default), so that several servers in one process keep separate counts. `worker_id` is
+    the process's index under `headrace serve --workers N` (0 for a single process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker_id: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        self.worker_requests = Counter(
+            "headrace_worker_requests",
+            "Inference requests answered by each worker process of the host (all models and "
+            "codes): shows how the kernel spread connections over `--workers`.",
+            ["worker"],
+            registry=registry,
+        ).labels(str(worker_id))
         self.requests = Counter(
             "headrace_requests",
             "Inference requests (ModelInfer calls and ModelStreamInfer messages) answered, "
@@ -93,8 +114,31 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "headrace_queue_depth",
-            "Requests waiting in the model's batcher now.",
+            "Requests waiting in the model's batcher now (summed over the host's workers).",
             MODEL_LABELS,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.endpoint_in_flight = Gauge(
+            "headrace_endpoint_in_flight",
+            "Backend calls in flight on each endpoint of a model's pool (summed over the "
+            "host's workers).",
+            ENDPOINT_LABELS,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.endpoint_up = Gauge(
+            "headrace_endpoint_up",
+            "1 while the endpoint takes calls (healthy and not ejected), else 0 (the minimum "
+            "over the host's workers: 0 when any of them cannot use it).",
+            ENDPOINT_LABELS,
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.endpoint_ejections = Counter(
+            "headrace_endpoint_ejections",
+            "Times the endpoint was ejected after consecutive failed calls.",
+            ENDPOINT_LABELS,
             registry=registry,
         )
         ProcessCollector(registry=registry)
@@ -106,14 +150,19 @@ class Metrics:
         its series exist, at zero, before its first request)."""
         return ModelMetrics(self, spec.name, spec.version)
 
+    def for_endpoints(self, model: str) -> EndpointMetrics:
+        """The instruments of one model's endpoint pool (a `PoolObserver`)."""
+        return EndpointMetrics(self, model)
+
 
 class RequestMetrics:
     """Request counts and latency of one model version (or of unresolved requests)."""
 
-    __slots__ = ("_by_code", "_duration", "_labels", "_requests")
+    __slots__ = ("_by_code", "_duration", "_labels", "_requests", "_worker_requests")
 
     def __init__(self, metrics: Metrics, model: str, version: str) -> None:
         self._requests = metrics.requests
+        self._worker_requests = metrics.worker_requests
         self._labels = (model, version)
         self._duration = metrics.request_duration.labels(model, version)
         self._by_code: dict[grpc.StatusCode, Counter] = {
@@ -126,6 +175,7 @@ class RequestMetrics:
         if counter is None:
             counter = self._by_code[code] = self._requests.labels(*self._labels, code.name)
         counter.inc()
+        self._worker_requests.inc()
         self._duration.observe(duration_ns / 1e9)
 
 
@@ -155,13 +205,104 @@ class ModelMetrics(RequestMetrics):
         self._queue_depth.set(depth)
 
 
+class EndpointMetrics:
+    """In-flight calls, availability and ejections of one model's endpoints; the series of
+    an endpoint that leaves the pool (DNS) are removed with it."""
+
+    __slots__ = ("_ejections", "_in_flight", "_model", "_up")
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._model = model
+        self._in_flight = metrics.endpoint_in_flight
+        self._up = metrics.endpoint_up
+        self._ejections = metrics.endpoint_ejections
+
+    def endpoint_in_flight(self, address: str, in_flight: int) -> None:
+        self._in_flight.labels(self._model, address).set(in_flight)
+
+    def endpoint_available(self, address: str, available: bool) -> None:
+        self._up.labels(self._model, address).set(1 if available else 0)
+
+    def endpoint_ejected(self, address: str) -> None:
+        self._ejections.labels(self._model, address).inc()
+
+    def endpoint_removed(self, address: str) -> None:
+        for family in (self._in_flight, self._up, self._ejections):
+            with contextlib.suppress(KeyError):
+                family.remove(self._model, address)
+
+
+class WorkerProcessCollector(Collector):
+    """CPU time and resident memory of each worker process, read from /proc at scrape time
+    (the per-process `process_*` series cannot be summed over processes meaningfully)."""
+
+    def __init__(self, pids: Callable[[], Mapping[int, int]]) -> None:
+        """`pids`: worker index -> pid of the workers alive now."""
+        self._pids = pids
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK")
+        self._page_bytes = os.sysconf("SC_PAGE_SIZE")
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            "headrace_worker_cpu_seconds",
+            "User and system CPU time of each worker process (restarts from 0 with the worker).",
+            labels=["worker"],
+        )
+        memory = GaugeMetricFamily(
+            "headrace_worker_resident_memory_bytes",
+            "Resident memory of each worker process.",
+            labels=["worker"],
+        )
+        for index, pid in sorted(self._pids().items()):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:  # exited since
+                continue
+            # The command name (field 2) may hold spaces; the fields after its ')' do not.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+            cpu.add_metric([str(index)], ticks / self._ticks_per_s)
+            memory.add_metric([str(index)], int(fields[21]) * self._page_bytes)  # rss: 24
+        yield cpu
+        yield memory
+
+
+class HostMetrics:
+    """What the supervisor of `headrace serve --workers N` serves at /metrics: every worker's
+    instruments read from the multiprocess directory `path` (summed over workers; gauges by
+    their `multiprocess_mode`), the supervisor's own (live workers, restarts) and each
+    worker's CPU and memory (`worker_pids`: worker index -> pid, called at scrape time)."""
+
+    def __init__(self, path: str, worker_pids: Callable[[], Mapping[int, int]]) -> None:
+        self.path = path
+        self.registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
+        self.registry.register(WorkerProcessCollector(worker_pids))
+        self.workers = Gauge(
+            "headrace_workers",
+            "Worker processes serving now (started and not yet exited).",
+            registry=self.registry,
+        )
+        self.restarts = Counter(
+            "headrace_worker_restarts",
+            "Workers started again after they exited unexpectedly, by worker index.",
+            ["worker"],
+            registry=self.registry,
+        )
+
+    def worker_exited(self, pid: int) -> None:
+        """Forget the live gauges of a worker process that exited (its counters stay, so the
+        host's totals never go down)."""
+        mark_process_dead(pid, self.path)  # type: ignore[no-untyped-call]
+
+
 class MetricsServer:
     """The HTTP server answering scrapes at /metrics, on a thread of its own: started at
     start-up, shut down at exit."""
 
-    def __init__(self, settings: MetricsSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: MetricsSettings, registry: CollectorRegistry) -> None:
         self._settings = settings
-        self._metrics = metrics
+        self._registry = registry
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -174,9 +315,7 @@ class MetricsServer:
         """
         host, port = self._settings.host, self._settings.port
         try:
-            self._server, self._thread = start_http_server(
-                port, addr=host, registry=self._metrics.registry
-            )
+            self._server, self._thread = start_http_server(port, addr=host, registry=self._registry)
         except OSError as exc:
             raise StartupError(
                 f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"

@@ -1,0 +1,290 @@
+"""Scenario `workers`: `headrace serve --workers N` against one worker, same load.
+
+Two Headrace processes run side by side on the embedded default config: one with one worker
+(a single process, no supervisor), one with N workers behind a supervisor on one SO_REUSEPORT
+port. Trials alternate between them in ABBA order with the same clients, request and
+concurrency, unary ModelInfer on `identity` (the model costs nothing, so requests/s is
+Headrace's own ceiling). The kernel spreads connections, not calls, over the workers, so each
+client process opens several connections.
+
+Fairness: on a machine of C cores with no pinning, the clients share the cores with the
+server, and N workers can get at most what the clients leave; the requests/s ratio then
+understates what N workers give a server-bound host. The report also gives the server's CPU
+use (cores busy during the window, all its processes together) and its CPU per request: the
+first shows how many cores the server actually got, the second whether more processes cost
+more per request. `--server-cpus`/`--client-cpus` pin both servers and the clients to disjoint
+CPUs on a machine with more cores than the server should use (e.g. `--server-cpus 0,1
+--client-cpus 2-15`): then the ratio is the scale-out on exactly those cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.loadgen import LoadSpec, run_load
+from bench.machine import one_line
+from bench.server_process import WORKERS_VARIABLE, ServerProcess
+
+SUMMARY = "`serve --workers N` vs one worker: unary ModelInfer on `identity`, same load"
+SINGLE = "single"
+MULTI = "multi"
+SIDES = (SINGLE, MULTI)
+GOAL_RATIO = 1.6
+"""Requests/s of 2 workers over 1 on 2 cores (issue #11)."""
+
+
+def cpu_list(text: str) -> tuple[int, ...]:
+    """`0,1` or `2-15` or `0,2-3` -> CPU numbers; empty text -> ()."""
+    cpus: list[int] = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return tuple(cpus)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersOptions:
+    """The scenario's knobs; the defaults are the standard run."""
+
+    workers: int = 2
+    trials: int = 3
+    """Trials per side (ABBA)."""
+    duration_s: float = 5.0
+    warmup_s: float = 2.0
+    concurrency: int = 64
+    """Requests in flight over all client processes: enough to keep every worker busy."""
+    clients: int = 2
+    """Client processes."""
+    connections: int = 8
+    """Connections per client process (the kernel hashes each to a worker)."""
+    elements: int = 16
+    server_cpus: tuple[int, ...] = ()
+    """CPUs both servers are pinned to (empty: none)."""
+    client_cpus: tuple[int, ...] = ()
+    """CPUs the client processes are pinned to (empty: none)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scenario's command-line options, defaulting to `WorkersOptions()`."""
+    defaults = WorkersOptions()
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="workers of the multi side"
+    )
+    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per side")
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
+    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
+    parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
+    parser.add_argument("--clients", type=int, default=defaults.clients)
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=defaults.connections,
+        help="connections per client process",
+    )
+    parser.add_argument("--elements", type=int, default=defaults.elements)
+    parser.add_argument(
+        "--server-cpus", type=cpu_list, default=defaults.server_cpus, help="e.g. 0,1"
+    )
+    parser.add_argument(
+        "--client-cpus", type=cpu_list, default=defaults.client_cpus, help="e.g. 2-15"
+    )
+
+
+def options_from(arguments: argparse.Namespace) -> WorkersOptions:
+    """The options `add_arguments` parsed.
+
+    Raises:
+        ValueError: a count below 1 (workers below 2), a negative warm-up, an empty window.
+    """
+    options = WorkersOptions(
+        workers=arguments.workers,
+        trials=arguments.trials,
+        duration_s=arguments.duration_s,
+        warmup_s=arguments.warmup_s,
+        concurrency=arguments.concurrency,
+        clients=arguments.clients,
+        connections=arguments.connections,
+        elements=arguments.elements,
+        server_cpus=arguments.server_cpus,
+        client_cpus=arguments.client_cpus,
+    )
+    counts = (options.trials, options.concurrency, options.clients, options.connections)
+    if min(*counts, options.elements) < 1 or options.workers < 2:
+        raise ValueError("counts must be >= 1 and --workers >= 2")
+    if options.clients > options.concurrency:
+        raise ValueError("--clients must not exceed --concurrency")
+    if options.warmup_s < 0 or options.duration_s <= 0:
+        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
+    return options
+
+
+def trial_order(trials: int) -> list[str]:
+    """single, multi, multi, single, ... (ABBA), `trials` of each."""
+    order: list[str] = []
+    for pair in range(trials):
+        order += list(SIDES) if pair % 2 == 0 else list(SIDES[::-1])
+    return order
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
+    """Run the scenario; returns every number, JSON-ready. Servers are stopped on return,
+    on errors and on KeyboardInterrupt.
+
+    Raises:
+        RuntimeError: a server did not start.
+        LoadError: a client failed (a wrong reply included).
+    """
+    request = identity_request(options.elements)
+    argv = [sys.executable, "-m", "headrace", "serve", "--host", HOST, "--port", "0"]
+    workers = {SINGLE: 1, MULTI: options.workers}
+    trials: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        servers = {
+            side: stack.enter_context(
+                ServerProcess(
+                    side,
+                    argv,
+                    results_dir / f"workers-{stamp}-{side}.log",
+                    {WORKERS_VARIABLE: str(workers[side])},
+                    cpus=options.server_cpus,
+                )
+            )
+            for side in SIDES
+        }
+        for index, side in enumerate(trial_order(options.trials)):
+            server = servers[side]
+            spec = LoadSpec(
+                target=f"{HOST}:{server.port}",
+                method=METHOD,
+                request=request,
+                check=check_identity_reply,
+                concurrency=options.concurrency,
+                clients=options.clients,
+                warmup_s=options.warmup_s,
+                duration_s=options.duration_s,
+                connections=options.connections,
+                client_cpus=options.client_cpus,
+            )
+            load = run_load(spec, meter=server.cpu_seconds)
+            trial = {
+                "index": index,
+                "side": side,
+                "workers": workers[side],
+                "load": asdict(load),
+                "server_cores_busy": load.metered / load.duration_s,
+                "server_cpu_ms_per_request": (
+                    load.metered * 1000 / load.completed if load.completed else None
+                ),
+                "client_cores_busy": load.client_cpu_s / load.duration_s,
+            }
+            trials.append(trial)
+            print(_trial_row(trial), file=sys.stderr, flush=True)
+    summary: dict[str, dict[str, Any]] = {}
+    for side in SIDES:
+        mine = [trial for trial in trials if trial["side"] == side]
+        summary[side] = {
+            "workers": workers[side],
+            "requests_per_s": _median([t["load"]["requests_per_s"] for t in mine]),
+            "p50_ms": _median([t["load"]["p50_ms"] for t in mine]),
+            "p99_ms": _median([t["load"]["p99_ms"] for t in mine]),
+            "server_cores_busy": _median([t["server_cores_busy"] for t in mine]),
+            "server_cpu_ms_per_request": _median([t["server_cpu_ms_per_request"] for t in mine]),
+            "client_cores_busy": _median([t["client_cores_busy"] for t in mine]),
+            "errors": sum(sum(t["load"]["errors"].values()) for t in mine),
+        }
+    single, multi = summary[SINGLE], summary[MULTI]
+    pinned = bool(options.server_cpus and options.client_cpus)
+    return {
+        "options": asdict(options),
+        "request_bytes": len(request),
+        "note": (
+            "servers and clients pinned to disjoint CPUs"
+            if pinned
+            else "client processes and both servers share the machine's cores"
+        ),
+        "trials": trials,
+        "summary": summary,
+        "ratio": _ratio(multi["requests_per_s"], single["requests_per_s"]),
+        "server_cores_ratio": _ratio(multi["server_cores_busy"], single["server_cores_busy"]),
+        "cpu_per_request_ratio": _ratio(
+            multi["server_cpu_ms_per_request"], single["server_cpu_ms_per_request"]
+        ),
+        "goal_ratio": GOAL_RATIO,
+    }
+
+
+def _label(workers: int) -> str:
+    return "1 worker (single process)" if workers == 1 else f"{workers} workers"
+
+
+def _trial_row(trial: dict[str, Any]) -> str:
+    load = trial["load"]
+    return (
+        f"| {trial['index'] + 1} | {_label(trial['workers'])} "
+        f"| {_number(load['requests_per_s'], 0)} | {_number(load['p99_ms'], 2)} "
+        f"| {_number(trial['server_cores_busy'], 2)} "
+        f"| {_number(trial['server_cpu_ms_per_request'], 3)} "
+        f"| {_number(trial['client_cores_busy'], 2)} | {sum(load['errors'].values())} |"
+    )
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as Markdown: medians per side, the ratios, then every trial."""
+    options = report["options"]
+    summary = report["summary"]
+    lines = [
+        f"## workers: {SUMMARY}",
+        "",
+        f"1x{options['elements']} FP32 ({report['request_bytes']} B request), concurrency "
+        f"{options['concurrency']} over {options['clients']} client processes x "
+        f"{options['connections']} connections, {options['trials']} trials per side (ABBA), "
+        f"{options['warmup_s']:g} s warm-up + {options['duration_s']:g} s window; medians.",
+        f"Machine: {one_line(report['machine'])}; {report['note']}.",
+        "",
+        "| server | requests/s | p50 ms | p99 ms | server cores busy | server CPU ms/request "
+        "| client cores busy | errors |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for side in SIDES:
+        row = summary[side]
+        lines.append(
+            f"| {_label(row['workers'])} | {_number(row['requests_per_s'], 0)} "
+            f"| {_number(row['p50_ms'], 2)} | {_number(row['p99_ms'], 2)} "
+            f"| {_number(row['server_cores_busy'], 2)} "
+            f"| {_number(row['server_cpu_ms_per_request'], 3)} "
+            f"| {_number(row['client_cores_busy'], 2)} | {row['errors']} |"
+        )
+    verdict = "meets" if (report["ratio"] or 0) >= report["goal_ratio"] else "below"
+    lines += [
+        "",
+        f"**{options['workers']} workers / 1 worker requests/s: {_number(report['ratio'], 2)}** "
+        f"({verdict} the goal of >= {report['goal_ratio']:g}); server cores busy "
+        f"{_number(report['server_cores_ratio'], 2)}x, server CPU per request "
+        f"{_number(report['cpu_per_request_ratio'], 2)}x.",
+        "",
+        "| trial | server | requests/s | p99 ms | server cores busy | server CPU ms/request "
+        "| client cores busy | errors |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    lines += [_trial_row(trial) for trial in report["trials"]]
+    return "\n".join(lines)

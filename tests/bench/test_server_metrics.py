@@ -1,0 +1,48 @@
+"""Batching figures from Headrace's own metrics registry, as /metrics exposes it: a window's
+means are the difference of two scrapes."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+
+from bench.server_metrics import BatchingFigures, difference, parse
+from headrace.telemetry.metrics import Metrics
+
+
+def _page(metrics: Metrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+def test_window_means_are_the_difference_of_two_scrapes() -> None:
+    metrics = Metrics()
+    batch_size = metrics.batch_size.labels("gpu_sim", "1")
+    queue = metrics.queue_duration.labels("gpu_sim", "1")
+    backend = metrics.backend_duration.labels("gpu_sim", "1")
+    batch_size.observe(100)  # before the window: must not count
+    before = parse(_page(metrics))
+    for size in (2, 4, 6):
+        batch_size.observe(size)
+        backend.observe(0.005)
+    for wait_s in (0.001, 0.003):
+        queue.observe(wait_s)
+    # Another model's series add up with the first's.
+    metrics.batch_size.labels("identity", "1").observe(4)
+    metrics.backend_duration.labels("identity", "1").observe(0.001)
+    after = parse(_page(metrics))
+    figures = difference(before, after)
+    assert figures.batches == 4
+    assert figures.mean_batch_size == pytest.approx(4.0)
+    assert figures.mean_queue_ms == pytest.approx(2.0)
+    assert figures.mean_backend_ms == pytest.approx(4.0)
+    assert figures.mean_request_ms is None
+
+
+def test_an_idle_window_has_no_means() -> None:
+    page = parse(_page(Metrics()))
+    assert difference(page, page) == BatchingFigures(0, None, None, None, None)
+
+
+def test_a_page_without_headrace_metrics_reads_as_zero() -> None:
+    scrape = parse("# HELP other_total x\n# TYPE other_total counter\nother_total 3\n")
+    assert set(scrape.values()) == {(0.0, 0.0)}
