@@ -28,7 +28,7 @@ import yaml
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import SINGLE_PROCESS, ServerProcess
 
 SUMMARY = "offered load far above capacity: refusals, accepted latency, memory"
 MODELS = ("batched", "unbatched")
@@ -153,7 +153,9 @@ def run(options: OverloadOptions, results_dir: Path, stamp: str) -> dict[str, An
     config_path.write_text(yaml.safe_dump(config(options), sort_keys=False))
     argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config_path)]
     argv += ["--host", HOST, "--port", "0"]
-    server = ServerProcess("headrace", argv, results_dir / f"overload-{stamp}-headrace.log")
+    server = ServerProcess(
+        "headrace", argv, results_dir / f"overload-{stamp}-headrace.log", SINGLE_PROCESS
+    )
     models: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(server)

@@ -26,7 +26,7 @@ import yaml
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.machine import one_line
 from bench.overload import rss_kib
-from bench.server_process import ServerProcess
+from bench.server_process import SINGLE_PROCESS, ServerProcess
 
 SUMMARY = "steady load for a long time: throughput, errors and server RSS over time"
 MODELS = ("identity", "batched")
@@ -166,7 +166,9 @@ def run(options: SoakOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     config_path.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     argv = [sys.executable, "-m", "headrace", "serve", "--config", str(config_path)]
     argv += ["--host", HOST, "--port", "0"]
-    server = ServerProcess("headrace", argv, results_dir / f"soak-{stamp}-headrace.log")
+    server = ServerProcess(
+        "headrace", argv, results_dir / f"soak-{stamp}-headrace.log", SINGLE_PROCESS
+    )
     windows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(server)
