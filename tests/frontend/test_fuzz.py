@@ -47,6 +47,8 @@ CLIENT_ERRORS = frozenset(
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
+        # A shared-memory parameter where server.system_shared_memory is off.
+        grpc.StatusCode.UNIMPLEMENTED,
     }
 )
 CALL_TIMEOUT_S = 30.0
@@ -68,6 +70,7 @@ def _settings(auth: dict[str, Any] | None = None) -> Settings:
         "max_request_bytes": 1 << 62,
         "max_tensor_rank": 32,
     }
+    tree["server"]["system_shared_memory"] = auth is None  # on: its decoding is fuzzed too
     tree["models"] += [m for m in served_test_models() if m["name"] not in _SLOW_OR_FAILING]
     return Settings.model_validate(tree)
 
@@ -216,6 +219,13 @@ def _near_shape(draw: st.DrawFn, rank: int) -> list[int]:
     return shape
 
 
+_tensor_parameters = st.dictionaries(
+    st.sampled_from(["shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"]),
+    _parameter,
+    max_size=3,
+)
+
+
 @st.composite
 def hostile_requests(draw: st.DrawFn) -> pb.ModelInferRequest:
     """Well-formed ModelInferRequests with hostile contents, mostly aimed at a real model."""
@@ -234,6 +244,9 @@ def hostile_requests(draw: st.DrawFn) -> pb.ModelInferRequest:
         else:
             name, datatype, shape = draw(_names), draw(_datatypes), draw(_shapes)
         tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+        if not draw(st.integers(0, 7)):
+            for key, value in draw(_tensor_parameters).items():
+                tensor.parameters[key].CopyFrom(value)
         if use_raw:
             raw.append(draw(_raw_for(datatype, shape)))
         if not use_raw or draw(st.integers(0, 9)) == 0:
