@@ -376,3 +376,13 @@ def test_any_other_authorization_is_unauthenticated(guarded: ServerThread, value
             grpc.StatusCode.UNAUTHENTICATED
         )
         assert stub.ModelInfer(_infer_request(), metadata=_bearer(READER)).raw_output_contents
+
+
+def test_unreadable_tokens_file_stops_start_up(tmp_path: Path) -> None:
+    from headrace.errors import ConfigError
+
+    with (
+        pytest.raises(ConfigError, match=r"server\.auth\.tokens_file: cannot read .*missing"),
+        ServerThread(_auth_settings(tmp_path / "missing.yaml")),
+    ):
+        pass
