@@ -15,6 +15,7 @@ import pytest
 
 from headrace.app import Application
 from headrace.config import Settings, load_settings
+from headrace.launchers.seaweedfs import SeaweedFS
 from headrace.protocol.datatypes import DATATYPES
 
 TEST_MODELS = Path(__file__).with_name("models.py")
@@ -180,4 +181,15 @@ class ServerThread:
 def server() -> Iterator[ServerThread]:
     """One Headrace server per test module, serving the default and test models."""
     with ServerThread(make_settings()) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedFS]:
+    """One real SeaweedFS S3 store for the whole test session, with a bucket
+    (`seaweedfs.bucket`). `seaweedfs.store(prefix)` gives an S3Store with its keys;
+    `seaweedfs.environ()` the AWS variables for the credential chain; `stop()` / `start()`
+    take it down and bring it back on the same ports and data (a test that stops it must
+    start it again). Use a prefix of your own: other tests share the bucket."""
+    with SeaweedFS() as running:
         yield running

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,58 @@ def _parser() -> argparse.ArgumentParser:
     triton.add_argument(
         "--log-file", type=Path, help="keep Triton's log here (default: a temporary file)"
     )
+    _captures_parser(commands)
+    _token_parser(commands)
+    return parser
+
+
+def _captures_parser(commands: Any) -> None:
+    captures = commands.add_parser("captures", help="list, show and export captured calls")
+    actions = captures.add_subparsers(dest="action", required=True)
+
+    def common(action: argparse.ArgumentParser, model_required: bool) -> None:
+        action.add_argument(
+            "--store",
+            help="where the captures are: a local folder or s3://bucket/prefix "
+            "(default: capture.store of the config)",
+        )
+        action.add_argument(
+            "--config",
+            type=Path,
+            default=os.environ.get(ENV_CONFIG_PATH) or None,
+            help=f"YAML config whose capture.store to read without --store (default: "
+            f"${ENV_CONFIG_PATH}, else the embedded default)",
+        )
+        action.add_argument("--endpoint", help="S3 endpoint host:port (not AWS)")
+        action.add_argument("--region", default="us-east-1", help="S3 region")
+        action.add_argument("--scheme", choices=("https", "http"), default="https")
+        action.add_argument("--model", required=model_required, help="model name")
+        action.add_argument("--version", dest="model_version", help="model version")
+        action.add_argument(
+            "--since", type=_timestamp, help="received at or after (ISO 8601; naive is UTC)"
+        )
+        action.add_argument("--until", type=_timestamp, help="received before (ISO 8601)")
+
+    common(actions.add_parser("ls", help="list capture files"), model_required=False)
+    show = actions.add_parser("show", help="print captured calls, tensors summarised")
+    common(show, model_required=True)
+    show.add_argument("--limit", type=int, default=20, help="at most this many calls")
+    show.add_argument("--request-id", help="only the call with this request id")
+    export = actions.add_parser("export", help="write captured calls to one file")
+    common(export, model_required=True)
+    export.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
+    export.add_argument("--output", type=Path, required=True, help="file to write")
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _token_parser(commands: Any) -> None:
     token = commands.add_parser("token", help="bearer tokens for server.auth")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser(
@@ -93,7 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--admin", action="store_true", help="may call RepositoryIndex and ModelStatistics"
     )
-    return parser
 
 
 def _token(arguments: argparse.Namespace) -> int:
@@ -139,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _triton(arguments)
     if arguments.command == "token":
         return _token(arguments)
+    if arguments.command == "captures":
+        from headrace.capture.commands import run_captures_command
+
+        return run_captures_command(arguments)
     try:
         settings = _settings(arguments)
     except ConfigError as exc:

@@ -462,6 +462,88 @@ class LocalBackendSettings(_Frozen):
     """Threads running models whose `execution` is `thread`."""
 
 
+_CREDENTIAL_KEYS = (
+    "access_key",
+    "secret_key",
+    "session_token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "credentials",
+    "password",
+)
+
+
+class LocalStoreSettings(_Frozen):
+    """Capture files in a local folder (the embedded default)."""
+
+    kind: Literal["local"] = "local"
+    """Selects this store (the default kind)."""
+    path: Path
+    """The folder; created when missing. Files are written to a temporary name and renamed,
+    so readers never see half a file."""
+    fsync: bool = True
+    """Flush each file (and its folder) to disk before it counts as stored, so a machine crash
+    after the spool segment is deleted loses nothing."""
+
+
+class S3StoreSettings(_Frozen):
+    """Capture files in an S3-compatible object store (AWS S3, MinIO, SeaweedFS, Ceph, ...).
+
+    Credentials are never part of the config: they come from the standard AWS chain
+    (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, `AWS_PROFILE` and
+    ~/.aws/credentials, web identity, the instance's role)."""
+
+    kind: Literal["s3"]
+    """Selects this store."""
+    bucket: str = Field(min_length=1, pattern=r"^[^/]+$")
+    """The bucket; it must exist (Headrace creates none)."""
+    prefix: str = ""
+    """Folder inside the bucket the capture layout starts at ("" for the bucket's root)."""
+    endpoint: str | None = None
+    """`host:port` of a store other than AWS (MinIO, SeaweedFS, ...); None for AWS S3."""
+    region: str = "us-east-1"
+    """The bucket's region (request signing)."""
+    scheme: Literal["https", "http"] = "https"
+    """Protocol to the endpoint; `http` only for a store on a trusted network or loopback."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Tries per operation before it fails (the writer then keeps the spool segment and tries
+    the whole file again later)."""
+    initial_backoff_s: float = Field(default=0.2, gt=0)
+    """Wait after the first failed try; doubled after each further one (with jitter)."""
+    max_backoff_s: float = Field(default=10.0, gt=0)
+    """Longest wait between two tries."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """How long one try waits to connect."""
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    """How long one try (one request) may take once connected."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            found = [key for key in value if str(key).lower() in _CREDENTIAL_KEYS]
+            if found:
+                raise ValueError(
+                    f"{', '.join(found)}: S3 credentials are never read from the config; set "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile"
+                )
+        return value
+
+
+def _store_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "local"))
+    return str(getattr(value, "kind", "local"))
+
+
+CaptureStoreSettings = Annotated[
+    Annotated[LocalStoreSettings, Tag("local")] | Annotated[S3StoreSettings, Tag("s3")],
+    Discriminator(_store_kind),
+]
+"""Where capture files go; `kind` (default `local`) selects the store."""
+
+
 class Settings(_Frozen):
     """Everything Headrace is configured with."""
 
@@ -524,7 +606,11 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part not in ("local", "triton"):  # the discriminator's tag tells a reader nothing
+        elif part not in (
+            "local",
+            "triton",
+            "s3",
+        ):  # the discriminator's tag tells a reader nothing
             text += f".{part}" if text else str(part)
     return text
 

@@ -111,3 +111,18 @@ class ConfigError(StartupError):
 class TritonLaunchError(StartupError):
     """A local tritonserver (headrace.launchers.triton) cannot be found, prepared or started;
     the message says what is missing, and carries the tail of Triton's log once it ran."""
+
+
+class ObjectStoreError(Exception):
+    """An object store (the capture destination) refused an operation, or could not be reached
+    within its retries; the message names the store, the path and the cause. Capture keeps the
+    spool segment and tries again later; readers report it."""
+
+
+class ObjectStoreAccessError(ObjectStoreError):
+    """The object store refused the credentials or the bucket (retrying will not help)."""
+
+
+class SeaweedFSLaunchError(StartupError):
+    """A local SeaweedFS (headrace.launchers.seaweedfs) cannot be found or started; the
+    message carries the tail of its log once it ran."""

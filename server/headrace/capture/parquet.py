@@ -1,0 +1,486 @@
+"""Capture records <-> Arrow tables: the columns of the capture files, and reading them back.
+
+One row per call. Metadata columns (`METADATA_COLUMNS`), then two columns per tensor:
+
+- `input.NAME` / `output.NAME`: the tensor's elements, flattened row-major, as an Arrow list
+  (`list<bool|int8..uint64|float|double|binary>`); null when the row has no such tensor.
+- `input_shape.NAME` / `output_shape.NAME`: its shape, `list<int64>`.
+
+The protocol datatype is kept in the data column's field metadata (`headrace.datatype`), so
+each one comes back as the exact numpy dtype: FP16 and BF16 are stored widened to float32 (an
+exact widening, NaN payloads included; DuckDB and older readers do not read Parquet float16,
+and nothing reads bfloat16) and narrowed back on reading; BYTES elements are Arrow binary,
+any bytes including NUL. Everything else is stored as itself.
+
+Model and version are `model_name` / `model_version` in the file (the protocol's names), not
+`model` / `version`: those are the partition folders, and a reader that adds partition columns
+(pandas, pyarrow.dataset with Hive partitioning) refuses a file column of the same name.
+
+Nothing is lost when a request cannot be turned into columns (it does not decode, or a tensor
+has another datatype than in the file's other rows): its wire bytes go to `undecoded_request`
+(and `undecoded_response`), `decode_error` says why, and `rows_from_table` decodes them again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pyarrow as pa
+from google.protobuf.message import DecodeError
+
+from headrace.capture.record import CaptureRecord, ParameterValue
+from headrace.errors import HeadraceError
+from headrace.protocol import converters
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol.datatypes import DATATYPES, Datatype, datatype_of
+
+FORMAT_VERSION = "1"
+SCHEMA_METADATA_KEY = b"headrace.capture.format"
+DATATYPE_METADATA_KEY = b"headrace.datatype"
+INPUT_PREFIX = "input."
+OUTPUT_PREFIX = "output."
+INPUT_SHAPE_PREFIX = "input_shape."
+OUTPUT_SHAPE_PREFIX = "output_shape."
+
+_TIMESTAMP = pa.timestamp("ns", tz="UTC")
+METADATA_COLUMNS: tuple[pa.Field, ...] = (
+    pa.field("request_id", pa.string()),
+    pa.field("model_name", pa.string()),
+    pa.field("model_version", pa.string()),
+    pa.field("received", _TIMESTAMP),
+    pa.field("responded", _TIMESTAMP),
+    pa.field("latency_ns", pa.int64()),
+    pa.field("status_code", pa.int32()),
+    pa.field("status", pa.string()),
+    pa.field("status_message", pa.string()),
+    pa.field("trace_id", pa.string()),
+    pa.field("span_id", pa.string()),
+    pa.field("batch_id", pa.string()),
+    pa.field("batch_size", pa.int32()),
+    pa.field("endpoint", pa.string()),
+    pa.field("identity", pa.string()),
+    pa.field("headers", pa.map_(pa.string(), pa.string())),
+    pa.field("parameters", pa.string()),
+    pa.field("response_parameters", pa.string()),
+    pa.field("requested_outputs", pa.list_(pa.string())),
+    pa.field("truncated", pa.bool_()),
+    pa.field("decode_error", pa.string()),
+    pa.field("undecoded_request", pa.binary()),
+    pa.field("undecoded_response", pa.binary()),
+)
+"""The columns every capture file has, in this order, before the tensor columns."""
+DICTIONARY_COLUMNS = (
+    "model_name",
+    "model_version",
+    "status",
+    "status_message",
+    "endpoint",
+    "identity",
+    "batch_id",
+)
+"""Columns that repeat a few values: dictionary-encoded in Parquet. Tensor columns are not
+(it rarely pays, and float dictionaries would compare NaNs)."""
+
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+_STORAGE_TYPES: dict[str, pa.DataType] = {
+    "BOOL": pa.bool_(),
+    "UINT8": pa.uint8(),
+    "UINT16": pa.uint16(),
+    "UINT32": pa.uint32(),
+    "UINT64": pa.uint64(),
+    "INT8": pa.int8(),
+    "INT16": pa.int16(),
+    "INT32": pa.int32(),
+    "INT64": pa.int64(),
+    "FP16": pa.float32(),
+    "FP32": pa.float32(),
+    "FP64": pa.float64(),
+    "BF16": pa.float32(),
+    "BYTES": pa.binary(),
+}
+_DEFAULT_DATATYPES: dict[pa.DataType, str] = {
+    pa.bool_(): "BOOL",
+    pa.uint8(): "UINT8",
+    pa.uint16(): "UINT16",
+    pa.uint32(): "UINT32",
+    pa.uint64(): "UINT64",
+    pa.int8(): "INT8",
+    pa.int16(): "INT16",
+    pa.int32(): "INT32",
+    pa.int64(): "INT64",
+    pa.float16(): "FP16",
+    pa.float32(): "FP32",
+    pa.float64(): "FP64",
+    pa.binary(): "BYTES",
+    pa.large_binary(): "BYTES",
+    pa.string(): "BYTES",
+    pa.large_string(): "BYTES",
+}
+"""The datatype of a tensor column written without Headrace's field metadata."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRow:
+    """One captured call as read back: its metadata and its tensors as numpy arrays.
+
+    Times are Unix epoch nanoseconds (`received` / `responded` give aware UTC datetimes).
+    `inputs` / `outputs` map tensor names to arrays of the protocol datatype's numpy dtype
+    (object arrays of bytes for BYTES, `ml_dtypes.bfloat16` for BF16); `outputs` is empty for
+    a failed call, both are empty for a `truncated` record.
+    """
+
+    request_id: str
+    model: str
+    version: str
+    received_ns: int
+    responded_ns: int
+    latency_ns: int
+    status_code: int
+    status: str
+    """The gRPC status code's name (OK, INVALID_ARGUMENT, ...)."""
+    status_message: str
+    trace_id: str = ""
+    span_id: str = ""
+    batch_id: str = ""
+    batch_size: int = 0
+    endpoint: str = ""
+    identity: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    response_parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    requested_outputs: tuple[str, ...] = ()
+    """The outputs the client asked for; empty when it asked for all."""
+    truncated: bool = False
+    decode_error: str = ""
+    """Why the request or response could not be decoded into tensors; empty when it was."""
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def received(self) -> datetime:
+        return _datetime(self.received_ns)
+
+    @property
+    def responded(self) -> datetime:
+        return _datetime(self.responded_ns)
+
+
+def _datetime(ns: int) -> datetime:
+    seconds, remainder = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=remainder // 1000)
+
+
+@dataclass(slots=True)
+class _Decoded:
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    requested_outputs: tuple[str, ...] | None = None
+    response_parameters: dict[str, ParameterValue] | None = None
+    error: str | None = None
+
+
+def _decode(record: CaptureRecord) -> _Decoded:
+    decoded = _Decoded()
+    try:
+        if record.request:
+            request = converters.request_from_proto(pb.ModelInferRequest.FromString(record.request))
+            decoded.inputs = request.inputs
+            decoded.requested_outputs = request.requested_outputs
+        if record.response:
+            response = converters.response_from_proto(
+                pb.ModelInferResponse.FromString(record.response)
+            )
+            decoded.outputs = response.outputs
+            decoded.response_parameters = dict(response.parameters)
+    except DecodeError as exc:
+        return _Decoded(error=f"not a valid protobuf message: {exc}")
+    except HeadraceError as exc:
+        return _Decoded(error=exc.message)
+    return decoded
+
+
+def _datatype(array: np.ndarray) -> Datatype:
+    found = datatype_of(array)
+    if found is None:  # the converters only produce protocol dtypes
+        raise TypeError(f"numpy dtype {array.dtype} has no protocol datatype")
+    return found
+
+
+def _plan_columns(decoded: Sequence[_Decoded], side: str) -> dict[str, Datatype]:
+    """Tensor name -> datatype, first seen wins; rows that disagree become undecoded."""
+    plan: dict[str, Datatype] = {}
+    for row in decoded:
+        if row.error is not None:
+            continue
+        tensors = row.inputs if side == "input" else row.outputs
+        for name, array in tensors.items():
+            datatype = _datatype(array)
+            known = plan.setdefault(name, datatype)
+            if known is not datatype:
+                row.error = (
+                    f"{side} '{name}' is {datatype.name} in this call but {known.name} in "
+                    "earlier calls of the same file"
+                )
+                break
+    return plan
+
+
+def _to_storage(array: np.ndarray, datatype: Datatype) -> np.ndarray:
+    flat = array.reshape(-1)
+    if datatype.name == "BF16":
+        # bfloat16 is the top half of a float32: shifting the bits is exact, NaNs included.
+        bits = flat.view(np.uint16).astype(np.uint32) << np.uint32(16)
+        return bits.view(np.float32)
+    if datatype.name == "FP16":
+        return flat.astype(np.float32)
+    native = datatype.dtype.newbyteorder("=")
+    return flat.astype(native, copy=False)
+
+
+def _from_storage(values: np.ndarray, datatype: Datatype) -> np.ndarray:
+    if datatype.name == "BF16":
+        bits = (values.astype(np.float32, copy=False).view(np.uint32) >> np.uint32(16)).astype(
+            np.uint16
+        )
+        return bits.view(ml_dtypes.bfloat16)
+    if datatype.name == "FP16":
+        return values.astype(np.float16)
+    return values.astype(datatype.dtype.newbyteorder("="), copy=False)
+
+
+def _bytes_element(element: Any) -> bytes:
+    return element.encode() if isinstance(element, str) else bytes(element)
+
+
+def _tensor_columns(
+    name: str, datatype: Datatype, arrays: Sequence[np.ndarray | None], side: str
+) -> tuple[pa.Field, pa.Array, pa.Field, pa.Array]:
+    mask = pa.array([array is None for array in arrays], type=pa.bool_())
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([0 if array is None else array.size for array in arrays], out=offsets[1:])
+    shape_offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([0 if array is None else array.ndim for array in arrays], out=shape_offsets[1:])
+    present = [array for array in arrays if array is not None]
+    storage = _STORAGE_TYPES[datatype.name]
+    if datatype.name == "BYTES":
+        values = pa.array(
+            [_bytes_element(element) for array in present for element in array.reshape(-1)],
+            type=storage,
+        )
+    elif present:
+        values = pa.array(
+            np.concatenate([_to_storage(array, datatype) for array in present]), type=storage
+        )
+    else:
+        values = pa.array([], type=storage)
+    shapes = np.fromiter(
+        (dim for array in present for dim in array.shape), dtype=np.int64, count=-1
+    )
+    if offsets[-1] < 2**31:
+        data = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, mask=mask)
+    else:  # more elements than 32-bit offsets reach (a file larger than its cap asked for)
+        data = pa.LargeListArray.from_arrays(pa.array(offsets), values, mask=mask)
+    shape = pa.ListArray.from_arrays(
+        pa.array(shape_offsets, type=pa.int32()), pa.array(shapes, type=pa.int64()), mask=mask
+    )
+    data_prefix, shape_prefix = (
+        (INPUT_PREFIX, INPUT_SHAPE_PREFIX)
+        if side == "input"
+        else (OUTPUT_PREFIX, OUTPUT_SHAPE_PREFIX)
+    )
+    return (
+        pa.field(
+            data_prefix + name,
+            data.type,
+            metadata={DATATYPE_METADATA_KEY: datatype.name.encode()},
+        ),
+        data,
+        pa.field(shape_prefix + name, pa.list_(pa.int64())),
+        shape,
+    )
+
+
+def _json_or_none(value: Mapping[str, ParameterValue] | None) -> str | None:
+    if value is None:
+        return None
+    if not value:
+        return "{}"  # most calls: skip the encoder
+    return json.dumps(dict(value), separators=(",", ":"))
+
+
+def records_to_table(records: Sequence[CaptureRecord]) -> pa.Table:
+    """One row per record, for records of one model version (the writer groups them so).
+
+    Never fails on a record's contents: a request or response that does not decode is kept as
+    bytes (`undecoded_request` / `undecoded_response`) with the reason in `decode_error`.
+    """
+    decoded = [_decode(record) for record in records]
+    input_plan = _plan_columns(decoded, "input")
+    output_plan = _plan_columns(decoded, "output")
+    failed = [row.error is not None for row in decoded]
+    columns: dict[str, list[Any]] = {
+        "request_id": [r.request_id for r in records],
+        "model_name": [r.model for r in records],
+        "model_version": [r.version for r in records],
+        "received": [r.received_ns for r in records],
+        "responded": [r.responded_ns for r in records],
+        "latency_ns": [r.latency_ns for r in records],
+        "status_code": [r.status_code for r in records],
+        "status": [_STATUS_NAMES.get(r.status_code, str(r.status_code)) for r in records],
+        "status_message": [r.status_message for r in records],
+        "trace_id": [r.trace_id for r in records],
+        "span_id": [r.span_id for r in records],
+        "batch_id": [r.batch_id for r in records],
+        "batch_size": [r.batch_size for r in records],
+        "endpoint": [r.endpoint for r in records],
+        "identity": [r.identity for r in records],
+        "headers": [list(r.headers.items()) for r in records],
+        "parameters": [_json_or_none(r.parameters) for r in records],
+        "response_parameters": [
+            None if bad else _json_or_none(row.response_parameters)
+            for row, bad in zip(decoded, failed, strict=True)
+        ],
+        "requested_outputs": [
+            None if bad or not row.requested_outputs else list(row.requested_outputs)
+            for row, bad in zip(decoded, failed, strict=True)
+        ],
+        "truncated": [r.truncated for r in records],
+        "decode_error": [row.error for row in decoded],
+        "undecoded_request": [
+            r.request if bad else None for r, bad in zip(records, failed, strict=True)
+        ],
+        "undecoded_response": [
+            (r.response or None) if bad else None for r, bad in zip(records, failed, strict=True)
+        ],
+    }
+    fields = list(METADATA_COLUMNS)
+    arrays = [pa.array(columns[f.name], type=f.type) for f in fields]
+    for side, plan in (("input", input_plan), ("output", output_plan)):
+        for name, datatype in plan.items():
+            tensors = [
+                None if bad else (row.inputs if side == "input" else row.outputs).get(name)
+                for row, bad in zip(decoded, failed, strict=True)
+            ]
+            data_field, data, shape_field, shape = _tensor_columns(name, datatype, tensors, side)
+            fields += [data_field, shape_field]
+            arrays += [data, shape]
+    schema = pa.schema(fields, metadata={SCHEMA_METADATA_KEY: FORMAT_VERSION.encode()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def tensor_datatype(column: pa.Field) -> Datatype:
+    """The protocol datatype of a tensor data column (from its field metadata, else from its
+    Arrow type)."""
+    metadata = column.metadata or {}
+    name = metadata.get(DATATYPE_METADATA_KEY)
+    if name is not None and name.decode() in DATATYPES:
+        return DATATYPES[name.decode()]
+    value_type = column.type.value_type
+    if value_type not in _DEFAULT_DATATYPES:
+        raise ValueError(f"column '{column.name}' of {column.type} is not a tensor column")
+    return DATATYPES[_DEFAULT_DATATYPES[value_type]]
+
+
+def _column_values(array: pa.Array, datatype: Datatype) -> np.ndarray:
+    if datatype.name == "BYTES":
+        values = np.empty(len(array), dtype=object)
+        values[:] = [
+            element.encode() if isinstance(element, str) else element
+            for element in array.to_pylist()
+        ]
+        return values
+    return _from_storage(array.to_numpy(zero_copy_only=False), datatype)
+
+
+def _tensors(
+    batch: pa.RecordBatch, data_prefix: str, shape_prefix: str
+) -> list[dict[str, np.ndarray]]:
+    rows: list[dict[str, np.ndarray]] = [{} for _ in range(batch.num_rows)]
+    schema = batch.schema
+    for index, column_field in enumerate(schema):
+        if not column_field.name.startswith(data_prefix):
+            continue
+        name = column_field.name[len(data_prefix) :]
+        shape_index = schema.get_field_index(shape_prefix + name)
+        datatype = tensor_datatype(column_field)
+        data = batch.column(index)
+        values = _column_values(data.values, datatype)
+        offsets = data.offsets.to_numpy()
+        nulls = data.is_null().to_numpy(zero_copy_only=False)
+        shapes = batch.column(shape_index).to_pylist() if shape_index >= 0 else None
+        for row in range(batch.num_rows):
+            if nulls[row]:
+                continue
+            flat = values[offsets[row] : offsets[row + 1]]
+            shape = shapes[row] if shapes is not None else None
+            rows[row][name] = flat.reshape(shape if shape is not None else (-1,))
+    return rows
+
+
+def _parameters(text: str | None) -> dict[str, ParameterValue]:
+    return {} if not text else dict(json.loads(text))
+
+
+def _redecode(request: bytes | None, response: bytes | None) -> _Decoded:
+    record = CaptureRecord("", "", "", 0, 0, 0, 0, "", request or b"", response or b"")
+    return _decode(record)
+
+
+def rows_from_table(table: pa.Table | pa.RecordBatch) -> Iterator[CaptureRow]:
+    """The rows of a capture table (the inverse of `records_to_table`), batch by batch."""
+    batches = [table] if isinstance(table, pa.RecordBatch) else table.to_batches()
+    for batch in batches:
+        inputs = _tensors(batch, INPUT_PREFIX, INPUT_SHAPE_PREFIX)
+        outputs = _tensors(batch, OUTPUT_PREFIX, OUTPUT_SHAPE_PREFIX)
+        received = batch.column("received").cast(pa.int64()).to_pylist()
+        responded = batch.column("responded").cast(pa.int64()).to_pylist()
+        metadata = batch.select(
+            [name for name in batch.schema.names if name in _ROW_FIELDS]
+        ).to_pylist()
+        for index, values in enumerate(metadata):
+            row_inputs, row_outputs = inputs[index], outputs[index]
+            error = values.get("decode_error") or ""
+            response_parameters = _parameters(values.get("response_parameters"))
+            requested = values.get("requested_outputs")
+            if error and values.get("undecoded_request") is not None:
+                again = _redecode(values["undecoded_request"], values.get("undecoded_response"))
+                if again.error is None:
+                    row_inputs, row_outputs = again.inputs, again.outputs
+                    response_parameters = again.response_parameters or {}
+                    requested = list(again.requested_outputs or ())
+            yield CaptureRow(
+                request_id=values["request_id"] or "",
+                model=values["model_name"] or "",
+                version=values["model_version"] or "",
+                received_ns=received[index] or 0,
+                responded_ns=responded[index] or 0,
+                latency_ns=values["latency_ns"] or 0,
+                status_code=values["status_code"] or 0,
+                status=values.get("status") or "",
+                status_message=values.get("status_message") or "",
+                trace_id=values.get("trace_id") or "",
+                span_id=values.get("span_id") or "",
+                batch_id=values.get("batch_id") or "",
+                batch_size=values.get("batch_size") or 0,
+                endpoint=values.get("endpoint") or "",
+                identity=values.get("identity") or "",
+                headers=dict(values.get("headers") or []),
+                parameters=_parameters(values.get("parameters")),
+                response_parameters=response_parameters,
+                requested_outputs=tuple(requested or ()),
+                truncated=bool(values.get("truncated")),
+                decode_error=error,
+                inputs=row_inputs,
+                outputs=row_outputs,
+            )
+
+
+_ROW_FIELDS = frozenset(f.name for f in METADATA_COLUMNS) - {"received", "responded"}
