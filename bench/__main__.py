@@ -20,8 +20,10 @@ from bench import (
     frontend,
     gpu_sim,
     open_loop,
+    overload,
     plot,
     shared_memory,
+    soak,
     stream,
     telemetry,
     triton,
@@ -93,6 +95,8 @@ def _scenarios() -> dict[str, Scenario]:
         telemetry,
         capture,
         workers,
+        overload,
+        soak,
     )
     return {module.__name__.rpartition(".")[2]: module for module in modules}
 

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import CAPTURE_OFF, ServerProcess
 from headrace.launchers.seaweedfs import SeaweedFS
 
 SUMMARY = "capture off / capture on (every call to SeaweedFS over S3), same load"
@@ -162,7 +162,7 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
         spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="headrace-spool-")))
         store = stack.enter_context(SeaweedFS())
         environments = {
-            OFF: {"HEADRACE_CAPTURE__ENABLED": "false"},
+            OFF: CAPTURE_OFF,
             ON: _capture_environment(store, spool),
         }
         servers = {

@@ -176,3 +176,43 @@ def test_workers_scenario_runs() -> None:
         assert not trial["load"]["errors"]
         # The meter counts the supervisor's workers too: a server that answered used CPU.
         assert trial["server_cpu_ms_per_request"] > 0
+
+
+def test_overload_scenario_runs() -> None:
+    output, report = _run(
+        "overload",
+        "--warmup-s",
+        "0.2",
+        "--duration-s",
+        "0.5",
+        "--clients",
+        "1",
+        "--capacity-concurrency",
+        "4",
+        "--overload-concurrency",
+        "48",
+        "--queue-size",
+        "4",
+        "--max-inflight-requests",
+        "4",
+    )
+    assert "offered vs capacity" in output
+    for model in ("batched", "unbatched"):
+        row = report["models"][model]
+        assert row["capacity"]["load"]["completed"] > 0
+        assert row["overload"]["load"]["completed"] > 0
+        # Far more offered than served is refused, and refused with nothing but
+        # RESOURCE_EXHAUSTED.
+        assert row["overload"]["refused"] > 0
+        assert row["overload"]["other_errors"] == 0
+
+
+def test_soak_runs_ten_seconds_without_errors_or_runaway_memory() -> None:
+    output, report = _run("soak", "--duration-s", "10", "--window-s", "2", "--warmup-s", "1")
+    assert "server RSS" in output
+    assert len(report["windows"]) == 5
+    assert report["completed"] > 0
+    assert report["errors"] == {}
+    # Generous on purpose: this catches a runaway (every request's tensors kept), not a slow
+    # drift, which `make soak` measures over half an hour.
+    assert report["rss_growth_kib"] < 64 * 1024

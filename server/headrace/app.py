@@ -7,6 +7,9 @@ import logging
 import signal
 import socket
 from types import TracebackType
+from typing import Any
+
+import grpc
 
 from headrace.backends import Backend, LocalBackend
 from headrace.backends.triton import TritonBackend
@@ -22,6 +25,7 @@ from headrace.config import (
 )
 from headrace.errors import StartupError
 from headrace.frontend import FrontendServer, InferenceServicer
+from headrace.frontend.auth import AuthInterceptor, TokenStore, open_methods
 from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
@@ -78,6 +82,9 @@ class Application:
         """The bound /metrics port once started (0: metrics are off)."""
         self.capture: CapturePipeline | None = None
         """The capture pipeline, from start-up until shutdown; None when capture is off."""
+        self.tokens: TokenStore | None = None
+        """The known bearer tokens once started; None when `server.auth` is off."""
+        self.servicer: InferenceServicer | None = None
 
     async def start(self) -> int:
         """Start everything; returns the bound gRPC port.
@@ -94,13 +101,15 @@ class Application:
             self._attach_telemetry(self.repository)
             self._start_capture(self.repository)
             self._start_batchers(self.repository)
-            servicer = InferenceServicer(
+            servicer = self.servicer = InferenceServicer(
                 self.repository,
                 self.settings.server.stream_max_inflight_requests,
                 self.metrics.unresolved if self.metrics is not None else None,
                 self.shared_memory,
+                limits=self.settings.server.limits,
             )
-            interceptors = []
+            # Tracing first: its span is current when auth names the caller on it.
+            interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
             if self.tracing is not None:
                 interceptors.append(
                     TracingInterceptor(
@@ -109,6 +118,10 @@ class Application:
                         traced_methods(self.settings.tracing.trace_health),
                     )
                 )
+            auth = self.settings.server.auth
+            if auth.enabled:
+                self.tokens = TokenStore(auth)
+                interceptors.append(AuthInterceptor(self.tokens, open_methods(auth)))
             self._frontend = FrontendServer(
                 self.settings.server,
                 servicer,
@@ -263,6 +276,12 @@ class Application:
         if self._frontend is not None and self._frontend.tls is not None:
             self._frontend.tls.reload()
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS certificate files and the tokens file."""
+        self.reload_tls()
+        if self.tokens is not None:
+            self.tokens.reload()
+
     async def __aenter__(self) -> Application:
         await self.start()
         return self
@@ -298,7 +317,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, application.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, application.reload)
     if supervisor is not None:
         # The supervisor never writes: readable means end of file.
         loop.add_reader(supervisor.fileno(), stop_requested.set)

@@ -229,6 +229,27 @@ class SharedMemorySettings(_Frozen):
     such outputs come back as bytes. Outputs of fixed dims get exactly their size."""
 
 
+class TritonTlsSettings(_Frozen):
+    """TLS (and mutual TLS) on the channels to Triton. The files are read when a channel is
+    first made (start-up)."""
+
+    ca_file: Path | None = None
+    """PEM CA bundle that signed Triton's certificate; None: the system's trusted roots."""
+    cert_file: Path | None = None
+    """PEM client certificate chain Headrace presents (mutual TLS; with `key_file`)."""
+    key_file: Path | None = None
+    """PEM private key of `cert_file`."""
+    server_name: str | None = None
+    """The name Triton's certificate is checked against (and sent as SNI), when it differs
+    from the endpoint's host (an IP address, a Kubernetes service name)."""
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TritonTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+        return self
+
+
 class TritonModelSettings(_Frozen):
     """A model served by Triton Inference Server(s); its signature and batching hints are
     read from Triton (ModelMetadata, ModelConfig) at start-up."""
@@ -247,6 +268,8 @@ class TritonModelSettings(_Frozen):
     """Headrace's batcher in front of this model."""
     shared_memory: SharedMemorySettings = SharedMemorySettings()
     """Large tensors through system shared memory (only for endpoints on this host)."""
+    tls: TritonTlsSettings | None = None
+    """TLS to this model's endpoints, instead of `triton.tls`."""
     capture: ModelCaptureSettings = ModelCaptureSettings()
     """What capture keeps of this model's calls."""
 
@@ -299,6 +322,8 @@ class TritonSettings(_Frozen):
     check passes."""
     dns_refresh_s: float = Field(default=10.0, gt=0)
     """How often `dns:///` endpoints are re-resolved."""
+    tls: TritonTlsSettings | None = None
+    """TLS to every Triton endpoint (a model's own `tls` wins); None: plaintext."""
 
 
 class TlsSettings(_Frozen):
@@ -311,6 +336,86 @@ class TlsSettings(_Frozen):
     """PEM private key of that certificate."""
     client_ca_file: Path | None = None
     """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+
+
+class LimitsSettings(_Frozen):
+    """What one client may ask of the front end. Each refusal names its limit and key."""
+
+    max_request_elements: int = Field(default=64 * 1024 * 1024, ge=1)
+    """Tensor elements in one inference request, all inputs together (a shape's product);
+    beyond it the request gets INVALID_ARGUMENT before anything is decoded."""
+    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    """Bytes of tensor data in one inference request (shape x datatype size; BYTES: their
+    serialized size), all inputs together; beyond it INVALID_ARGUMENT."""
+    max_tensor_rank: int = Field(default=16, ge=1, le=32)
+    """Dimensions of one tensor; more get INVALID_ARGUMENT."""
+    max_request_batch_size: int | None = Field(default=None, ge=1)
+    """Items (first dimension) in one request to a batching model, whatever the model's own
+    max_batch_size; None leaves it to each model. Beyond: INVALID_ARGUMENT."""
+    max_inflight_requests: int | None = Field(default=4096, ge=1)
+    """Inference requests in progress at once, across all models, calls and streams (queued
+    in a batcher or running); beyond it requests get RESOURCE_EXHAUSTED at once with a
+    `grpc-retry-pushback-ms` hint. None: no limit beyond the batchers' queues."""
+    max_concurrent_streams: int | None = Field(default=None, ge=1)
+    """Calls open at once on one client connection (HTTP/2 streams,
+    `grpc.max_concurrent_streams`); more wait in the client until one ends, except calls a
+    client opens before it has read the server's limit (right after connecting), which are
+    refused (UNAVAILABLE, RST_STREAM REFUSED_STREAM). None: grpc's default, no limit, since
+    clients firing hundreds of calls on a fresh connection are common."""
+    keepalive_time_s: float = Field(default=60.0, gt=0)
+    """The server pings an idle connection this often to find dead clients."""
+    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    """A connection whose ping goes unanswered this long is closed."""
+    min_client_ping_interval_s: float = Field(default=10.0, ge=0)
+    """Clients may ping no more often than this (`grpc.http2.min_ping_interval_without_data_ms`);
+    a client pinging faster `max_ping_strikes` times is sent GOAWAY (ENHANCE_YOUR_CALM)."""
+    max_ping_strikes: int = Field(default=2, ge=0)
+    """Too-frequent pings tolerated before the connection is closed (0: no limit)."""
+    permit_keepalive_without_calls: bool = True
+    """Whether clients may ping a connection with no call open (tritonclient does)."""
+
+
+class AuthTokenSettings(_Frozen):
+    """One bearer token: its name, its SHA-256 (never the token itself) and its scopes.
+    `headrace token create` makes a token and prints this entry."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    """Who holds the token; spans, logs and captures record this name, never the token."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Lowercase hex SHA-256 of the token."""
+    models: tuple[str, ...] = ()
+    """Models the token may use (names or shell-style globs: `sales_*`, `*`): ModelInfer,
+    ModelStreamInfer, ModelMetadata, ModelReady, ModelConfig."""
+    admin: bool = False
+    """Whether the token may call the admin methods (RepositoryIndex, ModelStatistics)."""
+
+
+class AuthSettings(_Frozen):
+    """Bearer-token authentication (`authorization: Bearer <token>` metadata) and per-token
+    scopes. Off by default."""
+
+    enabled: bool = False
+    """Require a valid token on every call but the open ones below."""
+    tokens: tuple[AuthTokenSettings, ...] = ()
+    """Tokens (hashed) given in the config itself."""
+    tokens_file: Path | None = None
+    """A YAML file holding a list of token entries (as `tokens`), read at start-up and again
+    on SIGHUP; its entries add to `tokens`."""
+    open_health: bool = True
+    """Let grpc.health.v1 Health, ServerLive and ServerReady through without a token
+    (Kubernetes probes carry none)."""
+    open_reflection: bool = False
+    """Let server reflection through without a token."""
+
+    @model_validator(mode="after")
+    def _tokens_when_enabled(self) -> AuthSettings:
+        if self.enabled and not self.tokens and self.tokens_file is None:
+            raise ValueError("auth is enabled but no tokens or tokens_file are given")
+        names = [token.name for token in self.tokens]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"tokens {duplicates} are declared more than once")
+        return self
 
 
 class ServerSettings(_Frozen):
@@ -339,6 +444,10 @@ class ServerSettings(_Frozen):
     spreads new connections over them) under one supervisor that restarts a worker that dies.
     None: one per core this process may use (CPU affinity and cgroup CPU quota). 1: a single
     process, no supervisor. `headrace serve --workers N` overrides it."""
+    limits: LimitsSettings = LimitsSettings()
+    """Request, connection and keepalive limits."""
+    auth: AuthSettings = AuthSettings()
+    """Bearer tokens and their scopes."""
 
 
 class LoggingSettings(_Frozen):
@@ -601,6 +710,28 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text
 
 
+_PATH_KEYS = ("cert_file", "key_file", "client_ca_file", "ca_file", "tokens_file")
+
+
+def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
+    """File paths in the TLS and auth sections are relative to the config file."""
+    server = tree.get("server")
+    triton = tree.get("triton")
+    sections: list[Any] = []
+    if isinstance(server, dict):
+        sections += [server.get("tls"), server.get("auth")]
+    if isinstance(triton, dict):
+        sections.append(triton.get("tls"))
+    sections += [model.get("tls") for model in tree.get("models") or [] if isinstance(model, dict)]
+    for section in sections:
+        if not isinstance(section, dict):
+            continue
+        for key in _PATH_KEYS:
+            value = section.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                section[key] = str(base_dir / value)
+
+
 def default_config_text() -> str:
     """The embedded default config (configs/default.yaml, shipped inside the package)."""
     return importlib.resources.files("headrace.configs").joinpath("default.yaml").read_text()
@@ -639,13 +770,8 @@ def load_settings(
         origins[dotted] = "command line"
 
     base_dir = path.resolve().parent if path is not None else None
-    server = tree.get("server")
-    tls = server.get("tls") if isinstance(server, dict) else None
-    if base_dir is not None and isinstance(tls, dict):
-        for key in ("cert_file", "key_file", "client_ca_file"):
-            value = tls.get(key)
-            if isinstance(value, str) and not Path(value).is_absolute():
-                tls[key] = str(base_dir / value)
+    if base_dir is not None:
+        _resolve_paths(tree, base_dir)
     for model in tree.get("models") or []:
         entrypoint = model.get("entrypoint") if isinstance(model, dict) else None
         if base_dir is not None and isinstance(entrypoint, str):

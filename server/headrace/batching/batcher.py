@@ -186,6 +186,23 @@ class DynamicBatcher:
         """Requests waiting now."""
         return self._queued
 
+    def check_room(self) -> None:
+        """Refuse at once when the queue is full: the servicer asks before decoding a request,
+        so under overload a refusal costs little (`submit` checks again).
+
+        Raises:
+            ResourceExhaustedError (RESOURCE_EXHAUSTED): the queue is full; trailing metadata
+                `grpc-retry-pushback-ms` says when to retry.
+        """
+        policy = self.policy
+        if self._queued >= policy.max_queue_size:
+            raise ResourceExhaustedError(
+                f"model '{self.spec.name}' version {self.spec.version} has "
+                f"{self._queued} requests queued (max_queue_size {policy.max_queue_size}); "
+                "retry later",
+                trailing_metadata={RETRY_PUSHBACK_METADATA: str(self._retry_hint_ms())},
+            )
+
     async def submit(
         self, request: InferenceRequest, size: int, deadline: float | None = None
     ) -> InferenceResponse:
@@ -212,13 +229,7 @@ class DynamicBatcher:
         timeout_s = queue_timeout_s(request)
         if timeout_s is not None and (deadline is None or now + timeout_s < deadline):
             deadline = now + timeout_s
-        if self._queued >= policy.max_queue_size:
-            raise ResourceExhaustedError(
-                f"model '{self.spec.name}' version {self.spec.version} has "
-                f"{self._queued} requests queued (max_queue_size {policy.max_queue_size}); "
-                "retry later",
-                trailing_metadata={RETRY_PUSHBACK_METADATA: str(self._retry_hint_ms())},
-            )
+        self.check_room()
         if deadline is not None and deadline <= now:
             raise DeadlineExceededError(self._expired(request))
         trace_context = self._tracing.current() if self._tracing is not None else None

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import grpc
 
 from headrace import __version__
+from headrace.config import LimitsSettings
 from headrace.errors import (
     HeadraceError,
     ModelNotFoundError,
     ModelUnavailableError,
     NotEnabledError,
 )
+from headrace.frontend.auth import authorize_model, current_identity
+from headrace.frontend.limits import InflightLimit, RequestLimits
 from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
 from headrace.frontend.status import (
     MalformedMessage,
@@ -62,10 +65,13 @@ class InferenceServicer:
         stream_max_inflight_requests: int,
         unresolved_requests: RequestObserver | None = None,
         shared_memory: SystemSharedMemoryRegistry | None = None,
+        *,
+        limits: LimitsSettings | None = None,
     ) -> None:
         """`unresolved_requests` is told of inference requests that cannot be read or name
         no served model; each served model's own `requests` observer of the others.
-        `shared_memory`: the regions clients register (None: the extension is off)."""
+        `shared_memory`: the regions clients register (None: the extension is off).
+        `limits`: `server.limits` (default: its defaults)."""
         self._repository = repository
         self._stream_max_inflight = stream_max_inflight_requests
         self._unresolved_requests = unresolved_requests
@@ -73,6 +79,10 @@ class InferenceServicer:
         self._extensions = (
             (*EXTENSIONS, "system_shared_memory") if shared_memory is not None else EXTENSIONS
         )
+        limits = limits or LimitsSettings()
+        self._limits = RequestLimits(limits)
+        self.inflight = InflightLimit(limits.max_inflight_requests)
+        """Inference requests in progress, and the cap on them."""
 
     async def _infer(
         self, request: WireMessage[pb.ModelInferRequest] | MalformedMessage, context: Context
@@ -84,17 +94,21 @@ class InferenceServicer:
         served: ServedModel | None = None
         code = grpc.StatusCode.INTERNAL  # what StatusBoundary answers an unexpected error with
         try:
-            wire = require_message(request)
-            message = wire.message
-            served = self._repository.resolve(message.model_name, message.model_version)
-            capture = served.capture
-            reply: pb.ModelInferResponse | bytes
-            if capture is None or not capture.admit():
-                reply = (await self._infer_served(served, message, context, started)).reply
-            else:
-                reply = await self._infer_captured(
-                    served, capture, wire, context, started, received_ns
-                )
+            with self.inflight.admit():
+                wire = require_message(request)
+                message = wire.message
+                authorize_model(message.model_name)
+                self._limits.check_message(message)
+                served = self._repository.resolve(message.model_name, message.model_version)
+                capture = served.capture
+                reply: pb.ModelInferResponse | bytes
+                if capture is None or not capture.admit():
+                    reply = (await self._infer_served(served, message, context, started)).reply
+                else:
+                    reply = await self._infer_captured(
+                        served, capture, wire, context, started, received_ns
+                    )
+                self.inflight.record_duration((perf_counter_ns() - started) / 1e9)
         except HeadraceError as exc:
             code = exc.code
             raise
@@ -132,6 +146,7 @@ class InferenceServicer:
                 wire=wire.data,
                 message=message,
                 metadata=context.invocation_metadata(),
+                identity=current_identity(),
                 received_ns=received_ns,
                 started_ns=started,
                 code=exc.code.value[0],
@@ -153,6 +168,7 @@ class InferenceServicer:
             wire=request_bytes,
             message=message,
             metadata=context.invocation_metadata(),
+            identity=current_identity(),
             received_ns=received_ns,
             started_ns=started,
             code=grpc.StatusCode.OK.value[0],
@@ -173,10 +189,13 @@ class InferenceServicer:
         statistics = served.statistics
         shared = self._shared_memory
         try:
+            if served.batcher is not None:
+                served.batcher.check_room()  # before decoding: refusals stay cheap
             request = request_from_proto(message, shared)
             placements = output_placements(message, shared) if message.outputs else None
             spec = served.spec
             spec.validate_request(request)
+            self._limits.check_batch_size(spec.name, spec.batch_size(request))
             decoded = perf_counter_ns()
             remaining = context.time_remaining()
             deadline = (
@@ -282,6 +301,7 @@ class InferenceServicer:
         """An unknown model is not ready (false, not NOT_FOUND): probes want a boolean."""
         async with StatusBoundary(context, "ModelReady"):
             message = require_message(request)
+            authorize_model(message.name)
             try:
                 served = self._repository.resolve(message.name, message.version)
             except ModelNotFoundError:
@@ -302,6 +322,7 @@ class InferenceServicer:
     ) -> pb.ModelMetadataResponse:
         async with StatusBoundary(context, "ModelMetadata"):
             message = require_message(request)
+            authorize_model(message.name)
             served = self._repository.resolve(message.name, message.version)
             return metadata_to_proto(served.spec, self._repository.versions(message.name))
 
@@ -310,6 +331,7 @@ class InferenceServicer:
     ) -> pb.ModelConfigResponse:
         async with StatusBoundary(context, "ModelConfig"):
             message = require_message(request)
+            authorize_model(message.name)
             served = self._repository.resolve(message.name, message.version)
             policy = served.batcher.policy if served.batcher is not None else None
             return pb.ModelConfigResponse(config=config_to_proto(served.spec, policy))
