@@ -25,6 +25,7 @@ def capturing_server(
     models: dict[str, dict[str, Any]] | None = None,
     extra_models: tuple[dict[str, Any], ...] = (),
     tracing: dict[str, Any] | None = None,
+    auth: dict[str, Any] | None = None,
     **capture: Any,
 ) -> ServerThread:
     """A server for the default and test models that captures under `root` (spool in
@@ -42,6 +43,8 @@ def capturing_server(
     tree["metrics"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
     if tracing is not None:
         tree["tracing"] = tracing
+    if auth is not None:
+        tree["server"]["auth"] = auth
     for model in tree["models"]:
         if model["name"] in (models or {}):
             model["capture"] = (models or {})[model["name"]]

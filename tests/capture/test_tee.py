@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from headrace.capture.record import CaptureRecord
+from headrace.frontend.auth import hash_token, new_token
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from tests.capture.conftest import capturing_server, fp32_request, metric, spooled
@@ -256,3 +257,19 @@ def test_fsync_modes_spool_every_answer_before_it_leaves(
             request_id = f"f{index}"
             client.ModelInfer(fp32_request("identity", np.ones((1, 3), np.float32), request_id))
             assert request_id in by_id(spooled(server))
+
+
+def test_the_callers_name_is_captured_never_its_token(tmp_path: Path) -> None:
+    token = new_token()
+    auth = {
+        "enabled": True,
+        "tokens": [{"name": "forecaster", "sha256": hash_token(token), "models": ["*"]}],
+    }
+    with capturing_server(tmp_path, auth=auth, **NO_SEALING) as server, stub(server) as client:
+        client.ModelInfer(
+            fp32_request("identity", np.ones((1, 2), np.float32), "who"),
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+        (record,) = spooled(server)
+    assert record.identity == "forecaster"
+    assert token not in record.encode().decode(errors="replace")
