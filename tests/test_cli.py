@@ -18,6 +18,7 @@ import numpy as np
 import tritonclient.grpc as triton
 import yaml
 
+from headrace.capture.reader import read_records
 from headrace.frontend.auth import hash_token
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -192,13 +193,20 @@ def test_sigterm_under_load_fails_no_accepted_request(tmp_path: Path) -> None:
     """SIGTERM while 16 clients keep a batched model busy: the server stops accepting,
     answers every request it accepted (queued in the batcher or running in the model), and
     exits 0. Clients see UNAVAILABLE only for calls refused before they reached Headrace
-    (connection refused, GOAWAY), never "Cancelling all calls" (an accepted call cut off)."""
+    (connection refused, GOAWAY), never "Cancelling all calls" (an accepted call cut off).
+    Capture is flushed on the way out: the store holds exactly the calls answered OK."""
     record = tmp_path / "ran.txt"
     config = tmp_path / "headrace.yaml"
+    store = tmp_path / "captures"
     config.write_text(
         yaml.safe_dump(
             {
                 "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_period_s": 20},
+                "capture": {
+                    "enabled": True,
+                    "spool_dir": str(tmp_path / "spool"),
+                    "store": {"kind": "local", "path": str(store)},
+                },
                 "models": [
                     {
                         "name": "recorded",
@@ -269,3 +277,10 @@ def test_sigterm_under_load_fails_no_accepted_request(tmp_path: Path) -> None:
     # Requests in flight at SIGTERM were drained: answered OK after it.
     assert any(o[0] == grpc.StatusCode.OK and o[2] for o in outcomes.values())
     assert failures  # and the clients did go on until the server refused them
+    captured = [
+        (row.status, float(row.inputs["INPUT0"].ravel()[0]))
+        for row in read_records(str(store), "recorded")
+    ]
+    answered = sorted(v for v, o in outcomes.items() if o[0] == grpc.StatusCode.OK)
+    assert sorted(value for _, value in captured) == answered
+    assert {status for status, _ in captured} == {"OK"}

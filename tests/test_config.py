@@ -196,6 +196,7 @@ def test_worker_id_and_hash_salt_variables_are_not_settings(tmp_path: Path) -> N
         ("hash", "[outputs.Y]", "'outputs.Y' is not headers.NAME, parameters.NAME or inputs.NAME"),
         ("on_spool_full", "block", "'drop' or 'refuse'"),
         ("sample_rate", "1.5", "less than or equal to 1"),
+        ("headers", "[x-tenant, Authorization]", "'authorization' carries credentials"),
     ],
 )
 def test_model_capture_settings_are_checked(

@@ -123,6 +123,10 @@ class BatchingSettings(_Frozen):
         return self
 
 
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+"""Metadata a capture config may not select: tokens must never land in the store."""
+
+
 class ModelCaptureSettings(_Frozen):
     """What capture keeps of one model's calls (when `capture.enabled`)."""
 
@@ -148,7 +152,14 @@ class ModelCaptureSettings(_Frozen):
     @field_validator("headers")
     @classmethod
     def _lowercase_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(header.lower() for header in value)
+        headers = tuple(header.lower() for header in value)
+        secret = sorted(set(headers) & CREDENTIAL_HEADERS)
+        if secret:
+            raise ValueError(
+                f"header '{secret[0]}' carries credentials and is never captured "
+                "(the caller's name is, as the record's identity)"
+            )
+        return headers
 
     @field_validator("drop")
     @classmethod
