@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck unit toolchains proto bench bench-quick clean
+.PHONY: serve test lint typecheck unit toolchains proto bench bench-quick clean fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,3 +71,13 @@ bench-quick: $(DEV_STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache clients/node/node_modules clients/cpp/build
+
+## fuzz: the front-end fuzz tests at full size (FUZZ_EXAMPLES per test, 8 tests)
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(DEV_STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider --timeout=0 tests/frontend/test_fuzz.py
+
+## soak: steady load on one Headrace process for SOAK_SECONDS (default 30 min): RSS, errors
+SOAK_SECONDS ?= 1800
+soak: $(DEV_STAMP)
+	$(BIN)/python -m bench soak --duration-s $(SOAK_SECONDS)

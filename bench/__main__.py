@@ -17,11 +17,14 @@ from typing import Any, NoReturn, Protocol
 
 from bench import (
     backtest,
+    capture,
     frontend,
     gpu_sim,
     open_loop,
+    overload,
     plot,
     shared_memory,
+    soak,
     stream,
     telemetry,
     triton,
@@ -91,8 +94,11 @@ def _scenarios() -> dict[str, Scenario]:
         triton,
         shared_memory,
         telemetry,
+        capture,
         workers,
         backtest,
+        overload,
+        soak,
     )
     return {module.__name__.rpartition(".")[2]: module for module in modules}
 

@@ -21,7 +21,7 @@ import numpy as np
 from bench.baseline_server import SERVICE_NAME
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import CAPTURE_OFF, ServerProcess
 from headrace.protocol import grpc_service_pb2 as pb
 
 SUMMARY = "unary ModelInfer on `identity`: Headrace vs a bare grpc.aio server"
@@ -159,7 +159,13 @@ def server_processes(
         BARE: [python, "-m", "bench.baseline_server", "--host", HOST, "--port", "0"],
     }
     return {
-        side: ServerProcess(side, argv, results_dir / f"{scenario}-{stamp}-{side}.log")
+        # The gateway's own cost; capture is measured by its own scenario (bench/capture.py).
+        side: ServerProcess(
+            side,
+            argv,
+            results_dir / f"{scenario}-{stamp}-{side}.log",
+            CAPTURE_OFF,
+        )
         for side, argv in argvs.items()
     }
 

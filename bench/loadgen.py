@@ -131,6 +131,8 @@ class ClientTally:
 
     latencies_ns: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    error_latencies_ns: list[int] = field(default_factory=list)
+    """Closed loop: how long each failed call took to fail (a refusal's speed)."""
     cpu_s: float = 0.0
     completed_in_window: int = 0
     """Replies received inside the window (open loop; closed loop: len(latencies_ns))."""
@@ -168,6 +170,9 @@ class LoadResult:
     """`metered` per request completed in the window, when the meter is a server's CPU."""
     batching: server_metrics.BatchingFigures | None = None
     """From the server's /metrics, when `run_load` was given its address."""
+    error_p99_ms: float | None = None
+    """Closed loop: 99th percentile of the time failed calls took to fail; None when none
+    failed."""
 
 
 def run_load(
@@ -278,6 +283,7 @@ def summarize(
     open_loop = spec.arrival_rate_per_s is not None
     client_cpu_s = sum(tally.cpu_s for tally in tallies)
     latency = latency_summary(latencies)
+    failed = sorted(latency for tally in tallies for latency in tally.error_latencies_ns)
     return LoadResult(
         duration_s=spec.duration_s,
         completed=len(latencies),
@@ -296,6 +302,7 @@ def summarize(
         client_cpu_ms_per_request=client_cpu_s * 1000 / in_window if in_window else None,
         server_cpu_ms_per_request=metered * 1000 / in_window if in_window else None,
         batching=batching,
+        error_p99_ms=percentile(failed, 0.99) / 1e6 if failed else None,
     )
 
 
@@ -481,8 +488,10 @@ async def _worker(
         try:
             reply = await call(request)
         except grpc.aio.AioRpcError as exc:
-            if time.perf_counter_ns() in window:
+            failed = time.perf_counter_ns()
+            if failed in window:
                 errors[exc.code().name] += 1
+                tally.error_latencies_ns.append(failed - started)
             continue
         finished = time.perf_counter_ns()
         if finished in window:

@@ -21,6 +21,8 @@ METRICS_PATTERN = re.compile(r"metrics on (http://\S+/metrics)")
 
 WORKERS_VARIABLE = "HEADRACE_SERVER__WORKERS"
 SINGLE_PROCESS = {WORKERS_VARIABLE: "1"}
+CAPTURE_OFF = {"HEADRACE_CAPTURE__ENABLED": "false"}
+"""For scenarios that measure something else: the embedded default captures every call."""
 """Headrace runs one process per core by default; scenarios measure one process unless they
 ask for more (and `cpu_seconds` counts a supervisor's workers too)."""
 START_TIMEOUT_S = 30.0

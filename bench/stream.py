@@ -20,7 +20,7 @@ from bench.baseline_server import SERVICE_NAME
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import CAPTURE_OFF, ServerProcess
 from bench.stats import median
 from headrace.protocol import grpc_service_pb2 as pb
 
@@ -111,7 +111,12 @@ def run(options: StreamOptions, results_dir: Path, stamp: str) -> dict[str, Any]
     trials: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(
-            ServerProcess("headrace", argv, results_dir / f"stream-{stamp}-headrace.log")
+            ServerProcess(
+                "headrace",
+                argv,
+                results_dir / f"stream-{stamp}-headrace.log",
+                CAPTURE_OFF,  # capture is measured by its own scenario (bench/capture.py)
+            )
         )
         for index, side in enumerate(side_order(options.trials)):
             spec = LoadSpec(

@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import ServerProcess
+from bench.server_process import CAPTURE_OFF, ServerProcess
 
 SUMMARY = "tracing off / tracing on (OTLP to a local receiver) / metrics on, same load"
 OFF = "off"
@@ -138,7 +138,10 @@ def side_order(trials: int) -> list[str]:
 
 
 def _environments(receiver_port: int, batched: bool) -> dict[str, dict[str, str]]:
-    common = {"HEADRACE_MODELS__0__BATCHING__ENABLED": "true"} if batched else {}
+    # Capture is measured by its own scenario (bench/capture.py).
+    common = dict(CAPTURE_OFF)
+    if batched:
+        common["HEADRACE_MODELS__0__BATCHING__ENABLED"] = "true"
     return {
         OFF: common,
         TRACING: {

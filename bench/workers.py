@@ -30,7 +30,7 @@ from typing import Any
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
-from bench.server_process import WORKERS_VARIABLE, ServerProcess
+from bench.server_process import CAPTURE_OFF, WORKERS_VARIABLE, ServerProcess
 
 SUMMARY = "`serve --workers N` vs one worker: unary ModelInfer on `identity`, same load"
 SINGLE = "single"
@@ -165,7 +165,8 @@ def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any
                     side,
                     argv,
                     results_dir / f"workers-{stamp}-{side}.log",
-                    {WORKERS_VARIABLE: str(workers[side])},
+                    # Capture is measured by its own scenario (bench/capture.py).
+                    {WORKERS_VARIABLE: str(workers[side]), **CAPTURE_OFF},
                     cpus=options.server_cpus,
                 )
             )

@@ -119,6 +119,7 @@ def make_settings(**overrides: Any) -> Settings:
     (dotted paths)."""
     base = load_settings(None).model_dump(mode="json")
     base["server"].update(host="127.0.0.1", port=0, shutdown_grace_period_s=5)
+    base["capture"] = {"enabled": False}  # tests that capture say where to
     base["models"] += served_test_models()
     settings = Settings.model_validate(base)
     if overrides:

@@ -114,3 +114,31 @@ def propagating(key: str) -> Propagating:
     """Entrypoint: a new Propagating model, registered under `key`."""
     PROPAGATING[key] = Propagating()
     return PROPAGATING[key]
+
+
+class WhoAmI:
+    """Answers the name of the token the request came with (auth's `current_identity`), as
+    one BYTES element; inline models run in the request's own context."""
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from headrace.frontend.auth import current_identity
+
+        return {"OUTPUT0": np.array([current_identity().encode()], dtype=object)}
+
+
+class Recording:
+    """Echoes INPUT0 after `delay_s`, and appends every value it ran to the file at `path`
+    (one per line, flushed before answering): which requests reached the model, for tests
+    that run Headrace in another process."""
+
+    def __init__(self, path: str, delay_s: float = 0.0) -> None:
+        self._path = path
+        self._delay_s = delay_s
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = inputs["INPUT0"]
+        time.sleep(self._delay_s)
+        with self._lock, open(self._path, "a") as log:
+            log.writelines(f"{value:.0f}\n" for value in values.ravel())
+        return {"OUTPUT0": values}

@@ -123,6 +123,20 @@ def test_telemetry_scenario_runs() -> None:
 
 
 @pytest.mark.timeout(240)
+def test_capture_scenario_runs() -> None:
+    output, report = _run("capture", *QUICK, "--concurrency", "2")
+    assert "Capture on / off" in output
+    assert [trial["side"] for trial in report["trials"]] == ["off", "on"]
+    for trial in report["trials"]:
+        assert trial["load"]["completed"] > 0
+        assert not trial["load"]["errors"]
+    captured = next(t for t in report["trials"] if t["side"] == "on")["capture"]
+    assert captured["dropped"] == 0
+    # The graceful stop stored what was spooled: the bucket holds Parquet files.
+    assert report["objects_stored"] > 0
+
+
+@pytest.mark.timeout(240)
 def test_triton_scenario_runs() -> None:
     output, report = _run("triton", *QUICK, "--concurrencies", "2")
     assert "Headrace / direct unbatched" in output
@@ -162,6 +176,46 @@ def test_workers_scenario_runs() -> None:
         assert not trial["load"]["errors"]
         # The meter counts the supervisor's workers too: a server that answered used CPU.
         assert trial["server_cpu_ms_per_request"] > 0
+
+
+def test_overload_scenario_runs() -> None:
+    output, report = _run(
+        "overload",
+        "--warmup-s",
+        "0.2",
+        "--duration-s",
+        "0.5",
+        "--clients",
+        "1",
+        "--capacity-concurrency",
+        "4",
+        "--overload-concurrency",
+        "48",
+        "--queue-size",
+        "4",
+        "--max-inflight-requests",
+        "4",
+    )
+    assert "offered vs capacity" in output
+    for model in ("batched", "unbatched"):
+        row = report["models"][model]
+        assert row["capacity"]["load"]["completed"] > 0
+        assert row["overload"]["load"]["completed"] > 0
+        # Far more offered than served is refused, and refused with nothing but
+        # RESOURCE_EXHAUSTED.
+        assert row["overload"]["refused"] > 0
+        assert row["overload"]["other_errors"] == 0
+
+
+def test_soak_runs_ten_seconds_without_errors_or_runaway_memory() -> None:
+    output, report = _run("soak", "--duration-s", "10", "--window-s", "2", "--warmup-s", "1")
+    assert "server RSS" in output
+    assert len(report["windows"]) == 5
+    assert report["completed"] > 0
+    assert report["errors"] == {}
+    # Generous on purpose: this catches a runaway (every request's tensors kept), not a slow
+    # drift, which `make soak` measures over half an hour.
+    assert report["rss_growth_kib"] < 64 * 1024
 
 
 @pytest.mark.timeout(240)

@@ -194,3 +194,99 @@ def test_bad_telemetry_values_name_the_field() -> None:
         load_settings(None, environ={"HEADRACE_TRACING__EXPORTER": "jaeger"})
     with pytest.raises(ConfigError, match=r"tracing.sample_ratio"):
         load_settings(None, environ={"HEADRACE_TRACING__SAMPLE_RATIO": "1.5"})
+
+
+def test_embedded_default_captures_to_a_local_folder() -> None:
+    capture = load_settings(None).capture
+    assert capture.enabled
+    assert capture.store.kind == "local"
+    assert capture.spool_dir == Path("headrace-captures/spool")
+
+
+def test_capture_is_off_without_a_capture_section(tmp_path: Path) -> None:
+    path = _write(tmp_path, MODEL.format(entrypoint="m:M"))
+    assert not load_settings(path).capture.enabled
+
+
+def test_worker_id_and_hash_salt_variables_are_not_settings(tmp_path: Path) -> None:
+    path = _write(tmp_path, MODEL.format(entrypoint="m:M"))
+    environ = {"HEADRACE_WORKER_ID": "3", "HEADRACE_CAPTURE_HASH_SALT": "s"}
+    assert load_settings(path, environ=environ).models[0].name == "forecast"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("drop", "[IMAGE]", "'IMAGE' is not inputs.NAME or outputs.NAME"),
+        ("hash", "[outputs.Y]", "'outputs.Y' is not headers.NAME, parameters.NAME or inputs.NAME"),
+        ("on_spool_full", "block", "'drop' or 'refuse'"),
+        ("sample_rate", "1.5", "less than or equal to 1"),
+        ("headers", "[x-tenant, Authorization]", "'authorization' carries credentials"),
+    ],
+)
+def test_model_capture_settings_are_checked(
+    tmp_path: Path, field: str, value: str, message: str
+) -> None:
+    text = MODEL.format(entrypoint="m:M") + f"    capture: {{{field}: {value}}}\n"
+    with pytest.raises(ConfigError) as error:
+        load_settings(_write(tmp_path, text))
+    assert f"models[0].capture.{field}" in str(error.value)
+    assert message in str(error.value)
+
+
+def test_tls_and_token_files_are_relative_to_the_config(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+server:
+  tls: {cert_file: certs/server.crt, key_file: certs/server.key}
+  auth: {enabled: true, tokens_file: tokens.yaml}
+triton:
+  tls: {ca_file: certs/triton-ca.crt, cert_file: /abs/client.crt, key_file: client.key}
+models:
+  - name: remote
+    backend: triton
+    endpoints: ["triton:8001"]
+    tls: {ca_file: other-ca.crt, server_name: triton.internal}
+""",
+    )
+    settings = load_settings(path)
+    assert settings.server.tls is not None
+    assert settings.server.tls.cert_file == tmp_path / "certs/server.crt"
+    assert settings.server.auth.tokens_file == tmp_path / "tokens.yaml"
+    assert settings.triton.tls is not None
+    assert settings.triton.tls.ca_file == tmp_path / "certs/triton-ca.crt"
+    assert settings.triton.tls.cert_file == Path("/abs/client.crt")
+    assert settings.triton.tls.key_file == tmp_path / "client.key"
+    model_tls = settings.models[0].tls  # type: ignore[union-attr]
+    assert model_tls.ca_file == tmp_path / "other-ca.crt"
+    assert model_tls.server_name == "triton.internal"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("server: {auth: {enabled: true}}", "auth is enabled but no tokens or tokens_file"),
+        (
+            "server: {auth: {tokens: [{name: a, sha256: not-a-hash}]}}",
+            r"server\.auth\.tokens\[0\]\.sha256",
+        ),
+        (
+            "triton: {tls: {cert_file: client.crt}}",
+            "cert_file and key_file go together",
+        ),
+        ("server: {limits: {max_tensor_rank: 40}}", r"server\.limits\.max_tensor_rank"),
+    ],
+)
+def test_bad_security_settings_name_the_field(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(_write(tmp_path, text))
+
+
+def test_limits_and_auth_defaults() -> None:
+    server = load_settings(None).server
+    assert not server.auth.enabled
+    assert server.auth.open_health
+    assert not server.auth.open_reflection
+    assert server.limits.max_inflight_requests == 4096
+    assert server.limits.max_request_batch_size is None

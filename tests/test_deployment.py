@@ -220,3 +220,16 @@ def test_the_dockerfile_healthcheck_checks_liveness(server: ServerThread) -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_capture_spool_is_on_a_volume_of_its_own(tmp_path: Path) -> None:
+    settings = _configmap_settings(tmp_path)
+    assert settings.capture.enabled
+    assert settings.capture.store.kind == "s3"
+    mounts = {m["mountPath"]: m["name"] for m in _container("headrace")["volumeMounts"]}
+    volume = mounts[str(settings.capture.spool_dir)]  # the root filesystem is read-only
+    volumes = _find("Deployment", "headrace")["spec"]["template"]["spec"]["volumes"]
+    size_limit = next(v for v in volumes if v["name"] == volume)["emptyDir"]["sizeLimit"]
+    assert size_limit.endswith("Gi")
+    workers = settings.server.workers or 1
+    assert workers * settings.capture.spool_max_bytes < int(size_limit[:-2]) * 1024**3

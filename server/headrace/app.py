@@ -7,7 +7,9 @@ import logging
 import signal
 import socket
 from types import TracebackType
+from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from headrace.analysis.drift import Profile, ProfileError
@@ -16,15 +18,18 @@ from headrace.analysis.shadow import CaptureSink, ShadowMetrics, ShadowMirror, s
 from headrace.backends import Backend, LocalBackend
 from headrace.backends.triton import TritonBackend
 from headrace.batching import BatchPolicy, DynamicBatcher
+from headrace.capture.pipeline import CapturePipeline
 from headrace.config import (
     BatchingSettings,
     LocalModelSettings,
+    ModelCaptureSettings,
     ModelSettings,
     Settings,
     TritonModelSettings,
 )
-from headrace.errors import ConfigError
+from headrace.errors import ConfigError, StartupError
 from headrace.frontend import FrontendServer, InferenceServicer
+from headrace.frontend.auth import AuthInterceptor, TokenStore, open_methods
 from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
 from headrace.repository import ModelRepository
 from headrace.spec import ModelSpec
@@ -40,10 +45,12 @@ class Application:
     """One Headrace server: telemetry, backends, model repository and gRPC front end.
 
     Start-up: tracer provider -> metrics server -> backends (models loaded) -> repository ->
-    batchers -> front end bound and serving -> health SERVING once every model is ready.
+    capture (spool recovered, capture stage started) -> batchers -> front end bound and
+    serving -> health SERVING once every model is ready.
     Shutdown, in reverse: health NOT_SERVING -> stop accepting -> in-flight requests (queued
-    ones included) finish within the grace period -> batchers stop -> backends stop ->
-    metrics server stops -> tracing flushes what is queued and shuts down.
+    ones included) finish within the grace period -> batchers stop -> capture flushes what is
+    spooled (within capture.shutdown_timeout_s) -> backends stop -> metrics server stops ->
+    tracing flushes what is queued and shuts down.
 
     Usable as an async context manager: `async with Application(settings) as app: app.port`.
 
@@ -81,7 +88,13 @@ class Application:
         """Shadow mirrors of the models with `shadow` settings, once started."""
         self._drift_monitors: list[DriftMonitor] = []
         self.capture_sink: CaptureSink | None = None
-        """Where shadow calls' records go (the capture pipeline's tee); set before start()."""
+        """Where shadow calls' records go when capture is off (tests observe them here);
+        with capture on, the primary's capture tee takes them."""
+        self.capture: CapturePipeline | None = None
+        """The capture pipeline, from start-up until shutdown; None when capture is off."""
+        self.tokens: TokenStore | None = None
+        """The known bearer tokens once started; None when `server.auth` is off."""
+        self.servicer: InferenceServicer | None = None
 
     async def start(self) -> int:
         """Start everything; returns the bound gRPC port.
@@ -96,15 +109,18 @@ class Application:
                 self._started.append(backend)
             self.repository = ModelRepository(self._backends)
             self._attach_telemetry(self.repository)
+            self._start_capture(self.repository)
             self._start_batchers(self.repository)
             await self._start_analysis(self.repository)
-            servicer = InferenceServicer(
+            servicer = self.servicer = InferenceServicer(
                 self.repository,
                 self.settings.server.stream_max_inflight_requests,
                 self.metrics.unresolved if self.metrics is not None else None,
                 self.shared_memory,
+                limits=self.settings.server.limits,
             )
-            interceptors = []
+            # Tracing first: its span is current when auth names the caller on it.
+            interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
             if self.tracing is not None:
                 interceptors.append(
                     TracingInterceptor(
@@ -113,6 +129,10 @@ class Application:
                         traced_methods(self.settings.tracing.trace_health),
                     )
                 )
+            auth = self.settings.server.auth
+            if auth.enabled:
+                self.tokens = TokenStore(auth)
+                interceptors.append(AuthInterceptor(self.tokens, open_methods(auth)))
             self._frontend = FrontendServer(
                 self.settings.server,
                 servicer,
@@ -160,19 +180,32 @@ class Application:
                 _logger.warning("models %s", "ready: serving" if ready else "not ready")
                 await frontend.set_serving(ready)
 
-    def _batching_settings(self, spec: ModelSpec) -> BatchingSettings:
-        # A Triton model entry without a version serves whichever version Triton reports.
-        for model in self.settings.models:
-            if model.name == spec.name and model.version in (spec.version, None):
-                return model.batching
-        return BatchingSettings()
-
     def _model_settings(self, spec: ModelSpec) -> ModelSettings | None:
         # A Triton model entry without a version serves whichever version Triton reports.
         for model in self.settings.models:
             if model.name == spec.name and model.version in (spec.version, None):
                 return model
         return None
+
+    def _batching_settings(self, spec: ModelSpec) -> BatchingSettings:
+        model = self._model_settings(spec)
+        return model.batching if model is not None else BatchingSettings()
+
+    def _start_capture(self, repository: ModelRepository) -> None:
+        if not self.settings.capture.enabled:
+            return
+        self.capture = CapturePipeline(
+            self.settings.capture, self.metrics.capture if self.metrics is not None else None
+        )
+        try:
+            self.capture.start()
+        except OSError as exc:
+            raise StartupError(f"capture: cannot use the spool: {exc}") from exc
+        for served in repository.models():
+            model = self._model_settings(served.spec)
+            served.capture = self.capture.for_model(
+                served.spec, model.capture if model is not None else ModelCaptureSettings()
+            )
 
     async def _start_analysis(self, repository: ModelRepository) -> None:
         """Shadow mirrors and drift monitors of the models that configure them."""
@@ -206,7 +239,9 @@ class Application:
                     model,
                     version,
                     shadow_metrics,
-                    self.capture_sink,
+                    served.capture.record_shadow
+                    if served.capture is not None
+                    else self.capture_sink,
                 )
                 await mirror.start()
                 self.shadows.append(mirror)
@@ -278,6 +313,11 @@ class Application:
             await self._batchers.pop().stop()
         if self.shared_memory is not None:
             self.shared_memory.close()  # no request is left to read or write a region
+        if self.capture is not None:
+            capture, self.capture = self.capture, None
+            await capture.drain()
+            # Blocks for at most capture.shutdown_timeout_s, after the last request.
+            capture.stop()
         while self._started:
             await self._started.pop().stop()
         if self._metrics_server is not None:
@@ -292,6 +332,12 @@ class Application:
         """Re-read the TLS certificate files (SIGHUP); open connections are kept."""
         if self._frontend is not None and self._frontend.tls is not None:
             self._frontend.tls.reload()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS certificate files and the tokens file."""
+        self.reload_tls()
+        if self.tokens is not None:
+            self.tokens.reload()
 
     async def __aenter__(self) -> Application:
         await self.start()
@@ -328,7 +374,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, application.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, application.reload)
     if supervisor is not None:
         # The supervisor never writes: readable means end of file.
         loop.add_reader(supervisor.fileno(), stop_requested.set)

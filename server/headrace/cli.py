@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         "--log-file", type=Path, help="keep Triton's log here (default: a temporary file)"
     )
     _captures_parser(commands)
+    _token_parser(commands)
 
     from headrace.analysis.commands import add_commands
 
@@ -130,6 +131,50 @@ def _timestamp(text: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def _token_parser(commands: Any) -> None:
+    token = commands.add_parser("token", help="bearer tokens for server.auth")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser(
+        "create",
+        help="make a token: prints it once, and the entry (its SHA-256 and scopes) for "
+        "server.auth.tokens or the tokens file",
+    )
+    create.add_argument("name", help="who holds the token (recorded in spans and captures)")
+    create.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        metavar="MODEL",
+        help="models the token may use: names or globs (quote them: 'sales_*')",
+    )
+    create.add_argument(
+        "--admin", action="store_true", help="may call RepositoryIndex and ModelStatistics"
+    )
+
+
+def _token(arguments: argparse.Namespace) -> int:
+    from headrace.config import AuthTokenSettings
+    from headrace.frontend.auth import hash_token, new_token
+
+    secret = new_token()
+    try:
+        entry = AuthTokenSettings(
+            name=arguments.name,
+            sha256=hash_token(secret),
+            models=tuple(arguments.models),
+            admin=arguments.admin,
+        )
+    except ValueError as exc:
+        print(f"headrace token: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    entry_yaml = yaml.safe_dump([entry.model_dump(mode="json")], sort_keys=False)
+    print(f"# token for {entry.name}, shown only now (Headrace keeps its SHA-256 only):")
+    print(secret)
+    print("# add to server.auth.tokens or to the tokens file:")
+    print(entry_yaml, end="")
+    return 0
+
+
 def _settings(arguments: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if arguments.host is not None:
@@ -148,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     if arguments.command == "triton":
         return _triton(arguments)
+    if arguments.command == "token":
+        return _token(arguments)
     if arguments.command == "captures":
         from headrace.capture.commands import run_captures_command
 

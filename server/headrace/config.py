@@ -35,7 +35,12 @@ ENV_CONFIG_PATH = "HEADRACE_CONFIG"
 """Names the config file for `headrace serve` without --config; not a settings override."""
 ENV_WORKER_ID = "HEADRACE_WORKER_ID"
 """Set by the supervisor of `headrace serve --workers N` in each worker process (0 to N-1);
-not a settings override."""
+not a settings override. It also completes
+the capture writer id."""
+ENV_CAPTURE_HASH_SALT = "HEADRACE_CAPTURE_HASH_SALT"
+"""Salt of the SHA-256 hashes capture writes for hashed fields (kept out of config files).
+Not a settings override."""
+_NOT_OVERRIDES = frozenset({ENV_CONFIG_PATH, ENV_WORKER_ID, ENV_CAPTURE_HASH_SALT})
 DEFAULT_PORT = 8800
 """Headrace's default gRPC port: clear of Triton's 8000 (HTTP), 8001 (gRPC) and 8002 (metrics)."""
 
@@ -173,6 +178,66 @@ class DriftSettings(_Frozen):
     counted (`headrace_drift_dropped_total`)."""
 
 
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+"""Metadata a capture config may not select: tokens must never land in the store."""
+
+
+class ModelCaptureSettings(_Frozen):
+    """What capture keeps of one model's calls (when `capture.enabled`)."""
+
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of calls captured, decided per call before it runs (1: every call)."""
+    headers: tuple[str, ...] = ()
+    """Client metadata headers (lowercase names) kept with each record."""
+    drop: tuple[str, ...] = ()
+    """Tensors left out of the records: `inputs.NAME` or `outputs.NAME`."""
+    hash: tuple[str, ...] = ()
+    """Values replaced by their salted SHA-256 (hex) before they are stored:
+    `headers.NAME`, `parameters.NAME`, or `inputs.NAME` of a BYTES input (each element).
+    The salt comes from the HEADRACE_CAPTURE_HASH_SALT environment variable."""
+    max_record_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """A call whose request plus response exceed this is recorded without tensors
+    (`truncated`), its metadata kept."""
+    on_spool_full: Literal["drop", "refuse"] = "drop"
+    """When the spool reaches `capture.spool_max_bytes`: `drop` serves the call and drops
+    its record (counted in headrace_capture_records_total{outcome="dropped"}); `refuse`
+    answers UNAVAILABLE before the call runs, for models that must never serve an
+    uncaptured prediction."""
+
+    @field_validator("headers")
+    @classmethod
+    def _lowercase_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        headers = tuple(header.lower() for header in value)
+        secret = sorted(set(headers) & CREDENTIAL_HEADERS)
+        if secret:
+            raise ValueError(
+                f"header '{secret[0]}' carries credentials and is never captured "
+                "(the caller's name is, as the record's identity)"
+            )
+        return headers
+
+    @field_validator("drop")
+    @classmethod
+    def _tensor_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            kind, _, name = item.partition(".")
+            if kind not in ("inputs", "outputs") or not name:
+                raise ValueError(f"'{item}' is not inputs.NAME or outputs.NAME")
+        return value
+
+    @field_validator("hash")
+    @classmethod
+    def _hashable_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            kind, _, name = item.partition(".")
+            if kind not in ("headers", "parameters", "inputs") or not name:
+                raise ValueError(f"'{item}' is not headers.NAME, parameters.NAME or inputs.NAME")
+        return tuple(
+            f"headers.{item[len('headers.') :].lower()}" if item.startswith("headers.") else item
+            for item in value
+        )
+
+
 class LocalModelSettings(_Frozen):
     """A model run in-process by the local backend: a Python callable over numpy arrays."""
 
@@ -205,6 +270,9 @@ class LocalModelSettings(_Frozen):
     drift: DriftSettings | None = None
     """Live drift against a reference profile; None: no drift monitoring."""
 
+    capture: ModelCaptureSettings = ModelCaptureSettings()
+    """What capture keeps of this model's calls."""
+
     @model_validator(mode="after")
     def _unique_tensor_names(self) -> LocalModelSettings:
         for kind, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
@@ -232,6 +300,27 @@ class SharedMemorySettings(_Frozen):
     such outputs come back as bytes. Outputs of fixed dims get exactly their size."""
 
 
+class TritonTlsSettings(_Frozen):
+    """TLS (and mutual TLS) on the channels to Triton. The files are read when a channel is
+    first made (start-up)."""
+
+    ca_file: Path | None = None
+    """PEM CA bundle that signed Triton's certificate; None: the system's trusted roots."""
+    cert_file: Path | None = None
+    """PEM client certificate chain Headrace presents (mutual TLS; with `key_file`)."""
+    key_file: Path | None = None
+    """PEM private key of `cert_file`."""
+    server_name: str | None = None
+    """The name Triton's certificate is checked against (and sent as SNI), when it differs
+    from the endpoint's host (an IP address, a Kubernetes service name)."""
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TritonTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+        return self
+
+
 class TritonModelSettings(_Frozen):
     """A model served by Triton Inference Server(s); its signature and batching hints are
     read from Triton (ModelMetadata, ModelConfig) at start-up."""
@@ -254,6 +343,11 @@ class TritonModelSettings(_Frozen):
     """Mirror a sample of this model's traffic to a candidate; None: no shadow traffic."""
     drift: DriftSettings | None = None
     """Live drift against a reference profile; None: no drift monitoring."""
+
+    tls: TritonTlsSettings | None = None
+    """TLS to this model's endpoints, instead of `triton.tls`."""
+    capture: ModelCaptureSettings = ModelCaptureSettings()
+    """What capture keeps of this model's calls."""
 
     @field_validator("endpoints")
     @classmethod
@@ -304,6 +398,8 @@ class TritonSettings(_Frozen):
     check passes."""
     dns_refresh_s: float = Field(default=10.0, gt=0)
     """How often `dns:///` endpoints are re-resolved."""
+    tls: TritonTlsSettings | None = None
+    """TLS to every Triton endpoint (a model's own `tls` wins); None: plaintext."""
 
 
 class TlsSettings(_Frozen):
@@ -316,6 +412,86 @@ class TlsSettings(_Frozen):
     """PEM private key of that certificate."""
     client_ca_file: Path | None = None
     """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+
+
+class LimitsSettings(_Frozen):
+    """What one client may ask of the front end. Each refusal names its limit and key."""
+
+    max_request_elements: int = Field(default=64 * 1024 * 1024, ge=1)
+    """Tensor elements in one inference request, all inputs together (a shape's product);
+    beyond it the request gets INVALID_ARGUMENT before anything is decoded."""
+    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    """Bytes of tensor data in one inference request (shape x datatype size; BYTES: their
+    serialized size), all inputs together; beyond it INVALID_ARGUMENT."""
+    max_tensor_rank: int = Field(default=16, ge=1, le=32)
+    """Dimensions of one tensor; more get INVALID_ARGUMENT."""
+    max_request_batch_size: int | None = Field(default=None, ge=1)
+    """Items (first dimension) in one request to a batching model, whatever the model's own
+    max_batch_size; None leaves it to each model. Beyond: INVALID_ARGUMENT."""
+    max_inflight_requests: int | None = Field(default=4096, ge=1)
+    """Inference requests in progress at once, across all models, calls and streams (queued
+    in a batcher or running); beyond it requests get RESOURCE_EXHAUSTED at once with a
+    `grpc-retry-pushback-ms` hint. None: no limit beyond the batchers' queues."""
+    max_concurrent_streams: int | None = Field(default=None, ge=1)
+    """Calls open at once on one client connection (HTTP/2 streams,
+    `grpc.max_concurrent_streams`); more wait in the client until one ends, except calls a
+    client opens before it has read the server's limit (right after connecting), which are
+    refused (UNAVAILABLE, RST_STREAM REFUSED_STREAM). None: grpc's default, no limit, since
+    clients firing hundreds of calls on a fresh connection are common."""
+    keepalive_time_s: float = Field(default=60.0, gt=0)
+    """The server pings an idle connection this often to find dead clients."""
+    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    """A connection whose ping goes unanswered this long is closed."""
+    min_client_ping_interval_s: float = Field(default=10.0, ge=0)
+    """Clients may ping no more often than this (`grpc.http2.min_ping_interval_without_data_ms`);
+    a client pinging faster `max_ping_strikes` times is sent GOAWAY (ENHANCE_YOUR_CALM)."""
+    max_ping_strikes: int = Field(default=2, ge=0)
+    """Too-frequent pings tolerated before the connection is closed (0: no limit)."""
+    permit_keepalive_without_calls: bool = True
+    """Whether clients may ping a connection with no call open (tritonclient does)."""
+
+
+class AuthTokenSettings(_Frozen):
+    """One bearer token: its name, its SHA-256 (never the token itself) and its scopes.
+    `headrace token create` makes a token and prints this entry."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    """Who holds the token; spans, logs and captures record this name, never the token."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Lowercase hex SHA-256 of the token."""
+    models: tuple[str, ...] = ()
+    """Models the token may use (names or shell-style globs: `sales_*`, `*`): ModelInfer,
+    ModelStreamInfer, ModelMetadata, ModelReady, ModelConfig."""
+    admin: bool = False
+    """Whether the token may call the admin methods (RepositoryIndex, ModelStatistics)."""
+
+
+class AuthSettings(_Frozen):
+    """Bearer-token authentication (`authorization: Bearer <token>` metadata) and per-token
+    scopes. Off by default."""
+
+    enabled: bool = False
+    """Require a valid token on every call but the open ones below."""
+    tokens: tuple[AuthTokenSettings, ...] = ()
+    """Tokens (hashed) given in the config itself."""
+    tokens_file: Path | None = None
+    """A YAML file holding a list of token entries (as `tokens`), read at start-up and again
+    on SIGHUP; its entries add to `tokens`."""
+    open_health: bool = True
+    """Let grpc.health.v1 Health, ServerLive and ServerReady through without a token
+    (Kubernetes probes carry none)."""
+    open_reflection: bool = False
+    """Let server reflection through without a token."""
+
+    @model_validator(mode="after")
+    def _tokens_when_enabled(self) -> AuthSettings:
+        if self.enabled and not self.tokens and self.tokens_file is None:
+            raise ValueError("auth is enabled but no tokens or tokens_file are given")
+        names = [token.name for token in self.tokens]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"tokens {duplicates} are declared more than once")
+        return self
 
 
 class ServerSettings(_Frozen):
@@ -344,6 +520,10 @@ class ServerSettings(_Frozen):
     spreads new connections over them) under one supervisor that restarts a worker that dies.
     None: one per core this process may use (CPU affinity and cgroup CPU quota). 1: a single
     process, no supervisor. `headrace serve --workers N` overrides it."""
+    limits: LimitsSettings = LimitsSettings()
+    """Request, connection and keepalive limits."""
+    auth: AuthSettings = AuthSettings()
+    """Bearer tokens and their scopes."""
 
 
 class LoggingSettings(_Frozen):
@@ -498,6 +678,42 @@ CaptureStoreSettings = Annotated[
 """Where capture files go; `kind` (default `local`) selects the store."""
 
 
+class CaptureSettings(_Frozen):
+    """Capture of every inference call (ModelInfer, ModelStreamInfer) to Parquet files in an
+    object store, through a local spool: a call's record is in the spool before its answer
+    leaves; a background stage turns sealed spool segments into files and deletes them once
+    stored. Per-model rules live in each model's `capture` section."""
+
+    enabled: bool = False
+    """Capture calls. Off (the default without a `capture` section) costs nothing."""
+    spool_dir: Path = Path("headrace-captures/spool")
+    """The spool's folder; each writer (process) uses a subfolder named by its writer id."""
+    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    """Disk cap of one writer's spool; beyond it each model's `on_spool_full` applies."""
+    segment_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """A spool segment is sealed (ready for upload) once it holds this many bytes..."""
+    segment_max_age_s: float = Field(default=5.0, gt=0)
+    """...or once it is this old: the most a record waits before its upload starts."""
+    fsync_interval_ms: int | None = Field(default=None, ge=0)
+    """None: records are written to the OS before the answer leaves (safe against a crash
+    of the process, not of the machine). 0: also fsynced before the answer leaves (safe
+    against a machine crash; one fsync per group commit). N: fsynced every N ms in the
+    background (a machine crash loses at most the last N ms)."""
+    writer_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]*$")
+    """Names this process's files (`{writer_id}-{worker}-...`); default: the host name.
+    The worker number comes from HEADRACE_WORKER_ID (default 0)."""
+    store: CaptureStoreSettings = LocalStoreSettings(path=Path("headrace-captures"))
+    """Where the Parquet files go: `kind: local` (a folder) or `kind: s3`."""
+    max_file_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    """A spool segment's records are split into Parquet files of about this size."""
+    upload_retry_max_s: float = Field(default=30.0, gt=0)
+    """Longest wait between upload retries while the store fails (backoff doubles from
+    0.5 s up to this)."""
+    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    """At shutdown, how long uploading what is spooled may take; what is left stays in the
+    spool for the next start."""
+
+
 class Settings(_Frozen):
     """Everything Headrace is configured with."""
 
@@ -507,6 +723,7 @@ class Settings(_Frozen):
     metrics: MetricsSettings = MetricsSettings()
     local_backend: LocalBackendSettings = LocalBackendSettings()
     triton: TritonSettings = TritonSettings()
+    capture: CaptureSettings = CaptureSettings()
     models: tuple[ModelSettings, ...] = ()
     """Models to serve; a name may appear once per version. `backend` (default `local`)
     selects the settings type."""
@@ -527,7 +744,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
     """Map dotted settings paths to (variable name, value) for HEADRACE_* variables."""
     overrides: dict[str, tuple[str, Any]] = {}
     for variable, text in environ.items():
-        if not variable.startswith(ENV_PREFIX) or variable in (ENV_CONFIG_PATH, ENV_WORKER_ID):
+        if not variable.startswith(ENV_PREFIX) or variable in _NOT_OVERRIDES:
             continue
         path = variable[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR)
         overrides[".".join(path)] = (variable, yaml.safe_load(text) if text else text)
@@ -569,6 +786,28 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text
 
 
+_PATH_KEYS = ("cert_file", "key_file", "client_ca_file", "ca_file", "tokens_file")
+
+
+def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
+    """File paths in the TLS and auth sections are relative to the config file."""
+    server = tree.get("server")
+    triton = tree.get("triton")
+    sections: list[Any] = []
+    if isinstance(server, dict):
+        sections += [server.get("tls"), server.get("auth")]
+    if isinstance(triton, dict):
+        sections.append(triton.get("tls"))
+    sections += [model.get("tls") for model in tree.get("models") or [] if isinstance(model, dict)]
+    for section in sections:
+        if not isinstance(section, dict):
+            continue
+        for key in _PATH_KEYS:
+            value = section.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                section[key] = str(base_dir / value)
+
+
 def default_config_text() -> str:
     """The embedded default config (configs/default.yaml, shipped inside the package)."""
     return importlib.resources.files("headrace.configs").joinpath("default.yaml").read_text()
@@ -607,13 +846,8 @@ def load_settings(
         origins[dotted] = "command line"
 
     base_dir = path.resolve().parent if path is not None else None
-    server = tree.get("server")
-    tls = server.get("tls") if isinstance(server, dict) else None
-    if base_dir is not None and isinstance(tls, dict):
-        for key in ("cert_file", "key_file", "client_ca_file"):
-            value = tls.get(key)
-            if isinstance(value, str) and not Path(value).is_absolute():
-                tls[key] = str(base_dir / value)
+    if base_dir is not None:
+        _resolve_paths(tree, base_dir)
     for model in tree.get("models") or []:
         drift = model.get("drift") if isinstance(model, dict) else None
         profile_path = drift.get("profile_path") if isinstance(drift, dict) else None

@@ -31,6 +31,18 @@ class InvalidArgumentError(HeadraceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class UnauthenticatedError(HeadraceError):
+    """The call carries no bearer token, or one Headrace does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(HeadraceError):
+    """The caller's token does not cover this model or method."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ModelNotFoundError(HeadraceError):
     """No model (or no version of it) by that name is served."""
 

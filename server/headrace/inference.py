@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,10 +31,35 @@ class InferenceRequest:
 
 @dataclass(slots=True)
 class InferenceResponse:
-    """One model answer, before encoding. `model_version` is the version that answered."""
+    """One model answer, before encoding. `model_version` is the version that answered.
+
+    `endpoint` is set by the backend that answered; `batch_id` and `batch_size` by whoever
+    made the backend call (the batcher, or the served model without one): capture records
+    which backend call served each request.
+    """
 
     model_name: str
     model_version: str
     id: str
     outputs: dict[str, np.ndarray]
     parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    endpoint: str = ""
+    """The backend endpoint that answered ("local" for the in-process backend)."""
+    batch_id: str = ""
+    """Id of the backend call; shared by every request in a batch."""
+    batch_size: int = 0
+    """Items in that backend call."""
+
+
+class BatchIds:
+    """Ids of backend calls: a random prefix per instance and a counter, so ids are unique
+    across processes and restarts without costing a UUID per call."""
+
+    __slots__ = ("_next", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._next = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}-{next(self._next)}"

@@ -22,11 +22,12 @@ from headrace.errors import (
     ModelUnavailableError,
     StartupError,
 )
-from headrace.inference import InferenceRequest, InferenceResponse
+from headrace.inference import BatchIds, InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
 from headrace.statistics import ModelStatistics
 
 if TYPE_CHECKING:
+    from headrace.capture.tee import ModelCapture
     from headrace.telemetry.tracing import ModelTracing
 
 
@@ -62,6 +63,9 @@ class ServedModel:
     """Told of every request to this model version the servicer answers."""
     answers: tuple[AnswerObserver, ...] = ()
     """Handed every successfully answered request and its response."""
+    capture: ModelCapture | None = None
+    """Captures this model's calls (None: capture is off)."""
+    _batch_ids: BatchIds = field(default_factory=BatchIds)
 
     @property
     def ready(self) -> bool:
@@ -100,6 +104,8 @@ class ServedModel:
         with self.tracing.backend_call() if self.tracing is not None else nullcontext():
             response = await self.backend.infer(self.spec, request, timeout_s)
         infer_ns = perf_counter_ns() - started
+        response.batch_id = self._batch_ids.new()
+        response.batch_size = size
         for observer in observers:
             observer.record_execution(
                 batch_size=size, requests=1, input_ns=0, infer_ns=infer_ns, output_ns=0

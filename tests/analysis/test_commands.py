@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from headrace.analysis.drift import Profile
-from headrace.capture.record import CaptureRecord
 from headrace.cli import main
 from headrace.config import Settings
 from headrace.examples.sales_forecast import WEIGHTS_PATH, synthetic_sales
 from tests.analysis.traffic import (
     BIAS_SHIFT,
     MODEL,
+    RecordSink,
     assert_valid_png,
     capture_calls,
     perturbed_weights,
@@ -57,8 +57,9 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
         sales_version("3", WEIGHTS_PATH),
     ]
     server = ServerThread(Settings.model_validate(tree))
-    shadows: list[CaptureRecord] = []
-    server.application.capture_sink = shadows.append
+    sink = RecordSink()
+    shadows = sink.records
+    server.application.capture_sink = sink
     with server:
         features, _ = synthetic_sales(ROWS, seed=51)
         primaries = capture_calls(server, features, ROWS_PER_CALL)

@@ -22,6 +22,7 @@ from headrace.examples.sales_forecast import synthetic_sales
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import response_from_proto
 from tests.analysis.traffic import (
+    RecordSink,
     assert_valid_png,
     features_request,
     infer,
@@ -73,7 +74,9 @@ def shadowed() -> Iterator[Recorded]:
     _with_shadow(tree, "scaled", "2", {"model": "failing", "timeout_s": 5})
     server = ServerThread(Settings.model_validate(tree))
     recorded = Recorded(server)
-    server.application.capture_sink = recorded.records.append
+    sink = RecordSink()
+    recorded.records = sink.records
+    server.application.capture_sink = sink
     with server:
         yield recorded
     GATED[CANDIDATE].gate.set()
@@ -192,8 +195,9 @@ def test_a_remote_candidate_is_called_over_grpc() -> None:
         tree = make_settings().model_dump(mode="json")
         _with_shadow(tree, "sales_forecast", "1", {"endpoint": candidate.address, "version": "1"})
         primary = ServerThread(Settings.model_validate(tree))
-        records: list[CaptureRecord] = []
-        primary.application.capture_sink = records.append
+        sink = RecordSink()
+        records = sink.records
+        primary.application.capture_sink = sink
         features, _ = synthetic_sales(4, seed=41)
         with primary:
             response = infer(primary, features_request(features, request_id="remote-1"))

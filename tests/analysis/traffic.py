@@ -148,3 +148,13 @@ def write_captures(folder: Path, records: list[CaptureRecord], segment: int = 0)
     return CaptureFileWriter(LocalStore(folder, fsync=False), "test").write_segment(
         segment, records
     )
+
+
+class RecordSink:
+    """Takes shadow records as the capture tee would (Application.capture_sink), keeping them."""
+
+    def __init__(self) -> None:
+        self.records: list[CaptureRecord] = []
+
+    async def __call__(self, record: CaptureRecord) -> None:
+        self.records.append(record)

@@ -28,6 +28,7 @@ from headrace.examples.sales_forecast import SalesForecast, synthetic_sales
 from headrace.launchers.triton import TritonServer, example_repository
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
+from tests.capture.conftest import spooled
 from tests.conftest import ServerThread
 
 TEST_MODELS = Path(__file__).with_name("triton_models")
@@ -309,3 +310,34 @@ def test_batching_twice_is_warned_about(
         config = client.get_model_config("gpu_sim_triton_batched")
     assert "Triton's dynamic batcher is on as well as Headrace's" in caplog.text
     assert config.config.WhichOneof("scheduling_choice") == "dynamic_batching"
+
+
+def test_captured_calls_name_their_batch_and_the_endpoint_that_answered(
+    tritons: list[TritonServer], tmp_path: Path
+) -> None:
+    both = [server.address for server in tritons]
+    settings = _settings([{"name": "gpu_sim", "backend": "triton", "endpoints": both}])
+    tree = settings.model_dump(mode="json")
+    tree["capture"] = {
+        "enabled": True,
+        "spool_dir": str(tmp_path / "spool"),
+        "store": {"kind": "local", "path": str(tmp_path / "store")},
+        "segment_max_age_s": 3600,  # records stay in the spool, where the test reads them
+    }
+    with ServerThread(Settings.model_validate(tree)) as gateway:
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            futures = [
+                stub.ModelInfer.future(_request("gpu_sim", np.full((1, 3), i, dtype="<f4")))
+                for i in range(100)
+            ]
+            for future in futures:
+                future.result(30)
+        records = spooled(gateway)
+    assert len(records) == 100
+    assert {record.endpoint for record in records} <= set(both)
+    by_batch = Counter(record.batch_id for record in records)
+    assert len(by_batch) < 100  # requests were batched
+    for record in records:
+        # Every request of a batch was captured: the batch's size is its records' count.
+        assert record.batch_size == by_batch[record.batch_id]

@@ -4,87 +4,17 @@ changes the certificate for new connections without dropping open ones."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import tritonclient.grpc as triton
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
+from tests.certificates import Authority, write_issued
 from tests.conftest import ServerThread, make_settings
-
-
-@dataclass(frozen=True)
-class Issued:
-    cert: bytes
-    key: bytes
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-class Authority:
-    """A throwaway CA issuing server and client certificates."""
-
-    def __init__(self, name: str) -> None:
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        self._name = _name(name)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(self._name)
-            .issuer_name(self._name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self._key, hashes.SHA256())
-        )
-
-    @property
-    def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, common_name: str, *, server: bool) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(self._name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        cert = builder.sign(self._key, hashes.SHA256())
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +22,9 @@ def authority() -> Authority:
     return Authority("headrace test CA")
 
 
-def _write(folder: Path, issued: Issued, prefix: str) -> tuple[Path, Path]:
-    cert, key = folder / f"{prefix}.crt", folder / f"{prefix}.key"
-    cert.write_bytes(issued.cert)
-    key.write_bytes(issued.key)
-    return cert, key
-
-
 @pytest.fixture
 def tls_server(tmp_path: Path, authority: Authority) -> Iterator[tuple[ServerThread, Path]]:
-    cert, key = _write(tmp_path, authority.issue("headrace", server=True), "server")
+    cert, key = write_issued(tmp_path, authority.issue("headrace", server=True), "server")
     ca = tmp_path / "clients-ca.crt"
     ca.write_bytes(authority.pem)
     settings = make_settings(
@@ -163,7 +86,7 @@ def test_server_from_an_untrusted_ca_is_refused(tls_server, authority: Authority
 
 def test_tritonclient_over_mutual_tls(tls_server, authority: Authority) -> None:
     server, folder = tls_server
-    cert, key = _write(folder, authority.issue("client", server=False), "client")
+    cert, key = write_issued(folder, authority.issue("client", server=False), "client")
     ca = folder / "server-ca.crt"
     ca.write_bytes(authority.pem)
     client = triton.InferenceServerClient(
@@ -186,7 +109,7 @@ def test_reload_serves_the_new_certificate_and_keeps_open_connections(
         open_stub = pb_grpc.GRPCInferenceServiceStub(open_channel)
         assert open_stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
         renewed_by = Authority("renewed server CA")
-        _write(folder, renewed_by.issue("headrace", server=True), "server")
+        write_issued(folder, renewed_by.issue("headrace", server=True), "server")
         server.application.reload_tls()
         # The open connection keeps its session.
         assert open_stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live

@@ -87,9 +87,25 @@ def test_output_without_protocol_datatype() -> None:
 
 
 def test_bytes_count_mismatch() -> None:
-    raw = encode_bytes_elements(np.array([b"a"], dtype=object))
+    raw = encode_bytes_elements(np.array([b"abcdefgh"], dtype=object))
     with pytest.raises(InvalidArgumentError, match="end after 1 of 2 elements"):
         decode_bytes_elements("X", raw, 2)
+
+
+def test_bytes_shape_beyond_the_contents_is_refused_before_allocating() -> None:
+    """Found by fuzzing: a shape of 2**40 BYTES elements with no contents made the decoder
+    allocate an object array for all of them."""
+    with pytest.raises(InvalidArgumentError, match="hold 0 bytes, too few for the 1099511627776"):
+        request_from_proto(_raw_request("BYTES", [1, 2**40], b""))
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES", "FP64"])
+def test_unrepresentable_zero_sized_shapes_are_invalid(datatype: str) -> None:
+    """Found by fuzzing: numpy refuses [0, 2**62] even with no elements."""
+    with pytest.raises(
+        InvalidArgumentError, match=r"input 'X' has shape \[1, 0, 4611686018427387904\]"
+    ):
+        request_from_proto(_raw_request(datatype, [1, 0, 2**62], b""))
 
 
 def test_zero_sized_tensors() -> None:

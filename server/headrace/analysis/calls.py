@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 
 from headrace.capture.reader import read_records
-from headrace.capture.record import CaptureRecord, ParameterValue
+from headrace.capture.record import (
+    SHADOW_OF_PARAMETER,
+    SHADOW_PARAMETER,
+    CaptureRecord,
+    ParameterValue,
+)
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import request_from_proto, response_from_proto
-
-SHADOW_PARAMETER = "headrace_shadow"
-"""Request parameter that marks a shadow call's capture record (value: True). The shadow
-record carries the primary call's request id, so the two pair up."""
-SHADOW_OF_PARAMETER = "headrace_shadow_of"
-"""Request parameter on a shadow record: the primary model version it mirrors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +47,17 @@ class CapturedCall:
         """Whether this is a shadow call's record (mirrored to a candidate)."""
         return bool(self.parameters.get(SHADOW_PARAMETER, False))
 
+
+__all__ = [
+    "SHADOW_OF_PARAMETER",
+    "SHADOW_PARAMETER",
+    "CallSource",
+    "CapturedCall",
+    "call_from_record",
+    "call_from_row",
+    "calls_from_records",
+    "captured_calls",
+]
 
 CallSource = Callable[[], Iterable[CapturedCall]]
 """A source of calls that can be read more than once (a fresh iterable per call)."""

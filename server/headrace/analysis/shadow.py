@@ -22,14 +22,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from headrace.analysis.calls import SHADOW_OF_PARAMETER, SHADOW_PARAMETER
-from headrace.capture.record import CaptureRecord
+from headrace.capture.record import SHADOW_OF_PARAMETER, SHADOW_PARAMETER, CaptureRecord
 from headrace.config import ShadowSettings
 from headrace.errors import ConfigError, HeadraceError, ModelNotFoundError
 from headrace.inference import InferenceRequest, InferenceResponse
@@ -42,8 +42,8 @@ from headrace.telemetry.metrics import LATENCY_BUCKETS_S
 
 _logger = logging.getLogger(__name__)
 
-CaptureSink = Callable[[CaptureRecord], None]
-"""Takes a finished record without blocking (the capture pipeline's tee)."""
+CaptureSink = Callable[[CaptureRecord], Awaitable[None]]
+"""Takes a finished shadow record (the capture tee's `ModelCapture.record_shadow`)."""
 
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
@@ -184,7 +184,8 @@ class ShadowMirror:
         if rate < 1.0 and self._random.random() >= rate:
             return
         try:
-            self._queue.put_nowait((request_id, request, time.time_ns()))
+            # Without an id (capture off, client sent none) the shadow record gets its own.
+            self._queue.put_nowait((request_id or uuid.uuid4().hex, request, time.time_ns()))
         except asyncio.QueueFull:
             self._dropped.inc()
 
@@ -240,7 +241,7 @@ class ShadowMirror:
         version = self._candidate_version
         if response:
             version = pb.ModelInferResponse.FromString(response).model_version or version
-        self.sink(
+        await self.sink(
             CaptureRecord(
                 request_id=request_id,
                 model=self._spec.name,
@@ -253,7 +254,11 @@ class ShadowMirror:
                 request=message.SerializeToString(),
                 response=response,
                 endpoint=self.candidate.description,
-                parameters={SHADOW_PARAMETER: True, SHADOW_OF_PARAMETER: self._spec.version},
+                parameters={
+                    **request.parameters,
+                    SHADOW_PARAMETER: True,
+                    SHADOW_OF_PARAMETER: self._spec.version,
+                },
             )
         )
 

@@ -162,4 +162,5 @@ class LocalBackend:
             model_version=spec.version,
             id=request.id,
             outputs=spec.conform_outputs(outputs, spec.batch_size(request)),
+            endpoint=BACKEND_NAME,
         )

@@ -32,8 +32,8 @@ from headrace.backends.shared_memory import (
     SharedMemoryPool,
     SystemSharedMemory,
 )
-from headrace.config import TritonModelSettings, TritonSettings
-from headrace.errors import StartupError, UpstreamError
+from headrace.config import TritonModelSettings, TritonSettings, TritonTlsSettings
+from headrace.errors import ConfigError, StartupError, UpstreamError
 from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -57,6 +57,8 @@ class _Model:
     remote_name: str
     pool: EndpointPool
     spec: ModelSpec | None = None
+    tls: TritonTlsSettings | None = None
+    """TLS to the endpoints (the model's own, else `triton.tls`); None: plaintext."""
     shared_memory: dict[str, SharedMemoryPool] = field(default_factory=dict)
     """Shared-memory regions by endpoint address, made on first use."""
 
@@ -74,6 +76,27 @@ def _tensors(
     return tuple(specs)
 
 
+def channel_credentials(tls: TritonTlsSettings) -> grpc.ChannelCredentials:
+    """Credentials for a TLS channel to Triton: the CA to trust, and the client certificate
+    for mutual TLS.
+
+    Raises:
+        ConfigError: a file cannot be read (the message names the key and the file).
+    """
+    contents: dict[str, bytes | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, key)
+        try:
+            contents[key] = path.read_bytes() if path is not None else None
+        except OSError as exc:
+            raise ConfigError(f"triton tls.{key}: cannot read {path}: {exc.strerror}") from exc
+    return grpc.ssl_channel_credentials(
+        root_certificates=contents["ca_file"],
+        private_key=contents["key_file"],
+        certificate_chain=contents["cert_file"],
+    )
+
+
 class TritonBackend:
     """Runs requests on Triton servers through per-model endpoint pools."""
 
@@ -87,10 +110,13 @@ class TritonBackend:
                 ejection_consecutive_failures=settings.ejection_consecutive_failures,
                 ejection_s=settings.ejection_s,
             )
-            self._models[model.name] = _Model(model, model.remote_name or model.name, pool)
+            self._models[model.name] = _Model(
+                model, model.remote_name or model.name, pool, tls=model.tls or settings.tls
+            )
         # AsyncStub exists only in the generated .pyi: the runtime stub is the same class.
         self._channels: dict[
-            str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceAsyncStub]
+            tuple[str, TritonTlsSettings | None],
+            tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceAsyncStub],
         ] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.shared_memory_prefix = f"headrace-{os.getpid()}-{secrets.token_hex(3)}-"
@@ -151,7 +177,7 @@ class TritonBackend:
         if shared is None:
             shared = model.shared_memory[address] = SharedMemoryPool(
                 self._shared_memory_allocator,
-                self._stub(address),
+                self._stub(address, model.tls),
                 address=address,
                 prefix=f"{self.shared_memory_prefix}{next(self._pool_numbers)}-",
                 capacity_bytes=model.settings.shared_memory.pool_bytes,
@@ -160,26 +186,32 @@ class TritonBackend:
 
     # -- calls -------------------------------------------------------------------------
 
-    def _stub(self, address: str) -> pb_grpc.GRPCInferenceServiceAsyncStub:
-        entry = self._channels.get(address)
+    def _stub(
+        self, address: str, tls: TritonTlsSettings | None
+    ) -> pb_grpc.GRPCInferenceServiceAsyncStub:
+        """The stub of the channel to `address` (one per address and TLS setting)."""
+        entry = self._channels.get((address, tls))
         if entry is None:
             settings = self._settings
-            channel = grpc.aio.insecure_channel(
-                address,
-                options=[
-                    ("grpc.max_receive_message_length", settings.max_message_bytes),
-                    ("grpc.max_send_message_length", settings.max_message_bytes),
-                    ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
-                    ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
-                    ("grpc.keepalive_permit_without_calls", 1),
-                    # A restarted Triton is found again within a health-check interval or two,
-                    # not after grpc's default backoff of up to two minutes.
-                    ("grpc.initial_reconnect_backoff_ms", 200),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
-                ],
-            )
+            options: list[tuple[str, str | int]] = [
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # A restarted Triton is found again within a health-check interval or two,
+                # not after grpc's default backoff of up to two minutes.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ]
+            if tls is None:
+                channel = grpc.aio.insecure_channel(address, options=options)
+            else:
+                if tls.server_name is not None:
+                    options.append(("grpc.ssl_target_name_override", tls.server_name))
+                channel = grpc.aio.secure_channel(address, channel_credentials(tls), options)
             stub: pb_grpc.GRPCInferenceServiceAsyncStub = pb_grpc.GRPCInferenceServiceStub(channel)
-            entry = self._channels[address] = (channel, stub)
+            entry = self._channels[(address, tls)] = (channel, stub)
         return entry[1]
 
     async def infer(
@@ -217,7 +249,7 @@ class TritonBackend:
                     if message is None:
                         message = request_to_proto(request, model.remote_name, spec.version)
                     sent = message
-                reply = await self._stub(endpoint.address).ModelInfer(
+                reply = await self._stub(endpoint.address, model.tls).ModelInfer(
                     sent, timeout=remaining, metadata=metadata
                 )
                 if layout is not None and region is not None:
@@ -251,6 +283,7 @@ class TritonBackend:
             response.model_name = spec.name
             response.model_version = spec.version
             response.id = request.id
+            response.endpoint = endpoint.address
             return response
 
     # -- discovery and health -----------------------------------------------------------
@@ -262,7 +295,7 @@ class TritonBackend:
         problems: dict[str, str] = {}
         while True:
             for endpoint in model.pool.endpoints:
-                stub = self._stub(endpoint.address)
+                stub = self._stub(endpoint.address, model.tls)
                 try:
                     metadata = await stub.ModelMetadata(
                         pb.ModelMetadataRequest(name=model.remote_name, version=version),
@@ -338,7 +371,7 @@ class TritonBackend:
     async def _probe(self, endpoint: Endpoint, model: _Model, spec: ModelSpec | None) -> bool:
         if asyncio.get_running_loop().time() < endpoint.ejected_until:
             return False
-        stub = self._stub(endpoint.address)
+        stub = self._stub(endpoint.address, model.tls)
         timeout = self._settings.health_check_timeout_s
         with contextlib.suppress(grpc.aio.AioRpcError):
             server = await stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout)

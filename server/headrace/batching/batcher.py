@@ -34,7 +34,7 @@ from headrace.errors import (
     ModelUnavailableError,
     ResourceExhaustedError,
 )
-from headrace.inference import InferenceRequest, InferenceResponse
+from headrace.inference import BatchIds, InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ class DynamicBatcher:
         self._wakeup: asyncio.Future[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
+        self._batch_ids = BatchIds()
         self._batch_seconds = 0.0
         """Moving average of a batch's time in the backend, for the retry hint."""
 
@@ -185,6 +186,23 @@ class DynamicBatcher:
         """Requests waiting now."""
         return self._queued
 
+    def check_room(self) -> None:
+        """Refuse at once when the queue is full: the servicer asks before decoding a request,
+        so under overload a refusal costs little (`submit` checks again).
+
+        Raises:
+            ResourceExhaustedError (RESOURCE_EXHAUSTED): the queue is full; trailing metadata
+                `grpc-retry-pushback-ms` says when to retry.
+        """
+        policy = self.policy
+        if self._queued >= policy.max_queue_size:
+            raise ResourceExhaustedError(
+                f"model '{self.spec.name}' version {self.spec.version} has "
+                f"{self._queued} requests queued (max_queue_size {policy.max_queue_size}); "
+                "retry later",
+                trailing_metadata={RETRY_PUSHBACK_METADATA: str(self._retry_hint_ms())},
+            )
+
     async def submit(
         self, request: InferenceRequest, size: int, deadline: float | None = None
     ) -> InferenceResponse:
@@ -211,13 +229,7 @@ class DynamicBatcher:
         timeout_s = queue_timeout_s(request)
         if timeout_s is not None and (deadline is None or now + timeout_s < deadline):
             deadline = now + timeout_s
-        if self._queued >= policy.max_queue_size:
-            raise ResourceExhaustedError(
-                f"model '{self.spec.name}' version {self.spec.version} has "
-                f"{self._queued} requests queued (max_queue_size {policy.max_queue_size}); "
-                "retry later",
-                trailing_metadata={RETRY_PUSHBACK_METADATA: str(self._retry_hint_ms())},
-            )
+        self.check_room()
         if deadline is not None and deadline <= now:
             raise DeadlineExceededError(self._expired(request))
         trace_context = self._tracing.current() if self._tracing is not None else None
@@ -450,13 +462,17 @@ class DynamicBatcher:
             inferred = perf_counter_ns()
             parts = split(response, requests, sizes)
             finished = perf_counter_ns()
+            batch_id = self._batch_ids.new()
+            batch_size = sum(sizes)
             for entry, part in zip(live, parts, strict=True):
+                part.batch_id = batch_id
+                part.batch_size = batch_size
                 if not entry.future.done():
                     entry.future.set_result(part)
             self._batch_seconds += 0.2 * ((inferred - merged) / 1e9 - self._batch_seconds)
             for observer in self._observers:
                 observer.record_execution(
-                    batch_size=sum(sizes),
+                    batch_size=batch_size,
                     requests=len(live),
                     input_ns=merged - started,
                     infer_ns=inferred - merged,

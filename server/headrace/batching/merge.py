@@ -83,6 +83,7 @@ def split(
                 id=request.id,
                 outputs={name: array[start:end] for name, array in response.outputs.items()},
                 parameters=dict(response.parameters),
+                endpoint=response.endpoint,
             )
         )
         start = end

@@ -23,6 +23,14 @@ _HEADER = struct.Struct("<BIII")
 ParameterValue = bool | int | float | str
 
 
+SHADOW_PARAMETER = "headrace_shadow"
+"""Request parameter that marks a shadow call's record (value True): the same request mirrored
+to a candidate model after the primary answered. It carries the primary's request id."""
+SHADOW_OF_PARAMETER = "headrace_shadow_of"
+"""Request parameter of a shadow call's record: the primary model version it mirrors (whose
+capture rules the record follows)."""
+
+
 class RecordFormatError(ValueError):
     """Bytes that are not an encoded CaptureRecord (a torn or foreign spool entry)."""
 

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from headrace.config import ServerSettings
 from headrace.errors import StartupError
 from headrace.frontend.servicer import InferenceServicer
-from headrace.frontend.status import tolerant_deserializer
+from headrace.frontend.status import serialized, tolerant_deserializer, wire_deserializer
 from headrace.frontend.tls import ServerTls
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.descriptor_pool import POOL
@@ -47,12 +47,44 @@ def _method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHan
             make = grpc.unary_unary_rpc_method_handler
         else:  # the protocol has neither mix; a new one needs its own handler kind
             raise NotImplementedError(f"{method.name}: unsupported streaming kind")
-        handlers[method.name] = make(
-            behaviour,
-            request_deserializer=tolerant_deserializer(request_type),
-            response_serializer=response_type.SerializeToString,
-        )
+        if request_type is pb.ModelInferRequest:
+            # Inference handlers get the wire bytes too (capture), and may answer with bytes.
+            handlers[method.name] = make(
+                behaviour,
+                request_deserializer=wire_deserializer(request_type),
+                response_serializer=serialized,
+            )
+        else:
+            handlers[method.name] = make(
+                behaviour,
+                request_deserializer=tolerant_deserializer(request_type),
+                response_serializer=response_type.SerializeToString,
+            )
     return handlers
+
+
+def server_options(settings: ServerSettings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """grpc core's options for `settings`: message sizes, streams per connection, keepalive
+    (both the server's pings and what it tolerates from clients), port sharing."""
+    limits = settings.limits
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", round(limits.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(limits.keepalive_timeout_s * 1000)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            round(limits.min_client_ping_interval_s * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", int(limits.permit_keepalive_without_calls)),
+        # Never share a port silently with another process (grpc enables it by default); only
+        # the workers of one supervisor share theirs, on purpose.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ]
+    if limits.max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
+    return options
 
 
 class FrontendServer:
@@ -70,14 +102,7 @@ class FrontendServer:
         `headrace serve --workers N`; the kernel spreads connections over them)."""
         self._settings = settings
         self._server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Never share a port silently with another process (grpc enables it by
-                # default); only the workers of one supervisor share theirs, on purpose.
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ],
+            interceptors=interceptors, options=server_options(settings, reuse_port=reuse_port)
         )
         handlers = _method_handlers(servicer)
         self._server.add_generic_rpc_handlers(

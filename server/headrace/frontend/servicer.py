@@ -8,24 +8,45 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from time import perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 
 from headrace import __version__
-from headrace.errors import HeadraceError, ModelNotFoundError, NotEnabledError
+from headrace.config import LimitsSettings
+from headrace.errors import (
+    HeadraceError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    NotEnabledError,
+)
+from headrace.frontend.auth import authorize_model, current_identity
+from headrace.frontend.limits import InflightLimit, RequestLimits
 from headrace.frontend.shared_memory import SystemSharedMemoryRegistry
-from headrace.frontend.status import MalformedMessage, StatusBoundary, require_message
+from headrace.frontend.status import (
+    MalformedMessage,
+    StatusBoundary,
+    WireMessage,
+    require_message,
+)
+from headrace.inference import InferenceRequest, InferenceResponse
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import (
     output_placements,
     request_from_proto,
+    request_to_proto,
     response_to_proto,
+    stream_response_bytes,
 )
 from headrace.protocol.model_info import config_to_proto, metadata_to_proto, statistics_to_proto
 from headrace.repository import ModelRepository, RequestObserver, ServedModel
+
+if TYPE_CHECKING:
+    from headrace.capture.tee import ModelCapture
 
 SERVER_NAME = "headrace"
 EXTENSIONS = ("model_configuration", "statistics")
@@ -45,10 +66,13 @@ class InferenceServicer:
         stream_max_inflight_requests: int,
         unresolved_requests: RequestObserver | None = None,
         shared_memory: SystemSharedMemoryRegistry | None = None,
+        *,
+        limits: LimitsSettings | None = None,
     ) -> None:
         """`unresolved_requests` is told of inference requests that cannot be read or name
         no served model; each served model's own `requests` observer of the others.
-        `shared_memory`: the regions clients register (None: the extension is off)."""
+        `shared_memory`: the regions clients register (None: the extension is off).
+        `limits`: `server.limits` (default: its defaults)."""
         self._repository = repository
         self._stream_max_inflight = stream_max_inflight_requests
         self._unresolved_requests = unresolved_requests
@@ -56,17 +80,39 @@ class InferenceServicer:
         self._extensions = (
             (*EXTENSIONS, "system_shared_memory") if shared_memory is not None else EXTENSIONS
         )
+        limits = limits or LimitsSettings()
+        self._limits = RequestLimits(limits)
+        self.inflight = InflightLimit(limits.max_inflight_requests)
+        """Inference requests in progress, and the cap on them."""
 
     async def _infer(
-        self, message: pb.ModelInferRequest | MalformedMessage, context: Context
-    ) -> pb.ModelInferResponse:
+        self, request: WireMessage[pb.ModelInferRequest] | MalformedMessage, context: Context
+    ) -> pb.ModelInferResponse | bytes:
+        """The answer: a message, or its serialized bytes when it was captured (serialized
+        once, for the record and the wire)."""
         started = perf_counter_ns()
+        received_ns = time.time_ns()
         served: ServedModel | None = None
         code = grpc.StatusCode.INTERNAL  # what StatusBoundary answers an unexpected error with
         try:
-            message = require_message(message)
-            served = self._repository.resolve(message.model_name, message.model_version)
-            reply = await self._infer_served(served, message, context, started)
+            with self.inflight.admit():
+                wire = require_message(request)
+                message = wire.message
+                authorize_model(message.model_name)
+                self._limits.check_message(message)
+                served = self._repository.resolve(message.model_name, message.model_version)
+                capture = served.capture
+                reply: pb.ModelInferResponse | bytes
+                if capture is None or not capture.admit():
+                    answered = await self._infer_served(
+                        served, message, context, started, message.id
+                    )
+                    reply = answered.reply
+                else:
+                    reply = await self._infer_captured(
+                        served, capture, wire, context, started, received_ns
+                    )
+                self.inflight.record_duration((perf_counter_ns() - started) / 1e9)
         except HeadraceError as exc:
             code = exc.code
             raise
@@ -81,16 +127,89 @@ class InferenceServicer:
             if observer is not None:
                 observer.record_request(code, perf_counter_ns() - started)
 
+    async def _infer_captured(
+        self,
+        served: ServedModel,
+        capture: ModelCapture,
+        wire: WireMessage[pb.ModelInferRequest],
+        context: Context,
+        started: int,
+        received_ns: int,
+    ) -> bytes:
+        """Run the call and spool its record (answer or error) before the answer leaves.
+
+        Raises:
+            ModelUnavailableError (UNAVAILABLE): the record could not be spooled and the
+                model's policy refuses to serve uncaptured calls.
+        """
+        message = wire.message
+        # One id for the record and whatever else observes the call (a shadow call's record
+        # carries it too), generated here when the client sent none.
+        request_id = message.id or uuid.uuid4().hex
+        try:
+            done = await self._infer_served(served, message, context, started, request_id)
+        except HeadraceError as exc:
+            await capture.record(
+                wire=wire.data,
+                message=message,
+                metadata=context.invocation_metadata(),
+                identity=current_identity(),
+                received_ns=received_ns,
+                started_ns=started,
+                code=exc.code.value[0],
+                status_message=exc.message,
+                response=None,
+                reply=b"",
+                request_id=request_id,
+            )
+            raise
+        data = done.reply.SerializeToString()
+        request_bytes, response_bytes = wire.data, data
+        if self._shared_memory is not None and _uses_shared_memory(message):
+            # Tensors in the client's shared memory are not in the wire bytes: the record
+            # gets them as raw contents, as if they had been sent that way.
+            request_bytes = _captured_request(message, done.request)
+            response_bytes = response_to_proto(
+                done.response, done.request.requested_outputs
+            ).SerializeToString()
+        spooled = await capture.record(
+            wire=request_bytes,
+            message=message,
+            metadata=context.invocation_metadata(),
+            identity=current_identity(),
+            received_ns=received_ns,
+            started_ns=started,
+            code=grpc.StatusCode.OK.value[0],
+            status_message="",
+            response=done.response,
+            reply=response_bytes,
+            request_id=request_id,
+        )
+        if not spooled:
+            raise ModelUnavailableError(
+                f"capture spool cannot take the record of model '{served.spec.name}'; "
+                "it serves no uncaptured call; retry later"
+            )
+        return data
+
     async def _infer_served(
-        self, served: ServedModel, message: pb.ModelInferRequest, context: Context, started: int
-    ) -> pb.ModelInferResponse:
+        self,
+        served: ServedModel,
+        message: pb.ModelInferRequest,
+        context: Context,
+        started: int,
+        request_id: str,
+    ) -> _Answered:
         statistics = served.statistics
         shared = self._shared_memory
         try:
+            if served.batcher is not None:
+                served.batcher.check_room()  # before decoding: refusals stay cheap
             request = request_from_proto(message, shared)
             placements = output_placements(message, shared) if message.outputs else None
             spec = served.spec
             spec.validate_request(request)
+            self._limits.check_batch_size(spec.name, spec.batch_size(request))
             decoded = perf_counter_ns()
             remaining = context.time_remaining()
             deadline = (
@@ -102,45 +221,46 @@ class InferenceServicer:
         except HeadraceError:
             statistics.record_failure(perf_counter_ns() - started)
             raise
-        # TODO(capture): pass the request id capture assigns when the client sent none, so
-        # shadow records pair with the primary's.
         for observer in served.answers:
-            observer.observe_answer(request, response, request.id)
+            observer.observe_answer(request, response, request_id)
         finished = perf_counter_ns()
         statistics.record_success(
             total_ns=finished - started, input_ns=decoded - started, output_ns=finished - answered
         )
-        return reply
+        return _Answered(reply, request, response)
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest | MalformedMessage, context: Context
-    ) -> pb.ModelInferResponse:
+        self, request: WireMessage[pb.ModelInferRequest] | MalformedMessage, context: Context
+    ) -> pb.ModelInferResponse | bytes:
         async with StatusBoundary(context, "ModelInfer"):
             return await self._infer(request, context)
 
     async def ModelStreamInfer(
         self,
-        requests: AsyncIterable[pb.ModelInferRequest | MalformedMessage],
+        requests: AsyncIterable[WireMessage[pb.ModelInferRequest] | MalformedMessage],
         context: Context,
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
         """Answers each request as soon as it is done, so requests on one stream run (and
         batch) concurrently; an error answers its request with `error_message` and the stream
         goes on. At most `stream_max_inflight_requests` run at once; beyond that the stream
         stops reading."""
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | bytes | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_inflight)
         running: set[asyncio.Task[None]] = set()
 
-        async def answer(message: pb.ModelInferRequest) -> None:
+        async def answer(wire: WireMessage[pb.ModelInferRequest]) -> None:
+            reply: pb.ModelStreamInferResponse | bytes
             try:
-                reply = pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(message, context)
-                )
+                answered = await self._infer(wire, context)
+                if isinstance(answered, bytes):
+                    reply = stream_response_bytes(answered)
+                else:
+                    reply = pb.ModelStreamInferResponse(infer_response=answered)
             except HeadraceError as exc:
-                reply = _stream_error(message, exc.message)
+                reply = _stream_error(wire.message, exc.message)
             except Exception:
                 _logger.exception("unexpected error in ModelStreamInfer")
-                reply = _stream_error(message, "internal error; see the server log")
+                reply = _stream_error(wire.message, "internal error; see the server log")
             finally:
                 slots.release()
             answers.put_nowait(reply)
@@ -197,6 +317,7 @@ class InferenceServicer:
         """An unknown model is not ready (false, not NOT_FOUND): probes want a boolean."""
         async with StatusBoundary(context, "ModelReady"):
             message = require_message(request)
+            authorize_model(message.name)
             try:
                 served = self._repository.resolve(message.name, message.version)
             except ModelNotFoundError:
@@ -217,6 +338,7 @@ class InferenceServicer:
     ) -> pb.ModelMetadataResponse:
         async with StatusBoundary(context, "ModelMetadata"):
             message = require_message(request)
+            authorize_model(message.name)
             served = self._repository.resolve(message.name, message.version)
             return metadata_to_proto(served.spec, self._repository.versions(message.name))
 
@@ -225,6 +347,7 @@ class InferenceServicer:
     ) -> pb.ModelConfigResponse:
         async with StatusBoundary(context, "ModelConfig"):
             message = require_message(request)
+            authorize_model(message.name)
             served = self._repository.resolve(message.name, message.version)
             policy = served.batcher.policy if served.batcher is not None else None
             return pb.ModelConfigResponse(config=config_to_proto(served.spec, policy))
@@ -311,3 +434,32 @@ def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInf
             model_name=message.model_name, model_version=message.model_version, id=message.id
         ),
     )
+
+
+class _Answered(NamedTuple):
+    reply: pb.ModelInferResponse
+    request: InferenceRequest
+    response: InferenceResponse
+
+
+_SHARED_MEMORY_REGION = "shared_memory_region"
+
+
+def _uses_shared_memory(message: pb.ModelInferRequest) -> bool:
+    inputs = any(_SHARED_MEMORY_REGION in tensor.parameters for tensor in message.inputs)
+    return inputs or any(_SHARED_MEMORY_REGION in tensor.parameters for tensor in message.outputs)
+
+
+def _captured_request(message: pb.ModelInferRequest, request: InferenceRequest) -> bytes:
+    """The request as captured when its inputs came through shared memory: every input in
+    raw contents, the message's own id, parameters and requested outputs kept."""
+    captured = request_to_proto(request, message.model_name, message.model_version)
+    captured.id = message.id
+    captured.parameters.clear()
+    for key, value in message.parameters.items():
+        captured.parameters[key].CopyFrom(value)
+    captured.outputs.extend(
+        pb.ModelInferRequest.InferRequestedOutputTensor(name=output.name)
+        for output in message.outputs
+    )
+    return captured.SerializeToString()

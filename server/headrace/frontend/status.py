@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -17,6 +17,7 @@ from headrace.errors import HeadraceError, InvalidArgumentError
 _logger = logging.getLogger(__name__)
 
 MessageT = TypeVar("MessageT", bound=Message)
+RequestT = TypeVar("RequestT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,15 @@ class MalformedMessage:
         return InvalidArgumentError(
             f"request is not a valid {self.type_name} message: {self.reason}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class WireMessage(Generic[MessageT]):
+    """A decoded request together with the bytes it came from (capture stores them as
+    received, without serializing the message again)."""
+
+    message: MessageT
+    data: bytes
 
 
 def tolerant_deserializer(
@@ -51,7 +61,30 @@ def tolerant_deserializer(
     return deserialize
 
 
-def require_message(request: MessageT | MalformedMessage) -> MessageT:
+def wire_deserializer(
+    message_type: type[MessageT],
+) -> Callable[[bytes], WireMessage[MessageT] | MalformedMessage]:
+    """`tolerant_deserializer` that also keeps the wire bytes (a reference, no copy)."""
+    type_name = message_type.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> WireMessage[MessageT] | MalformedMessage:
+        try:
+            return WireMessage(message_type.FromString(data), data)
+        except DecodeError as exc:
+            return MalformedMessage(type_name, str(exc) or "cannot decode")
+
+    return deserialize
+
+
+def serialized(message: Message | bytes) -> bytes:
+    """A response serializer that passes bytes through: a handler that already serialized its
+    answer (for capture) returns the bytes, and they are sent as they are."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
+
+
+def require_message(request: RequestT | MalformedMessage) -> RequestT:
     """The decoded request.
 
     Raises:

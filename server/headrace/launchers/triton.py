@@ -268,9 +268,15 @@ class TritonServer:
         stop_timeout_s: float = 10.0,
         environ: Mapping[str, str] | None = None,
         extra_arguments: Sequence[str] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
     ) -> None:
-        """`extra_arguments` go to tritonserver as they are (e.g. `--trace-config ...`)."""
+        """`extra_arguments` go to tritonserver as they are (e.g. `--trace-config ...`).
+        `credentials` (and `server_name`, the name its certificate holds when that is not
+        `host`) are for the readiness check when they turn on TLS (`--grpc-use-ssl`)."""
         self._extra_arguments = tuple(extra_arguments)
+        self._credentials = credentials
+        self._server_name = server_name
         self.model_repository = Path(model_repository).resolve()
         self.host = host
         self.grpc_port = grpc_port
@@ -386,8 +392,15 @@ class TritonServer:
 
     def _wait_until_ready(self, deadline: float) -> None:
         # Loopback: a proxy from the environment (http_proxy, grpc_proxy) must not apply.
-        options = [("grpc.enable_http_proxy", 0)]
-        with grpc.insecure_channel(self.address, options=options) as channel:
+        options: list[tuple[str, str | int]] = [("grpc.enable_http_proxy", 0)]
+        if self._server_name is not None:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+        channel = (
+            grpc.secure_channel(self.address, self._credentials, options=options)
+            if self._credentials is not None
+            else grpc.insecure_channel(self.address, options=options)
+        )
+        with channel:
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             while True:
                 self._check_running()

@@ -42,6 +42,17 @@ def _element_count(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+def _reshaped(array: np.ndarray, name: str, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    """`array` in `shape`; numpy refuses shapes it cannot represent (more than its maximum
+    dimensions, or a size overflowing even with a zero among the dimensions)."""
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise InvalidArgumentError(
+            f"{kind} '{name}' has shape {list(shape)}, which cannot be represented: {exc}"
+        ) from exc
+
+
 def decode_bytes_elements(name: str, raw: bytes, count: int) -> np.ndarray:
     """Split raw BYTES contents (each element a 4-byte little-endian length, then the bytes)
     into a flat object array of `count` bytes elements.
@@ -50,10 +61,17 @@ def decode_bytes_elements(name: str, raw: bytes, count: int) -> np.ndarray:
         InvalidArgumentError (INVALID_ARGUMENT): the lengths do not add up to `count` elements
             exactly filling `raw`.
     """
+    end = len(raw)
+    if count * _LENGTH_PREFIX_BYTES > end:
+        # Checked before anything is allocated: a 20-byte request must not make the server
+        # allocate an object array for the billions of elements its shape claims.
+        raise InvalidArgumentError(
+            f"raw contents of BYTES input '{name}' hold {end} bytes, too few for the "
+            f"{count} elements its shape declares ({_LENGTH_PREFIX_BYTES} bytes each at least)"
+        )
     elements = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0
-    end = len(raw)
     for index in range(count):
         if offset + _LENGTH_PREFIX_BYTES > end:
             raise InvalidArgumentError(
@@ -104,14 +122,14 @@ def _decode_raw(
 ) -> np.ndarray:
     count = _element_count(shape)
     if datatype.name == "BYTES":
-        return decode_bytes_elements(name, raw, count).reshape(shape)
+        return _reshaped(decode_bytes_elements(name, raw, count), name, shape, kind)
     expected = count * datatype.itemsize
     if len(raw) != expected:
         raise InvalidArgumentError(
             f"raw contents of {kind} '{name}' hold {len(raw)} bytes; shape "
             f"{list(shape)} of {datatype.name} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=datatype.dtype).reshape(shape)
+    return _reshaped(np.frombuffer(raw, dtype=datatype.dtype), name, shape, kind)
 
 
 def _decode_typed(
@@ -138,7 +156,7 @@ def _decode_typed(
     if datatype.name == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = list(values)
-        return array.reshape(shape)
+        return _reshaped(array, name, shape, "input")
     if datatype.dtype.kind in "iu" and datatype.dtype.itemsize < 8:
         # int_contents / uint_contents are 32-bit on the wire; narrower types must fit.
         wide = np.array(values, dtype=np.int64)
@@ -148,8 +166,8 @@ def _decode_typed(
                 f"contents.{field} of input '{name}' hold values outside the range of "
                 f"{datatype.name} [{info.min}, {info.max}]"
             )
-        return wide.astype(datatype.dtype).reshape(shape)
-    return np.array(values, dtype=datatype.dtype).reshape(shape)
+        return _reshaped(wide.astype(datatype.dtype), name, shape, "input")
+    return _reshaped(np.array(values, dtype=datatype.dtype), name, shape, "input")
 
 
 _CONTENT_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
@@ -414,3 +432,19 @@ def _decode_outputs(message: pb.ModelInferResponse) -> dict[str, np.ndarray]:
         else:
             outputs[tensor.name] = _decode_typed(tensor.name, datatype, shape, tensor.contents)
     return outputs
+
+
+_STREAM_INFER_RESPONSE_TAG = b"\x12"
+"""ModelStreamInferResponse.infer_response: field 2, length-delimited."""
+
+
+def stream_response_bytes(infer_response: bytes) -> bytes:
+    """A serialized ModelStreamInferResponse holding `infer_response` (a serialized
+    ModelInferResponse), built without parsing or serializing the inner message again."""
+    length = len(infer_response)
+    prefix = bytearray(_STREAM_INFER_RESPONSE_TAG)
+    while length >= 0x80:
+        prefix.append((length & 0x7F) | 0x80)
+        length >>= 7
+    prefix.append(length)
+    return bytes(prefix) + infer_response

@@ -141,6 +141,7 @@ class Metrics:
             ENDPOINT_LABELS,
             registry=registry,
         )
+        self.capture = CaptureMetrics(registry)
         ProcessCollector(registry=registry)
         self.unresolved = RequestMetrics(self, UNRESOLVED, UNRESOLVED)
         """Requests that cannot be read or name no served model."""
@@ -203,6 +204,53 @@ class ModelMetrics(RequestMetrics):
 
     def set_queue_depth(self, depth: int) -> None:
         self._queue_depth.set(depth)
+
+
+CAPTURE_OUTCOMES = ("queued", "spooled", "written", "dropped", "refused", "sampled_out")
+"""What became of a call's capture record: `queued` for the spool, `spooled` (in the spool
+before its answer left), `written` (stored in the object store), `dropped` (spool full or
+unwritable), `refused` (the call was refused because the spool is full), `sampled_out`."""
+
+
+class CaptureMetrics:
+    """The capture pipeline's instruments (README, "Capture")."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records = Counter(
+            "headrace_capture_records",
+            "Capture records by model and outcome: queued, spooled, written, dropped, "
+            "refused, sampled_out.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "headrace_capture_bytes",
+            "Bytes of capture records written to the spool.",
+            ["model"],
+            registry=registry,
+        )
+        self.spool_bytes = Gauge(
+            "headrace_capture_spool_bytes",
+            "Bytes in the capture spool now, not yet stored (summed over the host's workers).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.upload_lag = Gauge(
+            "headrace_capture_upload_lag_seconds",
+            "Age of the oldest capture record not yet stored, 0 when none is pending (the "
+            "largest over the host's workers).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.upload_errors = Counter(
+            "headrace_capture_upload_errors",
+            "Failed attempts to store a spool segment (each retried later).",
+            registry=registry,
+        )
+
+    def outcomes(self, model: str) -> dict[str, Counter]:
+        """The label children of one model's record counts, made now (at zero)."""
+        return {outcome: self.records.labels(model, outcome) for outcome in CAPTURE_OUTCOMES}
 
 
 class EndpointMetrics:

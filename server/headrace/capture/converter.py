@@ -1,0 +1,171 @@
+"""The capture stage's worker process: turns sealed spool segments into Parquet files in the
+object store.
+
+Decoding records, applying the models' rules, building Arrow tables and encoding Parquet is
+CPU work; done on a thread of the serving process it would hold the GIL against the event loop
+(a convoy that shows in p99 latency). A process of its own, spawned at start-up and stopped at
+shutdown, shares nothing with serving but the spool files: it is sent a segment's path and
+answers with the records it stored per model, or the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import time
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from headrace.capture.record import SHADOW_OF_PARAMETER, CaptureRecord, RecordFormatError
+from headrace.capture.rules import CaptureRules
+from headrace.capture.spool import Segment, read_entries
+from headrace.config import CaptureSettings, ModelCaptureSettings
+
+POLL_S = 0.05
+"""How often a wait for the worker looks whether it died or the wait should end."""
+STOP_TIMEOUT_S = 5.0
+
+RulesSettings = Mapping[tuple[str, str], ModelCaptureSettings]
+"""Each served model version's capture settings; records of others get the defaults."""
+
+_logger = logging.getLogger(__name__)
+
+
+class ConverterError(RuntimeError):
+    """A segment could not be stored (the store failed, the worker died or took too long)."""
+
+
+class SegmentConverter:
+    """Owns the worker process; `store` is called from the capture stage's thread only."""
+
+    def __init__(self, settings: CaptureSettings, writer_id: str, salt: bytes) -> None:
+        self._settings = settings
+        self._writer_id = writer_id
+        self._salt = salt
+        self._context = multiprocessing.get_context("spawn")
+        self._process: BaseProcess | None = None
+        self._connection: Connection | None = None
+
+    def _start(self) -> Connection:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=_serve,
+            args=(child, self._settings, self._writer_id, self._salt),
+            name="headrace-capture-convert",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        self._process, self._connection = process, parent
+        return parent
+
+    def store(
+        self, segment: Segment, rules: RulesSettings, deadline: float | None = None
+    ) -> dict[str, int]:
+        """Store one segment's records; returns records stored per model. Blocks until the
+        worker answers (the GIL is free meanwhile) or `deadline` (monotonic) passes.
+
+        Raises:
+            ConverterError: the store failed, the worker died, or the deadline passed (the
+                worker is then stopped; the next call starts a new one).
+        """
+        connection = self._connection if self._connection is not None else self._start()
+        connection.send((str(segment.path), segment.seq, dict(rules)))
+        while not connection.poll(POLL_S):
+            process = self._process
+            if process is None or not process.is_alive():
+                self._discard()
+                raise ConverterError("the capture worker process died")
+            if deadline is not None and time.monotonic() >= deadline:
+                self._discard()
+                raise ConverterError("the capture worker did not finish in time")
+        try:
+            outcome, value = connection.recv()
+        except (EOFError, OSError) as exc:
+            self._discard()
+            raise ConverterError("the capture worker process died") from exc
+        if outcome != "ok":
+            raise ConverterError(str(value))
+        counts: dict[str, int] = value
+        return counts
+
+    def _discard(self) -> None:
+        process, self._process = self._process, None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+        if process is not None:
+            process.terminate()
+            process.join(STOP_TIMEOUT_S)
+
+    def stop(self) -> None:
+        """Ask the worker to exit (after its current segment), then make sure it has."""
+        process, connection = self._process, self._connection
+        if process is None or connection is None:
+            return
+        with contextlib.suppress(OSError):
+            connection.send(None)
+        process.join(STOP_TIMEOUT_S)
+        self._discard()
+
+
+def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, salt: bytes) -> None:
+    """The worker's main: build the writer, then store segments until told to stop."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from headrace.capture.store import make_store
+    from headrace.capture.writer import CaptureFileWriter
+
+    writer: Any = None
+    while True:
+        try:
+            job = connection.recv()
+        except (EOFError, OSError):
+            return  # the serving process is gone
+        if job is None:
+            return
+        path, seq, rules = job
+        try:
+            if writer is None:
+                writer = CaptureFileWriter(
+                    make_store(settings.store), writer_id, settings.max_file_bytes
+                )
+            counts = _store_segment(writer, Path(path), seq, rules, salt)
+        except Exception as exc:
+            connection.send(("error", f"{type(exc).__name__}: {exc}"))
+        else:
+            connection.send(("ok", counts))
+
+
+def _store_segment(
+    writer: Any, path: Path, seq: int, rules: RulesSettings, salt: bytes
+) -> dict[str, int]:
+    compiled: dict[tuple[str, str], CaptureRules] = {}
+    default = CaptureRules(ModelCaptureSettings(), salt)
+    records: list[CaptureRecord] = []
+    for entry in read_entries(path):
+        try:
+            record = CaptureRecord.decode(entry)
+            # A shadow call's record holds the primary's request: the primary's rules apply.
+            shadow_of = record.parameters.get(SHADOW_OF_PARAMETER)
+            version = str(shadow_of) if shadow_of is not None else record.version
+            key = (record.model, version)
+            if key not in compiled:
+                settings = rules.get(key)
+                compiled[key] = CaptureRules(settings, salt) if settings else default
+            records.append(compiled[key].apply(record))
+        except (RecordFormatError, DecodeError, ValueError) as exc:
+            _logger.warning("capture: skipped an unreadable record in %s: %s", path, exc)
+    if records:
+        writer.write_segment(seq, records)
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.model] = counts.get(record.model, 0) + 1
+    return counts

@@ -1,0 +1,270 @@
+"""Capture on the request path: the per-model decision (sample, refuse when the spool is full),
+the record built from references the servicer already holds, and the group commit that puts
+the records of one event-loop turn into the spool with one write before their answers leave.
+
+Cost on the event loop: a small record is one `encode()` (a join of the wire bytes) and a
+share of one `os.write`; a group holding large records (or any group when every write must
+be fsynced) is encoded and written on the spool's own thread, so a 4 MiB tensor never stalls
+the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
+
+from opentelemetry import trace
+
+from headrace.capture.record import CaptureRecord
+from headrace.capture.spool import Spool
+from headrace.config import ModelCaptureSettings
+from headrace.errors import ModelUnavailableError
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol.converters import parameters_from_proto
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from headrace.inference import InferenceResponse
+    from headrace.spec import ModelSpec
+    from headrace.telemetry.metrics import CaptureMetrics
+
+LARGE_GROUP_BYTES = 256 * 1024
+"""A group commit holding more bytes than this is encoded and written off the event loop."""
+
+_logger = logging.getLogger(__name__)
+
+
+class _Outcomes:
+    """One model's record counters (no-ops without metrics)."""
+
+    __slots__ = ("bytes", "counters")
+
+    def __init__(self, metrics: CaptureMetrics | None, model: str) -> None:
+        self.counters: dict[str, Counter] = metrics.outcomes(model) if metrics else {}
+        self.bytes: Counter | None = metrics.bytes.labels(model) if metrics else None
+
+    def count(self, outcome: str, amount: int = 1) -> None:
+        counter = self.counters.get(outcome)
+        if counter is not None:
+            counter.inc(amount)
+
+
+class SpoolCommitter:
+    """Group commit: records submitted during one event-loop turn are written to the spool
+    together, and each submitter learns when (and whether) its record is in."""
+
+    def __init__(self, spool: Spool, executor: ThreadPoolExecutor) -> None:
+        self._spool = spool
+        self._executor = executor
+        self._pending: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]] = []
+        self._pending_bytes = 0
+        self._scheduled = False
+        self._threaded_writes = 0
+        self._writes: set[asyncio.Future[list[bytes]]] = set()
+
+    def submit(self, record: CaptureRecord, outcomes: _Outcomes) -> asyncio.Future[bool]:
+        """Queue `record` for the next group write; the future says whether it was written
+        (False: the write failed and the record is dropped, counted and logged)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((record, future, outcomes))
+        self._pending_bytes += len(record.request) + len(record.response)
+        outcomes.count("queued")
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        group, self._pending = self._pending, []
+        size, self._pending_bytes = self._pending_bytes, 0
+        if not group:
+            return
+        if size > LARGE_GROUP_BYTES or self._spool.fsync_each_append or self._threaded_writes:
+            # While a threaded write runs, later groups follow it on the same thread rather
+            # than wait for the spool's lock on the loop.
+            self._threaded_writes += 1
+            loop = asyncio.get_running_loop()
+            write = loop.run_in_executor(self._executor, self._write, group)
+            self._writes.add(write)
+            write.add_done_callback(lambda done: self._written(done, group))
+            return
+        try:
+            entries = self._write(group)
+        except OSError as exc:
+            self._failed(group, exc)
+            return
+        self._succeeded(group, entries)
+
+    def _write(
+        self, group: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]]
+    ) -> list[bytes]:
+        entries = [record.encode() for record, _, _ in group]
+        self._spool.append(entries)
+        return entries
+
+    def _written(
+        self,
+        write: asyncio.Future[list[bytes]],
+        group: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]],
+    ) -> None:
+        self._threaded_writes -= 1
+        self._writes.discard(write)
+        if write.cancelled():
+            self._failed(group, OSError("spool write cancelled at shutdown"))
+        elif (error := write.exception()) is not None:
+            self._failed(group, error)
+        else:
+            self._succeeded(group, write.result())
+
+    @staticmethod
+    def _succeeded(
+        group: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]], entries: list[bytes]
+    ) -> None:
+        for (_, future, outcomes), entry in zip(group, entries, strict=True):
+            outcomes.count("spooled")
+            if outcomes.bytes is not None:
+                outcomes.bytes.inc(len(entry))
+            if not future.done():
+                future.set_result(True)
+
+    @staticmethod
+    def _failed(
+        group: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]], error: BaseException
+    ) -> None:
+        _logger.error("capture spool write failed; %d records dropped: %s", len(group), error)
+        for _, future, outcomes in group:
+            outcomes.count("dropped")
+            if not future.done():
+                future.set_result(False)
+
+    async def drain(self) -> None:
+        """Wait until every submitted record is written (or has failed)."""
+        while self._pending or self._writes or self._scheduled:
+            if self._writes:
+                await asyncio.gather(*self._writes, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
+
+
+class ModelCapture:
+    """Capture of one served model version's calls, on the request path."""
+
+    __slots__ = (
+        "_committer",
+        "_headers",
+        "_outcomes",
+        "_random",
+        "_spool",
+        "settings",
+        "spec",
+    )
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        settings: ModelCaptureSettings,
+        spool: Spool,
+        committer: SpoolCommitter,
+        metrics: CaptureMetrics | None,
+    ) -> None:
+        self.spec = spec
+        self.settings = settings
+        self._spool = spool
+        self._committer = committer
+        self._headers = frozenset(settings.headers)
+        self._outcomes = _Outcomes(metrics, spec.name)
+        self._random = random.Random()
+
+    def admit(self) -> bool:
+        """Decide before the call runs whether it is captured.
+
+        Raises:
+            ModelUnavailableError (UNAVAILABLE): the spool is full and the model's policy is
+                `refuse`.
+        """
+        rate = self.settings.sample_rate
+        if rate < 1.0 and self._random.random() >= rate:
+            self._outcomes.count("sampled_out")
+            return False
+        if self._spool.full and self.settings.on_spool_full == "refuse":
+            self._outcomes.count("refused")
+            raise ModelUnavailableError(
+                f"capture spool is full ({self._spool.size_bytes} of {self._spool.max_bytes} "
+                f"bytes); model '{self.spec.name}' serves no uncaptured call; retry later"
+            )
+        return True
+
+    async def record(
+        self,
+        *,
+        wire: bytes,
+        message: pb.ModelInferRequest,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        identity: str,
+        received_ns: int,
+        started_ns: int,
+        code: int,
+        status_message: str,
+        response: InferenceResponse | None,
+        reply: bytes,
+        request_id: str = "",
+    ) -> bool:
+        """Spool the record of an admitted call and wait until it is in the spool. Returns
+        False when the answer must not leave: the record could not be spooled and the
+        model's policy is `refuse`."""
+        refuse = self.settings.on_spool_full == "refuse"
+        if not refuse and self._spool.full:
+            self._outcomes.count("dropped")
+            return True
+        span = trace.get_current_span().get_span_context()
+        headers: dict[str, str] = {}
+        if self._headers and metadata is not None:
+            for key, value in metadata:
+                if key in self._headers:
+                    headers[key] = value if isinstance(value, str) else value.hex()
+        truncated = len(wire) + len(reply) > self.settings.max_record_bytes
+        record = CaptureRecord(
+            request_id=request_id or message.id or uuid.uuid4().hex,
+            model=self.spec.name,
+            version=self.spec.version,
+            received_ns=received_ns,
+            responded_ns=time.time_ns(),
+            latency_ns=perf_counter_ns() - started_ns,
+            status_code=code,
+            status_message=status_message,
+            request=b"" if truncated else wire,
+            response=b"" if truncated else reply,
+            trace_id=format(span.trace_id, "032x") if span.is_valid else "",
+            span_id=format(span.span_id, "016x") if span.is_valid else "",
+            batch_id=response.batch_id if response is not None else "",
+            batch_size=response.batch_size if response is not None else 0,
+            endpoint=response.endpoint if response is not None else "",
+            identity=identity,
+            headers=headers,
+            parameters=parameters_from_proto(message.parameters) if message.parameters else {},
+            truncated=truncated,
+        )
+        written = await self._committer.submit(record, self._outcomes)
+        return written or not refuse
+
+    async def record_shadow(self, record: CaptureRecord) -> None:
+        """Spool a shadow call's record (built by the shadow mirror, off the request path);
+        dropped and counted when the spool is full, whatever the policy: no answer waits on
+        it. Over the size cap, its tensors are left out like any record's."""
+        if self._spool.full:
+            self._outcomes.count("dropped")
+            return
+        if len(record.request) + len(record.response) > self.settings.max_record_bytes:
+            record = dataclasses.replace(record, request=b"", response=b"", truncated=True)
+        await self._committer.submit(record, self._outcomes)
