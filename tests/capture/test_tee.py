@@ -273,3 +273,44 @@ def test_the_callers_name_is_captured_never_its_token(tmp_path: Path) -> None:
         (record,) = spooled(server)
     assert record.identity == "forecaster"
     assert token not in record.encode().decode(errors="replace")
+
+
+def _shadow_record(request_id: str, size: int) -> CaptureRecord:
+    return CaptureRecord(
+        request_id=request_id,
+        model="echo_fp32",
+        version="2",
+        received_ns=1,
+        responded_ns=2,
+        latency_ns=1,
+        status_code=0,
+        status_message="",
+        request=b"q" * size,
+        response=b"r" * size,
+        parameters={"headrace_shadow": True, "headrace_shadow_of": "1"},
+    )
+
+
+def test_shadow_records_are_spooled_capped_and_dropped_never_refused(tmp_path: Path) -> None:
+    with capturing_server(
+        tmp_path,
+        spool_max_bytes=4096,
+        models={"echo_fp32": {"on_spool_full": "refuse", "max_record_bytes": 1024}},
+        **NO_SEALING,
+    ) as server:
+        assert server.application.repository is not None
+        capture = server.application.repository.resolve("echo_fp32").capture
+        assert capture is not None
+        server.run(capture.record_shadow(_shadow_record("small", 100)))
+        server.run(capture.record_shadow(_shadow_record("large", 600)))
+        small, large = spooled(server)
+        assert (small.request_id, small.truncated, len(small.request)) == ("small", False, 100)
+        assert (large.request_id, large.truncated, large.request) == ("large", True, b"")
+        with stub(server) as client:
+            fill(client, "identity", 40)  # the spool's cap is passed
+        server.run(capture.record_shadow(_shadow_record("late", 100)))  # no error: dropped
+        assert "late" not in {record.request_id for record in spooled(server)}
+        assert (
+            metric(server, "headrace_capture_records_total", model="echo_fp32", outcome="dropped")
+            == 1
+        )
