@@ -44,6 +44,8 @@ class DriftMetrics:
             "reference profile (< 0.1 stable, > 0.25 major shift).",
             labels,
             registry=registry,
+            # Each worker of `serve --workers` keeps its own window: one series per live worker.
+            multiprocess_mode="liveall",
         )
         self.ks = Gauge(
             "headrace_drift_ks",
@@ -51,12 +53,16 @@ class DriftMetrics:
             "from the reference sample (0 to 1).",
             labels,
             registry=registry,
+            # Each worker of `serve --workers` keeps its own window: one series per live worker.
+            multiprocess_mode="liveall",
         )
         self.window_rows = Gauge(
             "headrace_drift_window_rows",
             "Rows in the drift window (the smallest of the model's tensors).",
             ("model", "version"),
             registry=registry,
+            # Each worker of `serve --workers` keeps its own window: one series per live worker.
+            multiprocess_mode="liveall",
         )
         self.rows = Counter(
             "headrace_drift_rows",
