@@ -45,6 +45,9 @@ def error_histogram(output: OutputComparison, path: Path) -> None:
         axes.hist(errors, bins=50, color="#4472c4")
     else:
         axes.hist(errors, bins=1, color="#4472c4")
+    # Errors that are all about one value (a shifted output) read better as plain numbers
+    # than as matplotlib's "1e-5+5" offset notation.
+    axes.ticklabel_format(axis="x", useOffset=False)
     axes.set_title(f"{output.name}: candidate - captured")
     axes.set_xlabel("error")
     axes.set_ylabel("elements (sample)")
