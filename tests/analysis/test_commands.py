@@ -29,6 +29,7 @@ from tests.analysis.traffic import (
     sales_version,
     write_captures,
 )
+from tests.certificates import Authority, write_issued
 from tests.conftest import ServerThread, make_settings
 
 ROWS = 400
@@ -224,3 +225,24 @@ def test_drift_profile_from_a_parquet_file(tmp_path: Path) -> None:
     assert profile.rows == 1000
     assert profile.features["input:FEATURES[5]"].mean == pytest.approx(features[:, 5].mean())
     assert profile.features["output:FORECAST"].mean == pytest.approx(np.mean(units), rel=1e-6)
+
+
+def test_backtest_over_mutual_tls(captured: Captured, tmp_path: Path) -> None:
+    authority = Authority("backtest test CA")
+    cert, key = write_issued(tmp_path, authority.issue("headrace", server=True), "server")
+    client_cert, client_key = write_issued(
+        tmp_path, authority.issue("backtest", server=False), "client"
+    )
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(authority.pem)
+    settings = make_settings(
+        **{"server.tls": {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(ca)}}
+    )
+    tls = ["--tls", "--tls-ca", str(ca)]
+    with ServerThread(settings) as candidate:
+        common = ["--version", "1", "--candidate", candidate.address, "--max-abs-error", "0"]
+        common += ["--concurrency", "1"]
+        assert _backtest(captured, tmp_path / "plain", *common) == 2
+        assert _backtest(captured, tmp_path / "anonymous", *common, *tls) == 2
+        client = ["--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+        assert _backtest(captured, tmp_path / "mutual", *common, *tls, *client) == 0
