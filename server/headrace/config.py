@@ -712,6 +712,11 @@ class CaptureSettings(_Frozen):
     shutdown_timeout_s: float = Field(default=10.0, ge=0)
     """At shutdown, how long uploading what is spooled may take; what is left stays in the
     spool for the next start."""
+    converter_niceness: int = Field(default=10, ge=0, le=19)
+    """Scheduling niceness added to the worker process that turns spool segments into
+    Parquet: when the host's CPUs are saturated, serving keeps them and the conversion waits
+    (the spool absorbs the backlog, up to `spool_max_bytes`); on a host with spare CPU it
+    changes nothing. 0 competes with serving as an equal."""
 
 
 class Settings(_Frozen):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Mapping
 from multiprocessing.connection import Connection
@@ -51,6 +52,11 @@ class SegmentConverter:
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._connection: Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's pid while it runs (it starts with the first segment)."""
+        return self._process.pid if self._process is not None else None
 
     def _start(self) -> Connection:
         parent, child = self._context.Pipe()
@@ -117,6 +123,9 @@ class SegmentConverter:
 
 def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, salt: bytes) -> None:
     """The worker's main: build the writer, then store segments until told to stop."""
+    if settings.converter_niceness:
+        # Background work: under CPU contention serving wins, the spool holds the backlog.
+        os.nice(settings.converter_niceness)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -1,0 +1,38 @@
+"""The capture stage's worker process: it stores a sealed segment's records, and runs at the
+configured niceness so that serving keeps the CPUs when they are saturated."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from headrace.capture.converter import SegmentConverter
+from headrace.capture.spool import Spool
+from headrace.config import CaptureSettings, LocalStoreSettings
+from tests.capture.conftest import stored_request_ids
+from tests.capture.test_pipeline import record
+
+
+def test_segment_is_stored_by_a_lower_priority_process(tmp_path: Path) -> None:
+    spool = Spool(
+        tmp_path / "spool", max_bytes=1 << 30, segment_max_bytes=1 << 20, segment_max_age_s=60
+    )
+    spool.append([record(f"n{index}").encode() for index in range(5)])
+    spool.seal()
+    (segment,) = spool.sealed()
+    settings = CaptureSettings(
+        enabled=True,
+        spool_dir=tmp_path / "spool",
+        store=LocalStoreSettings(path=tmp_path / "store"),
+        converter_niceness=7,
+    )
+    converter = SegmentConverter(settings, "test-0", b"salt")
+    try:
+        assert converter.store(segment, {}) == {"identity": 5}
+        pid = converter.pid
+        assert pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+    finally:
+        converter.stop()
+        spool.close()
+    assert sorted(stored_request_ids(tmp_path / "store")) == [f"n{index}" for index in range(5)]
