@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bench.machine import one_line
+from bench.options import add_options, options_of
 from headrace.analysis.backtest import run_backtest
 from headrace.analysis.calls import captured_calls
 from headrace.analysis.comparison import Thresholds
@@ -59,14 +60,20 @@ class BacktestOptions:
     concurrency: int
 
 
+_DEFAULTS = BacktestOptions(records=100_000, batch_size=128, concurrency=8)
+_HELP = {
+    "records": "captured calls",
+    "batch_size": "rows per replayed request",
+    "concurrency": "replayed requests in flight",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--records", type=int, default=100_000, help="captured calls")
-    parser.add_argument("--batch-size", type=int, default=128, help="rows per replayed request")
-    parser.add_argument("--concurrency", type=int, default=8, help="replayed requests in flight")
+    add_options(parser, _DEFAULTS, _HELP)
 
 
 def options_from(arguments: argparse.Namespace) -> BacktestOptions:
-    return BacktestOptions(arguments.records, arguments.batch_size, arguments.concurrency)
+    return options_of(BacktestOptions, arguments)
 
 
 def write_captures(folder: Path, count: int) -> None:

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
+from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
 from headrace.launchers.seaweedfs import SeaweedFS
 
@@ -56,15 +57,12 @@ class CaptureOptions:
     """FP32 elements in INPUT0 (batch 1); raise it (e.g. 262144 = 1 MiB) to measure MB/s."""
 
 
+_HELP = {"trials": "trials per side"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's command-line options, defaulting to `CaptureOptions()`."""
-    defaults = CaptureOptions()
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per side")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument("--elements", type=int, default=defaults.elements)
+    add_options(parser, CaptureOptions(), _HELP)
 
 
 def options_from(arguments: argparse.Namespace) -> CaptureOptions:
@@ -73,21 +71,7 @@ def options_from(arguments: argparse.Namespace) -> CaptureOptions:
     Raises:
         ValueError: a count below 1, a negative warm-up or an empty window.
     """
-    options = CaptureOptions(
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        concurrency=arguments.concurrency,
-        clients=arguments.clients,
-        elements=arguments.elements,
-    )
-    if min(options.trials, options.concurrency, options.clients, options.elements) < 1:
-        raise ValueError("--trials, --concurrency, --clients and --elements must be >= 1")
-    if options.clients > options.concurrency:
-        raise ValueError("--clients must not exceed --concurrency")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
-    return options
+    return check_load(options_of(CaptureOptions, arguments))
 
 
 def side_order(trials: int) -> list[str]:

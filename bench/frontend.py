@@ -21,6 +21,7 @@ import numpy as np
 from bench.baseline_server import SERVICE_NAME
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.machine import one_line
+from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
 from headrace.protocol import grpc_service_pb2 as pb
 
@@ -66,26 +67,19 @@ class Trial:
     server_cpu_ms_per_request: float | None
 
 
+_HELP = {
+    "trials": "trials per server",
+    "duration_s": "measurement window, s",
+    "warmup_s": "warm-up before each window, s",
+    "concurrency": "requests in flight over all clients",
+    "clients": "client processes",
+    "elements": "FP32 elements in INPUT0",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's command-line options, defaulting to `FrontendOptions()`."""
-    defaults = FrontendOptions()
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per server")
-    parser.add_argument(
-        "--duration-s", type=float, default=defaults.duration_s, help="measurement window, s"
-    )
-    parser.add_argument(
-        "--warmup-s", type=float, default=defaults.warmup_s, help="warm-up before each window, s"
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=defaults.concurrency,
-        help="requests in flight over all clients",
-    )
-    parser.add_argument("--clients", type=int, default=defaults.clients, help="client processes")
-    parser.add_argument(
-        "--elements", type=int, default=defaults.elements, help="FP32 elements in INPUT0"
-    )
+    add_options(parser, FrontendOptions(), _HELP)
 
 
 def options_from(arguments: argparse.Namespace) -> FrontendOptions:
@@ -94,21 +88,7 @@ def options_from(arguments: argparse.Namespace) -> FrontendOptions:
     Raises:
         ValueError: a count below 1, a negative warm-up or an empty window.
     """
-    options = FrontendOptions(
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        concurrency=arguments.concurrency,
-        clients=arguments.clients,
-        elements=arguments.elements,
-    )
-    if min(options.trials, options.concurrency, options.clients, options.elements) < 1:
-        raise ValueError("--trials, --concurrency, --clients and --elements must be >= 1")
-    if options.clients > options.concurrency:
-        raise ValueError("--clients must not exceed --concurrency")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
-    return options
+    return check_load(options_of(FrontendOptions, arguments))
 
 
 def identity_request(elements: int, model: str = MODEL_NAME) -> bytes:

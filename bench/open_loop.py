@@ -30,6 +30,7 @@ from bench.frontend import (
 )
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
+from bench.options import add_options, check_clients, check_window, options_of
 from bench.stats import median
 
 SUMMARY = (
@@ -58,22 +59,15 @@ class OpenLoopOptions:
     """Seeds the arrival schedule; trial t at rate r uses the same schedule on both servers."""
 
 
+_HELP = {
+    "rates": "comma-separated offered rates, requests/s over all clients",
+    "trials": "trials per point",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's command-line options, defaulting to `OpenLoopOptions()`."""
-    defaults = OpenLoopOptions()
-    parser.add_argument(
-        "--rates",
-        type=lambda text: tuple(float(part) for part in text.split(",")),
-        default=defaults.rates,
-        help="comma-separated offered rates, requests/s over all clients",
-    )
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per point")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight)
-    parser.add_argument("--elements", type=int, default=defaults.elements)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_options(parser, OpenLoopOptions(), _HELP)
 
 
 def options_from(arguments: argparse.Namespace) -> OpenLoopOptions:
@@ -83,22 +77,11 @@ def options_from(arguments: argparse.Namespace) -> OpenLoopOptions:
         ValueError: a count below 1, a rate that is not positive, more clients than the
             in-flight cap, a negative warm-up or an empty window.
     """
-    options = OpenLoopOptions(
-        rates=arguments.rates,
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        clients=arguments.clients,
-        max_in_flight=arguments.max_in_flight,
-        elements=arguments.elements,
-        seed=arguments.seed,
-    )
+    options = options_of(OpenLoopOptions, arguments)
     if min(options.trials, options.clients, options.elements) < 1 or min(options.rates) <= 0:
         raise ValueError("counts must be >= 1 and rates > 0")
-    if options.clients > options.max_in_flight:
-        raise ValueError("--clients must not exceed --max-in-flight")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
+    check_clients(options.clients, options.max_in_flight, "--max-in-flight")
+    check_window(options.warmup_s, options.duration_s)
     return options
 
 

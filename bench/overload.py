@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import yaml
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.machine import one_line
+from bench.options import add_options, check_clients, check_window, options_of
 from bench.server_process import SINGLE_PROCESS, ServerProcess
 
 SUMMARY = "offered load far above capacity: refusals, accepted latency, memory"
@@ -60,9 +61,7 @@ class OverloadOptions:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's command-line options, defaulting to `OverloadOptions()`."""
-    defaults = OverloadOptions()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    add_options(parser, OverloadOptions())
 
 
 def options_from(arguments: argparse.Namespace) -> OverloadOptions:
@@ -71,9 +70,7 @@ def options_from(arguments: argparse.Namespace) -> OverloadOptions:
     Raises:
         ValueError: a count below 1, clients above a concurrency, or an empty window.
     """
-    options = OverloadOptions(
-        **{field.name: getattr(arguments, field.name) for field in fields(OverloadOptions)}
-    )
+    options = options_of(OverloadOptions, arguments)
     counts = (
         options.clients,
         options.elements,
@@ -84,10 +81,8 @@ def options_from(arguments: argparse.Namespace) -> OverloadOptions:
     )
     if min(counts) < 1:
         raise ValueError("counts and concurrencies must be >= 1")
-    if options.clients > options.capacity_concurrency:
-        raise ValueError("--clients must not exceed --capacity-concurrency")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
+    check_clients(options.clients, options.capacity_concurrency, "--capacity-concurrency")
+    check_window(options.warmup_s, options.duration_s)
     return options
 
 

@@ -16,7 +16,7 @@ import contextlib
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import yaml
 
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.machine import one_line
+from bench.options import add_options, options_of
 from bench.overload import rss_kib
 from bench.server_process import SINGLE_PROCESS, ServerProcess
 
@@ -47,8 +48,7 @@ class SoakOptions:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's command-line options, defaulting to `SoakOptions()`."""
-    for name, value in asdict(SoakOptions()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    add_options(parser, SoakOptions())
 
 
 def options_from(arguments: argparse.Namespace) -> SoakOptions:
@@ -57,9 +57,7 @@ def options_from(arguments: argparse.Namespace) -> SoakOptions:
     Raises:
         ValueError: no whole window in the duration, or a concurrency below 1.
     """
-    options = SoakOptions(
-        **{option.name: getattr(arguments, option.name) for option in fields(SoakOptions)}
-    )
+    options = options_of(SoakOptions, arguments)
     if options.window_s <= 0 or options.duration_s < options.window_s:
         raise ValueError("--window-s must be > 0 and --duration-s at least one window")
     if min(options.concurrency, options.elements) < 1 or options.warmup_s < 0:

@@ -20,6 +20,7 @@ from bench.baseline_server import SERVICE_NAME
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
+from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
 from bench.stats import median
 from headrace.protocol import grpc_service_pb2 as pb
@@ -46,15 +47,12 @@ class StreamOptions:
     elements: int = 16
 
 
+_HELP = {"trials": "trials per side"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's command-line options, defaulting to `StreamOptions()`."""
-    defaults = StreamOptions()
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per side")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument("--elements", type=int, default=defaults.elements)
+    add_options(parser, StreamOptions(), _HELP)
 
 
 def options_from(arguments: argparse.Namespace) -> StreamOptions:
@@ -64,21 +62,7 @@ def options_from(arguments: argparse.Namespace) -> StreamOptions:
         ValueError: a count below 1, more clients than streams, a negative warm-up or an empty
             window.
     """
-    options = StreamOptions(
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        concurrency=arguments.concurrency,
-        clients=arguments.clients,
-        elements=arguments.elements,
-    )
-    if min(options.trials, options.concurrency, options.clients, options.elements) < 1:
-        raise ValueError("--trials, --concurrency, --clients and --elements must be >= 1")
-    if options.clients > options.concurrency:
-        raise ValueError("--clients must not exceed --concurrency")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
-    return options
+    return check_load(options_of(StreamOptions, arguments))
 
 
 def check_stream_reply(request: bytes, reply: bytes) -> None:

@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from bench.options import add_options, check_window, options_of
 from bench.stats import median
 
 
@@ -29,32 +30,17 @@ class SweepOptions:
     """Connections per client process (several reach several Headrace workers)."""
 
 
+_HELP = {
+    "concurrencies": "comma-separated concurrency levels",
+    "trials": "trials per point",
+    "headrace_workers": "Headrace worker processes (serve --workers N); use with --connections",
+    "connections": "connections per client process, the same on every side",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser, defaults: SweepOptions | None = None) -> None:
     """A sweep's command-line options, defaulting to `defaults` (else `SweepOptions()`)."""
-    defaults = defaults or SweepOptions()
-    parser.add_argument(
-        "--concurrencies",
-        type=lambda text: tuple(int(part) for part in text.split(",")),
-        default=defaults.concurrencies,
-        help="comma-separated concurrency levels",
-    )
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per point")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument("--elements", type=int, default=defaults.elements)
-    parser.add_argument(
-        "--headrace-workers",
-        type=int,
-        default=defaults.headrace_workers,
-        help="Headrace worker processes (serve --workers N); use with --connections",
-    )
-    parser.add_argument(
-        "--connections",
-        type=int,
-        default=defaults.connections,
-        help="connections per client process, the same on every side",
-    )
+    add_options(parser, defaults or SweepOptions(), _HELP)
 
 
 def options_from(arguments: argparse.Namespace) -> SweepOptions:
@@ -63,21 +49,11 @@ def options_from(arguments: argparse.Namespace) -> SweepOptions:
     Raises:
         ValueError: a count below 1, a negative warm-up or an empty window.
     """
-    options = SweepOptions(
-        concurrencies=arguments.concurrencies,
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        clients=arguments.clients,
-        elements=arguments.elements,
-        headrace_workers=arguments.headrace_workers,
-        connections=arguments.connections,
-    )
+    options = options_of(SweepOptions, arguments)
     counts = (options.headrace_workers, options.connections, *options.concurrencies)
     if min(options.trials, options.clients, options.elements, *counts) < 1:
         raise ValueError("counts and concurrencies must be >= 1")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
+    check_window(options.warmup_s, options.duration_s)
     return options
 
 

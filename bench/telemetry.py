@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
+from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
 
 SUMMARY = "tracing off / tracing on (OTLP to a local receiver) / metrics on, same load"
@@ -55,18 +56,15 @@ class TelemetryOptions:
     """Put `identity` behind a batcher on every side (adds the queue and batch spans)."""
 
 
+_HELP = {
+    "trials": "trials per side",
+    "batched": "serve identity behind a batcher on every side",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's command-line options, defaulting to `TelemetryOptions()`."""
-    defaults = TelemetryOptions()
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per side")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument("--elements", type=int, default=defaults.elements)
-    parser.add_argument(
-        "--batched", action="store_true", help="serve identity behind a batcher on every side"
-    )
+    add_options(parser, TelemetryOptions(), _HELP)
 
 
 def options_from(arguments: argparse.Namespace) -> TelemetryOptions:
@@ -75,22 +73,7 @@ def options_from(arguments: argparse.Namespace) -> TelemetryOptions:
     Raises:
         ValueError: a count below 1, a negative warm-up or an empty window.
     """
-    options = TelemetryOptions(
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        concurrency=arguments.concurrency,
-        clients=arguments.clients,
-        elements=arguments.elements,
-        batched=arguments.batched,
-    )
-    if min(options.trials, options.concurrency, options.clients, options.elements) < 1:
-        raise ValueError("--trials, --concurrency, --clients and --elements must be >= 1")
-    if options.clients > options.concurrency:
-        raise ValueError("--clients must not exceed --concurrency")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
-    return options
+    return check_load(options_of(TelemetryOptions, arguments))
 
 
 class SpanCounter(trace_service_pb2_grpc.TraceServiceServicer):

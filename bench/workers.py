@@ -30,6 +30,7 @@ from typing import Any
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
+from bench.options import add_options, check_clients, check_window, options_of
 from bench.server_process import CAPTURE_OFF, WORKERS_VARIABLE, ServerProcess
 
 SUMMARY = "`serve --workers N` vs one worker: unary ModelInfer on `identity`, same load"
@@ -71,30 +72,18 @@ class WorkersOptions:
     """CPUs the client processes are pinned to (empty: none)."""
 
 
+_HELP = {
+    "workers": "workers of the multi side",
+    "trials": "trials per side",
+    "connections": "connections per client process",
+    "server_cpus": "e.g. 0,1",
+    "client_cpus": "e.g. 2-15",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario's command-line options, defaulting to `WorkersOptions()`."""
-    defaults = WorkersOptions()
-    parser.add_argument(
-        "--workers", type=int, default=defaults.workers, help="workers of the multi side"
-    )
-    parser.add_argument("--trials", type=int, default=defaults.trials, help="trials per side")
-    parser.add_argument("--duration-s", type=float, default=defaults.duration_s)
-    parser.add_argument("--warmup-s", type=float, default=defaults.warmup_s)
-    parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
-    parser.add_argument("--clients", type=int, default=defaults.clients)
-    parser.add_argument(
-        "--connections",
-        type=int,
-        default=defaults.connections,
-        help="connections per client process",
-    )
-    parser.add_argument("--elements", type=int, default=defaults.elements)
-    parser.add_argument(
-        "--server-cpus", type=cpu_list, default=defaults.server_cpus, help="e.g. 0,1"
-    )
-    parser.add_argument(
-        "--client-cpus", type=cpu_list, default=defaults.client_cpus, help="e.g. 2-15"
-    )
+    add_options(parser, WorkersOptions(), _HELP, {"server_cpus": cpu_list, "client_cpus": cpu_list})
 
 
 def options_from(arguments: argparse.Namespace) -> WorkersOptions:
@@ -103,25 +92,12 @@ def options_from(arguments: argparse.Namespace) -> WorkersOptions:
     Raises:
         ValueError: a count below 1 (workers below 2), a negative warm-up, an empty window.
     """
-    options = WorkersOptions(
-        workers=arguments.workers,
-        trials=arguments.trials,
-        duration_s=arguments.duration_s,
-        warmup_s=arguments.warmup_s,
-        concurrency=arguments.concurrency,
-        clients=arguments.clients,
-        connections=arguments.connections,
-        elements=arguments.elements,
-        server_cpus=arguments.server_cpus,
-        client_cpus=arguments.client_cpus,
-    )
+    options = options_of(WorkersOptions, arguments)
     counts = (options.trials, options.concurrency, options.clients, options.connections)
     if min(*counts, options.elements) < 1 or options.workers < 2:
         raise ValueError("counts must be >= 1 and --workers >= 2")
-    if options.clients > options.concurrency:
-        raise ValueError("--clients must not exceed --concurrency")
-    if options.warmup_s < 0 or options.duration_s <= 0:
-        raise ValueError("--warmup-s must be >= 0 and --duration-s > 0")
+    check_clients(options.clients, options.concurrency)
+    check_window(options.warmup_s, options.duration_s)
     return options
 
 
