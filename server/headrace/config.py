@@ -391,6 +391,10 @@ class TritonSettings(_Frozen):
     health_check_interval_s: float = Field(default=2.0, gt=0)
     """Active health checks (ServerReady, ModelReady) per endpoint."""
     health_check_timeout_s: float = Field(default=1.0, gt=0)
+    health_check_unhealthy_threshold: int = Field(default=2, ge=1)
+    """Failed health checks in a row that mark an endpoint unhealthy: a single check that
+    times out while Headrace itself is saturated does not take a working Triton out of the
+    pool (a dead one is also ejected by its failed calls)."""
     ejection_consecutive_failures: int = Field(default=2, ge=1)
     """Consecutive failed calls (UNAVAILABLE, unreachable) that eject an endpoint."""
     ejection_s: float = Field(default=5.0, gt=0)

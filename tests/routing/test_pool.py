@@ -161,3 +161,26 @@ async def test_observer_follows_every_change() -> None:
     assert sorted(recorder.removed) == ["b:1", "c:1"]
     assert recorder.available["d:1"] is True
     assert recorder.in_flight["d:1"] == 0
+
+
+async def test_one_failed_health_check_does_not_take_an_endpoint_out() -> None:
+    pool = EndpointPool(
+        "m",
+        max_inflight_per_endpoint=1,
+        ejection_consecutive_failures=2,
+        ejection_s=1.0,
+        unhealthy_after_failed_checks=2,
+    )
+    pool.set_addresses(["a:1"])
+    (a,) = pool.endpoints
+    pool.record_health(a, False)
+    assert a.healthy
+    assert pool.ready()
+    pool.record_health(a, True)  # a pass resets the count
+    pool.record_health(a, False)
+    assert a.healthy
+    pool.record_health(a, False)
+    assert not a.healthy
+    assert not pool.ready()
+    pool.record_health(a, True)
+    assert pool.ready()

@@ -109,6 +109,7 @@ class TritonBackend:
                 max_inflight_per_endpoint=settings.max_inflight_per_endpoint or 1,
                 ejection_consecutive_failures=settings.ejection_consecutive_failures,
                 ejection_s=settings.ejection_s,
+                unhealthy_after_failed_checks=settings.health_check_unhealthy_threshold,
             )
             self._models[model.name] = _Model(
                 model, model.remote_name or model.name, pool, tls=model.tls or settings.tls

@@ -30,6 +30,7 @@ class Endpoint:
         "calls",
         "consecutive_failures",
         "ejected_until",
+        "failed_checks",
         "healthy",
         "in_flight",
         "removed",
@@ -44,6 +45,8 @@ class Endpoint:
         """The last health check's verdict (optimistic until the first)."""
         self.ejected_until = 0.0
         self.consecutive_failures = 0
+        self.failed_checks = 0
+        """Consecutive failed health checks."""
         self.removed = False
 
     def available(self, now: float) -> bool:
@@ -82,12 +85,14 @@ class EndpointPool:
         max_inflight_per_endpoint: int,
         ejection_consecutive_failures: int,
         ejection_s: float,
+        unhealthy_after_failed_checks: int = 1,
     ) -> None:
         self.model = model
         self.limit = max_inflight_per_endpoint
         """Calls in flight per endpoint; may be changed once the model is described."""
         self._ejection_failures = ejection_consecutive_failures
         self._ejection_s = ejection_s
+        self._unhealthy_after = unhealthy_after_failed_checks
         self._endpoints: dict[str, Endpoint] = {}
         self._changed: asyncio.Future[None] | None = None
         self._observer: PoolObserver | None = None
@@ -177,7 +182,15 @@ class EndpointPool:
         self._notify()
 
     def record_health(self, endpoint: Endpoint, healthy: bool) -> None:
-        """An active health check's verdict."""
+        """An active health check's verdict. A healthy endpoint is marked unhealthy only after
+        `unhealthy_after_failed_checks` failed checks in a row: one check timing out while this
+        process is busy must not take a working server out (failed calls eject at once)."""
+        if healthy:
+            endpoint.failed_checks = 0
+        else:
+            endpoint.failed_checks += 1
+            if endpoint.healthy and endpoint.failed_checks < self._unhealthy_after:
+                return
         if healthy != endpoint.healthy:
             _logger.warning(
                 "endpoint %s for model %s is %s",
