@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from headrace.config import Settings
+from headrace.errors import InvalidArgumentError
+from headrace.frontend.limits import RequestLimits
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, gated_model, make_settings
@@ -229,3 +231,20 @@ def test_clients_pinging_too_often_are_sent_away(limited: ServerThread) -> None:
             assert "ping" in error.details().lower()
     finally:
         model.gate.set()
+
+
+def test_raw_contents_are_counted_against_the_inputs_they_belong_to() -> None:
+    """Raw contents belong to the inputs not in shared memory, in order: an input placed in a
+    region counts by its declared shape, the raw entry by its length, each once."""
+    limits = RequestLimits(_settings(max_request_elements=100_000).server.limits)
+    request = pb.ModelInferRequest(model_name="m")
+    placed = request.inputs.add(name="A", datatype="FP32", shape=[1, 10])
+    placed.parameters["shared_memory_region"].string_param = "r"
+    placed.parameters["shared_memory_byte_size"].int64_param = 40
+    request.inputs.add(name="B", datatype="UINT8", shape=[1, 1990])
+    request.raw_input_contents.append(b"\x00" * 1990)
+    with pytest.raises(InvalidArgumentError) as refused:
+        limits.check_message(request)
+    assert refused.value.message.startswith(
+        "input 'B' brings the request to 2030 bytes of tensor data"
+    )

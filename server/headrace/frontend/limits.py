@@ -17,6 +17,7 @@ from headrace.config import LimitsSettings
 from headrace.errors import InvalidArgumentError, ResourceExhaustedError
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.datatypes import DATATYPES
+from headrace.protocol.placement import REGION_PARAMETER
 
 KEY_PREFIX = "server.limits."
 _LATENCY_WEIGHT = 0.05
@@ -47,7 +48,9 @@ class RequestLimits:
         total_elements = 0
         total_bytes = 0
         raw = message.raw_input_contents
-        for index, tensor in enumerate(message.inputs):
+        raw_index = 0  # raw contents belong to the inputs not placed in shared memory, in order
+        for tensor in message.inputs:
+            in_message = REGION_PARAMETER not in tensor.parameters
             shape = tensor.shape
             if len(shape) > limits.max_tensor_rank:
                 raise InvalidArgumentError(
@@ -65,8 +68,9 @@ class RequestLimits:
                     f"elements; the limit is {limits.max_request_elements} "
                     f"({KEY_PREFIX}max_request_elements)"
                 )
-            if index < len(raw):
-                size = len(raw[index])
+            if in_message and raw_index < len(raw):
+                size = len(raw[raw_index])
+                raw_index += 1
             else:
                 size = max(elements, 0) * _bytes_per_element(tensor.datatype)
                 if tensor.datatype == "BYTES":

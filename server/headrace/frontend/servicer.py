@@ -209,13 +209,14 @@ class InferenceServicer:
             placements = output_placements(message, shared) if message.outputs else None
             spec = served.spec
             spec.validate_request(request)
-            self._limits.check_batch_size(spec.name, spec.batch_size(request))
+            size = spec.batch_size(request)
+            self._limits.check_batch_size(spec.name, size)
             decoded = perf_counter_ns()
             remaining = context.time_remaining()
             deadline = (
                 asyncio.get_running_loop().time() + remaining if remaining is not None else None
             )
-            response = await served.infer(request, spec.batch_size(request), deadline)
+            response = await served.infer(request, size, deadline)
             answered = perf_counter_ns()
             reply = response_to_proto(response, request.requested_outputs, placements, shared)
         except HeadraceError:
