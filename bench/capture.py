@@ -31,6 +31,7 @@ from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
+from bench.sweep import number
 from headrace.launchers.seaweedfs import SeaweedFS
 
 SUMMARY = "capture off / capture on (every call to SeaweedFS over S3), same load"
@@ -184,7 +185,7 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
             trials.append(trial)
             print(
                 f"{LABELS[side]}: {load.requests_per_s:,.0f} requests/s, "
-                f"p99 {_number(load.p99_ms, 2)} ms"
+                f"p99 {number(load.p99_ms, 2)} ms"
                 + (
                     f", spooled {trial['capture']['spooled_mb_per_s']:.2f} MB/s, stored "
                     f"{trial['capture']['stored_records_per_s']:,.0f} records/s"
@@ -253,10 +254,6 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def render(report: dict[str, Any]) -> str:
     """The report as Markdown: medians per side, capture against off, and the pipeline's
     rates."""
@@ -278,18 +275,18 @@ def render(report: dict[str, Any]) -> str:
     for side in SIDES:
         row = summary[side]
         lines.append(
-            f"| {LABELS[side]} | {_number(row['requests_per_s'], 0)} "
-            f"| {_number(row['p50_ms'], 2)} | {_number(row['p99_ms'], 2)} "
-            f"| {_number(row['server_cpu_ms_per_request'], 3)} | {row['errors']} |"
+            f"| {LABELS[side]} | {number(row['requests_per_s'], 0)} "
+            f"| {number(row['p50_ms'], 2)} | {number(row['p99_ms'], 2)} "
+            f"| {number(row['server_cpu_ms_per_request'], 3)} | {row['errors']} |"
         )
     lines += [
         "",
-        f"Capture on / off: throughput {_number(on['requests_per_s_vs_off'], 2)}x "
-        f"(goal >= {GOAL_THROUGHPUT_RATIO}), p99 {_number(on['p99_vs_off'], 2)}x "
+        f"Capture on / off: throughput {number(on['requests_per_s_vs_off'], 2)}x "
+        f"(goal >= {GOAL_THROUGHPUT_RATIO}), p99 {number(on['p99_vs_off'], 2)}x "
         f"(goal <= {GOAL_P99_RATIO}).",
-        f"Capture pipeline: spooled {_number(on['spooled_mb_per_s'], 2)} MB/s, stored "
-        f"{_number(on['stored_records_per_s'], 0)} records/s "
-        f"({_number(on['stored_mb_per_s'], 2)} MB/s) during the trials; "
+        f"Capture pipeline: spooled {number(on['spooled_mb_per_s'], 2)} MB/s, stored "
+        f"{number(on['stored_records_per_s'], 0)} records/s "
+        f"({number(on['stored_mb_per_s'], 2)} MB/s) during the trials; "
         f"{report['objects_stored']} Parquet objects in the bucket after shutdown.",
     ]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.machine import one_line
 from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
+from bench.sweep import number
 from headrace.protocol import grpc_service_pb2 as pb
 
 SUMMARY = "unary ModelInfer on `identity`: Headrace vs a bare grpc.aio server"
@@ -231,17 +232,13 @@ def _ratio(first: Trial, second: Trial) -> float | None:
     return headrace.load.requests_per_s / bare.load.requests_per_s
 
 
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def _trial_row(trial: dict[str, Any]) -> str:
     """One trial as a Markdown table row; `trial` is a `Trial` as `asdict` makes it."""
     load = trial["load"]
     return (
         f"| {trial['index'] + 1} | {SIDE_LABELS[trial['side']]} "
-        f"| {_number(load['requests_per_s'], 0)} | {_number(load['p50_ms'], 2)} "
-        f"| {_number(load['p99_ms'], 2)} | {_number(trial['server_cpu_ms_per_request'], 3)} "
+        f"| {number(load['requests_per_s'], 0)} | {number(load['p50_ms'], 2)} "
+        f"| {number(load['p99_ms'], 2)} | {number(trial['server_cpu_ms_per_request'], 3)} "
         f"| {sum(load['errors'].values())} |"
     )
 
@@ -266,18 +263,18 @@ def render(report: dict[str, Any]) -> str:
         side_summary = summary[side]
         errors = ", ".join(f"{code} {n}" for code, n in side_summary["errors"].items()) or "0"
         lines.append(
-            f"| {label} | {_number(side_summary['requests_per_s'], 0)} "
-            f"| {_number(side_summary['p50_ms'], 2)} | {_number(side_summary['p99_ms'], 2)} "
-            f"| {_number(side_summary['server_cpu_ms_per_request'], 3)} | {errors} |"
+            f"| {label} | {number(side_summary['requests_per_s'], 0)} "
+            f"| {number(side_summary['p50_ms'], 2)} | {number(side_summary['p99_ms'], 2)} "
+            f"| {number(side_summary['server_cpu_ms_per_request'], 3)} | {errors} |"
         )
-    pairs = ", ".join(_number(ratio, 2) for ratio in report["pair_ratios"])
+    pairs = ", ".join(number(ratio, 2) for ratio in report["pair_ratios"])
     verdict = "meets" if (report["ratio"] or 0) >= report["goal_ratio"] else "below"
     lines += [
         "",
-        f"**Headrace / bare requests/s: {_number(report['ratio'], 2)}** ({verdict} the goal of "
+        f"**Headrace / bare requests/s: {number(report['ratio'], 2)}** ({verdict} the goal of "
         f">= {report['goal_ratio']}; per AB pair: {pairs})",
         "",
-        f"Server CPU per request, Headrace / bare: {_number(report['cpu_cost_ratio'], 2)}",
+        f"Server CPU per request, Headrace / bare: {number(report['cpu_cost_ratio'], 2)}",
         "",
         "| trial | server | requests/s | p50 ms | p99 ms | server CPU ms/request | errors |",
         "|--:|---|--:|--:|--:|--:|--:|",

@@ -32,6 +32,7 @@ from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.options import add_options, check_clients, check_window, options_of
 from bench.stats import median
+from bench.sweep import number
 
 SUMMARY = (
     "Poisson arrivals at fixed rates: Headrace vs a bare grpc.aio server, latency from schedule"
@@ -119,7 +120,7 @@ def run(options: OpenLoopOptions, results_dir: Path, stamp: str) -> dict[str, An
                     points.append({"side": side, "rate": rate, "trial": trial, **asdict(load)})
                     print(
                         f"{side} {rate:g}/s trial {trial + 1}: achieved "
-                        f"{load.requests_per_s:,.0f}/s, p99 {_number(load.p99_ms, 2)} ms",
+                        f"{load.requests_per_s:,.0f}/s, p99 {number(load.p99_ms, 2)} ms",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -148,10 +149,6 @@ def run(options: OpenLoopOptions, results_dir: Path, stamp: str) -> dict[str, An
     }
 
 
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def render(report: dict[str, Any]) -> str:
     """The report as Markdown: one row per rate and server."""
     options = report["options"]
@@ -174,10 +171,10 @@ def render(report: dict[str, Any]) -> str:
             row = by_side[side]
             errors = ", ".join(f"{code} {n}" for code, n in row["errors"].items()) or "0"
             lines.append(
-                f"| {rate} | {SIDE_LABELS[side]} | {_number(row['offered_per_s'], 0)} "
-                f"| {_number(row['requests_per_s'], 0)} "
-                f"| {_number(row['p50_ms'], 2)} | {_number(row['p90_ms'], 2)} "
-                f"| {_number(row['p99_ms'], 2)} | {_number(row['p999_ms'], 2)} "
-                f"| {_number(row['server_cpu_ms_per_request'], 3)} | {errors} |"
+                f"| {rate} | {SIDE_LABELS[side]} | {number(row['offered_per_s'], 0)} "
+                f"| {number(row['requests_per_s'], 0)} "
+                f"| {number(row['p50_ms'], 2)} | {number(row['p90_ms'], 2)} "
+                f"| {number(row['p99_ms'], 2)} | {number(row['p999_ms'], 2)} "
+                f"| {number(row['server_cpu_ms_per_request'], 3)} | {errors} |"
             )
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.machine import one_line
 from bench.options import add_options, check_clients, check_window, options_of
 from bench.server_process import SINGLE_PROCESS, ServerProcess
+from bench.sweep import number
 
 SUMMARY = "offered load far above capacity: refusals, accepted latency, memory"
 MODELS = ("batched", "unbatched")
@@ -204,7 +205,7 @@ def run(options: OverloadOptions, results_dir: Path, stamp: str) -> dict[str, An
             models[model] = row
             print(
                 f"{model}: offered {row['overload']['offered_per_s']:,.0f}/s "
-                f"({_number(row['offered_vs_capacity'], 1)}x capacity), accepted "
+                f"({number(row['offered_vs_capacity'], 1)}x capacity), accepted "
                 f"{overloaded.requests_per_s:,.0f}/s, refused {row['overload']['refused']:,}",
                 file=sys.stderr,
                 flush=True,
@@ -219,10 +220,6 @@ def run(options: OverloadOptions, results_dir: Path, stamp: str) -> dict[str, An
 
 def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -247,15 +244,15 @@ def render(report: dict[str, Any]) -> str:
     for model, row in report["models"].items():
         overload = row["overload"]
         lines.append(
-            f"| {model} | {_number(row['capacity']['load']['requests_per_s'], 0)} "
-            f"| {_number(overload['offered_per_s'], 0)} "
-            f"| {_number(row['offered_vs_capacity'], 1)}x "
-            f"| {_number(overload['load']['requests_per_s'], 0)} "
-            f"| {_number(row['unloaded']['load']['p99_ms'], 2)} "
-            f"| {_number(overload['load']['p99_ms'], 2)} "
-            f"| {_number(row['p99_goal_ms'], 2)} "
-            f"| {_number(row['accepted_p99_vs_unloaded'], 2)} "
-            f"| {overload['refused']:,} | {_number(overload['load']['error_p99_ms'], 2)} "
+            f"| {model} | {number(row['capacity']['load']['requests_per_s'], 0)} "
+            f"| {number(overload['offered_per_s'], 0)} "
+            f"| {number(row['offered_vs_capacity'], 1)}x "
+            f"| {number(overload['load']['requests_per_s'], 0)} "
+            f"| {number(row['unloaded']['load']['p99_ms'], 2)} "
+            f"| {number(overload['load']['p99_ms'], 2)} "
+            f"| {number(row['p99_goal_ms'], 2)} "
+            f"| {number(row['accepted_p99_vs_unloaded'], 2)} "
+            f"| {overload['refused']:,} | {number(overload['load']['error_p99_ms'], 2)} "
             f"| {overload['other_errors']} | {row['rss_kib_before'] / 1024:,.1f} "
             f"| {row['rss_growth_kib'] / 1024:+,.1f} "
             f"| {'met' if row['goals_met'] else 'NOT met'} |"

@@ -39,7 +39,7 @@ from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
 from bench.loadgen import LoadSpec, percentile, run_load
 from bench.machine import one_line
 from bench.server_process import WORKERS_VARIABLE, ServerProcess
-from bench.sweep import SweepOptions
+from bench.sweep import SweepOptions, divide, number
 from bench.sweep import add_arguments as sweep_arguments
 from bench.sweep import options_from as options_from
 from headrace.backends.shared_memory import SystemRegion
@@ -161,23 +161,23 @@ def run(options: SweepOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
     summary = _summary(points, options.concurrencies, SIDES)
     hop_summary = _summary(hop_points, options.concurrencies, MODELS)
     ratios = {
-        concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
+        concurrency: divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
         for concurrency, models in summary.items()
     }
     vs_direct = {
         concurrency: {
-            model: _divide(models[model]["requests_per_s"], models[DIRECT]["requests_per_s"])
+            model: divide(models[model]["requests_per_s"], models[DIRECT]["requests_per_s"])
             for model in MODELS
         }
         for concurrency, models in summary.items()
     }
     hop_ratios = {
-        concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
+        concurrency: divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
         for concurrency, models in hop_summary.items()
     }
     client_summary = _summary(client_points, options.concurrencies, MODELS)
     client_ratios = {
-        concurrency: _divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
+        concurrency: divide(models[SHARED]["requests_per_s"], models[BYTES]["requests_per_s"])
         for concurrency, models in client_summary.items()
     }
     return {
@@ -375,10 +375,6 @@ async def _hop_calls(
             raise ValueError(f"{spec.name}: OUTPUT0 is not INPUT0")
 
 
-def _divide(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator is not None and denominator else None
-
-
 def _summary(
     points: list[dict[str, Any]], concurrencies: tuple[int, ...], sides: tuple[str, ...]
 ) -> dict[str, Any]:
@@ -408,10 +404,6 @@ def _summary(
     return summary
 
 
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def render(report: dict[str, Any]) -> str:
     """The report as Markdown: one row per concurrency and model, then the ratios."""
     options = report["options"]
@@ -434,21 +426,21 @@ def render(report: dict[str, Any]) -> str:
             point = models[model]
             errors = ", ".join(f"{code} {n}" for code, n in point["errors"].items()) or "0"
             lines.append(
-                f"| {concurrency} | {LABELS[model]} | {_number(point['requests_per_s'], 1)} "
-                f"| {_number(point['p50_ms'], 1)} | {_number(point['p99_ms'], 1)} "
-                f"| {_number(point['server_cpu_ms_per_request'], 2)} | {errors} |"
+                f"| {concurrency} | {LABELS[model]} | {number(point['requests_per_s'], 1)} "
+                f"| {number(point['p50_ms'], 1)} | {number(point['p99_ms'], 1)} "
+                f"| {number(point['server_cpu_ms_per_request'], 2)} | {errors} |"
             )
     ratios = ", ".join(
-        f"concurrency {concurrency}: {_number(ratio, 2)}x"
+        f"concurrency {concurrency}: {number(ratio, 2)}x"
         for concurrency, ratio in report["ratios"].items()
     )
     hop_ratios = ", ".join(
-        f"concurrency {concurrency}: {_number(ratio, 2)}x"
+        f"concurrency {concurrency}: {number(ratio, 2)}x"
         for concurrency, ratio in report["hop_ratios"].items()
     )
     vs_direct = ", ".join(
-        f"concurrency {concurrency}: shared memory {_number(by_model[SHARED], 2)}, bytes "
-        f"{_number(by_model[BYTES], 2)}"
+        f"concurrency {concurrency}: shared memory {number(by_model[SHARED], 2)}, bytes "
+        f"{number(by_model[BYTES], 2)}"
         for concurrency, by_model in report.get("vs_direct", {}).items()
     )
     lines += [
@@ -467,13 +459,13 @@ def render(report: dict[str, Any]) -> str:
         for model in MODELS:
             point = models[model]
             lines.append(
-                f"| {concurrency} | {LABELS[model]} | {_number(point['requests_per_s'], 1)} "
-                f"| {_number(point['p50_ms'], 2)} | {_number(point['p99_ms'], 2)} "
-                f"| {_number(point['server_cpu_ms_per_request'], 2)} |"
+                f"| {concurrency} | {LABELS[model]} | {number(point['requests_per_s'], 1)} "
+                f"| {number(point['p50_ms'], 2)} | {number(point['p99_ms'], 2)} "
+                f"| {number(point['server_cpu_ms_per_request'], 2)} |"
             )
     lines += ["", f"**Hop alone, shared memory / bytes calls/s: {hop_ratios}**."]
     client_ratios = ", ".join(
-        f"concurrency {concurrency}: {_number(ratio, 2)}x"
+        f"concurrency {concurrency}: {number(ratio, 2)}x"
         for concurrency, ratio in report.get("client_ratios", {}).items()
     )
     if client_ratios:
@@ -491,9 +483,9 @@ def render(report: dict[str, Any]) -> str:
             for model in MODELS:
                 point = models[model]
                 lines.append(
-                    f"| {concurrency} | {LABELS[model]} | {_number(point['requests_per_s'], 1)} "
-                    f"| {_number(point['p50_ms'], 2)} | {_number(point['p99_ms'], 2)} "
-                    f"| {_number(point['server_cpu_ms_per_request'], 2)} |"
+                    f"| {concurrency} | {LABELS[model]} | {number(point['requests_per_s'], 1)} "
+                    f"| {number(point['p50_ms'], 2)} | {number(point['p99_ms'], 2)} "
+                    f"| {number(point['server_cpu_ms_per_request'], 2)} |"
                 )
         lines += ["", f"**Shared memory on both hops / bytes requests/s: {client_ratios}**."]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from bench.machine import one_line
 from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
 from bench.stats import median
+from bench.sweep import number
 from headrace.protocol import grpc_service_pb2 as pb
 
 SUMMARY = "unary ModelInfer vs ModelStreamInfer on `identity`: cost per message"
@@ -118,8 +119,8 @@ def run(options: StreamOptions, results_dir: Path, stamp: str) -> dict[str, Any]
             trials.append({"index": index, "side": side, "load": asdict(load)})
             print(
                 f"{side} trial {index + 1}: {load.requests_per_s:,.0f} messages/s, "
-                f"p99 {_number(load.p99_ms, 2)} ms, "
-                f"server CPU {_number(load.server_cpu_ms_per_request, 3)} ms/message",
+                f"p99 {number(load.p99_ms, 2)} ms, "
+                f"server CPU {number(load.server_cpu_ms_per_request, 3)} ms/message",
                 file=sys.stderr,
                 flush=True,
             )
@@ -161,10 +162,6 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def render(report: dict[str, Any]) -> str:
     """The report as Markdown: medians per side, then the stream against unary."""
     options = report["options"]
@@ -186,17 +183,17 @@ def render(report: dict[str, Any]) -> str:
     for side in SIDES:
         row = summary[side]
         lines.append(
-            f"| {LABELS[side]} | {_number(row['requests_per_s'], 0)} "
-            f"| {_number(row['p50_ms'], 2)} | {_number(row['p90_ms'], 2)} "
-            f"| {_number(row['p99_ms'], 2)} | {_number(row['p999_ms'], 2)} "
-            f"| {_number(row['server_cpu_ms_per_request'], 3)} "
-            f"| {_number(row['client_cpu_ms_per_request'], 3)} | {row['errors']} |"
+            f"| {LABELS[side]} | {number(row['requests_per_s'], 0)} "
+            f"| {number(row['p50_ms'], 2)} | {number(row['p90_ms'], 2)} "
+            f"| {number(row['p99_ms'], 2)} | {number(row['p999_ms'], 2)} "
+            f"| {number(row['server_cpu_ms_per_request'], 3)} "
+            f"| {number(row['client_cpu_ms_per_request'], 3)} | {row['errors']} |"
         )
     lines += [
         "",
-        f"**Stream / unary: messages/s {_number(ratios['requests_per_s'], 2)}, server CPU per "
-        f"message {_number(ratios['server_cpu_ms_per_request'], 2)}, client CPU per message "
-        f"{_number(ratios['client_cpu_ms_per_request'], 2)}, p99 "
-        f"{_number(ratios['p99_ms'], 2)}.**",
+        f"**Stream / unary: messages/s {number(ratios['requests_per_s'], 2)}, server CPU per "
+        f"message {number(ratios['server_cpu_ms_per_request'], 2)}, client CPU per message "
+        f"{number(ratios['client_cpu_ms_per_request'], 2)}, p99 "
+        f"{number(ratios['p99_ms'], 2)}.**",
     ]
     return "\n".join(lines)

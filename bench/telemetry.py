@@ -29,6 +29,7 @@ from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
+from bench.sweep import number
 
 SUMMARY = "tracing off / tracing on (OTLP to a local receiver) / metrics on, same load"
 OFF = "off"
@@ -188,7 +189,7 @@ def run(options: TelemetryOptions, results_dir: Path, stamp: str) -> dict[str, A
             )
             print(
                 f"{LABELS[side]}: {load.requests_per_s:,.0f} requests/s, "
-                f"p99 {_number(load.p99_ms, 2)} ms, server CPU {_number(cpu, 3)} ms/request",
+                f"p99 {number(load.p99_ms, 2)} ms, server CPU {number(cpu, 3)} ms/request",
                 file=sys.stderr,
                 flush=True,
             )
@@ -236,10 +237,6 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def render(report: dict[str, Any]) -> str:
     """The report as Markdown: medians per side and each side against telemetry off."""
     options = report["options"]
@@ -261,12 +258,12 @@ def render(report: dict[str, Any]) -> str:
     for side in SIDES:
         row = summary[side]
         lines.append(
-            f"| {LABELS[side]} | {_number(row['requests_per_s'], 0)} "
-            f"| {_number(row.get('requests_per_s_vs_off'), 2)} "
-            f"| {_number(row['p50_ms'], 2)} | {_number(row['p99_ms'], 2)} "
-            f"| {_number(row['server_cpu_ms_per_request'], 3)} "
-            f"| {_number(row.get('server_cpu_vs_off'), 2)} "
-            f"| {_number(row.get('server_cpu_us_added_per_request'), 0)} | {row['errors']} |"
+            f"| {LABELS[side]} | {number(row['requests_per_s'], 0)} "
+            f"| {number(row.get('requests_per_s_vs_off'), 2)} "
+            f"| {number(row['p50_ms'], 2)} | {number(row['p99_ms'], 2)} "
+            f"| {number(row['server_cpu_ms_per_request'], 3)} "
+            f"| {number(row.get('server_cpu_vs_off'), 2)} "
+            f"| {number(row.get('server_cpu_us_added_per_request'), 0)} | {row['errors']} |"
         )
     lines += [
         "",

@@ -32,6 +32,7 @@ from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.options import add_options, check_clients, check_window, options_of
 from bench.server_process import CAPTURE_OFF, WORKERS_VARIABLE, ServerProcess
+from bench.sweep import number
 
 SUMMARY = "`serve --workers N` vs one worker: unary ModelInfer on `identity`, same load"
 SINGLE = "single"
@@ -116,10 +117,6 @@ def _median(values: list[float | None]) -> float | None:
 
 def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any]:
@@ -218,10 +215,10 @@ def _trial_row(trial: dict[str, Any]) -> str:
     load = trial["load"]
     return (
         f"| {trial['index'] + 1} | {_label(trial['workers'])} "
-        f"| {_number(load['requests_per_s'], 0)} | {_number(load['p99_ms'], 2)} "
-        f"| {_number(trial['server_cores_busy'], 2)} "
-        f"| {_number(trial['server_cpu_ms_per_request'], 3)} "
-        f"| {_number(trial['client_cores_busy'], 2)} | {sum(load['errors'].values())} |"
+        f"| {number(load['requests_per_s'], 0)} | {number(load['p99_ms'], 2)} "
+        f"| {number(trial['server_cores_busy'], 2)} "
+        f"| {number(trial['server_cpu_ms_per_request'], 3)} "
+        f"| {number(trial['client_cores_busy'], 2)} | {sum(load['errors'].values())} |"
     )
 
 
@@ -245,19 +242,19 @@ def render(report: dict[str, Any]) -> str:
     for side in SIDES:
         row = summary[side]
         lines.append(
-            f"| {_label(row['workers'])} | {_number(row['requests_per_s'], 0)} "
-            f"| {_number(row['p50_ms'], 2)} | {_number(row['p99_ms'], 2)} "
-            f"| {_number(row['server_cores_busy'], 2)} "
-            f"| {_number(row['server_cpu_ms_per_request'], 3)} "
-            f"| {_number(row['client_cores_busy'], 2)} | {row['errors']} |"
+            f"| {_label(row['workers'])} | {number(row['requests_per_s'], 0)} "
+            f"| {number(row['p50_ms'], 2)} | {number(row['p99_ms'], 2)} "
+            f"| {number(row['server_cores_busy'], 2)} "
+            f"| {number(row['server_cpu_ms_per_request'], 3)} "
+            f"| {number(row['client_cores_busy'], 2)} | {row['errors']} |"
         )
     verdict = "meets" if (report["ratio"] or 0) >= report["goal_ratio"] else "below"
     lines += [
         "",
-        f"**{options['workers']} workers / 1 worker requests/s: {_number(report['ratio'], 2)}** "
+        f"**{options['workers']} workers / 1 worker requests/s: {number(report['ratio'], 2)}** "
         f"({verdict} the goal of >= {report['goal_ratio']:g}); server cores busy "
-        f"{_number(report['server_cores_ratio'], 2)}x, server CPU per request "
-        f"{_number(report['cpu_per_request_ratio'], 2)}x.",
+        f"{number(report['server_cores_ratio'], 2)}x, server CPU per request "
+        f"{number(report['cpu_per_request_ratio'], 2)}x.",
         "",
         "| trial | server | requests/s | p99 ms | server cores busy | server CPU ms/request "
         "| client cores busy | errors |",
