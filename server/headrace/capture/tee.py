@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import random
 import time
-import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter_ns
@@ -218,9 +217,10 @@ class ModelCapture:
         status_message: str,
         response: InferenceResponse | None,
         reply: bytes,
-        request_id: str = "",
+        request_id: str,
     ) -> bool:
-        """Spool the record of an admitted call and wait until it is in the spool. Returns
+        """Spool the record of an admitted call (under `request_id`, which the servicer chose)
+        and wait until it is in the spool. Returns
         False when the answer must not leave: the record could not be spooled and the
         model's policy is `refuse`."""
         refuse = self.settings.on_spool_full == "refuse"
@@ -235,7 +235,7 @@ class ModelCapture:
                     headers[key] = value if isinstance(value, str) else value.hex()
         truncated = len(wire) + len(reply) > self.settings.max_record_bytes
         record = CaptureRecord(
-            request_id=request_id or message.id or uuid.uuid4().hex,
+            request_id=request_id,
             model=self.spec.name,
             version=self.spec.version,
             received_ns=received_ns,
