@@ -278,7 +278,10 @@ def run_h2load(spec: LoadSpec, meter: Callable[[], float], metrics_url: str) -> 
                 batching = server_metrics.difference(
                     scrape_start, server_metrics.scrape(metrics_url)
                 )
-                output, _ = process.communicate(timeout=TAIL_S + EXIT_TIMEOUT_S)
+                try:
+                    output, _ = process.communicate(timeout=TAIL_S + EXIT_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    raise LoadError(f"h2load did not stop in {EXIT_TIMEOUT_S} s") from None
             finally:
                 if process.poll() is None:
                     process.kill()

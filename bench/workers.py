@@ -178,6 +178,12 @@ def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any
     client = load_generator(options.client)
     if client == H2LOAD:
         h2load.layout(_spec(options, "", b""))
+    else:
+        print(
+            "workers: load from the Python clients, which take about 0.7 of a core at this "
+            "load; `make bench-tools` installs h2load, about a fifth of their CPU per call",
+            file=sys.stderr,
+        )
     request = identity_request(options.elements)
     argv = [sys.executable, "-m", "headrace", "serve", "--host", HOST, "--port", "0"]
     workers = {SINGLE: 1, MULTI: options.workers}
