@@ -290,7 +290,10 @@ def run_h2load(spec: LoadSpec, meter: Callable[[], float], metrics_url: str) -> 
         if process.returncode != 0:
             raise LoadError(f"h2load exited with {process.returncode}: {summary[-2000:]}")
         calls = parse_log(log.read_text())
-    started, done = parse_summary(summary)
+    try:
+        started, done = parse_summary(summary)
+    except ValueError as exc:
+        raise LoadError(f"{exc}: {summary[-2000:]}") from exc
     answered = sum(call.status == 200 for call in calls)
     if len(calls) != done:
         raise LoadError(f"h2load logged {len(calls)} calls but reported {done} done")
