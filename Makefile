@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck unit toolchains proto bench bench-quick clean fuzz soak
+.PHONY: serve test lint typecheck unit toolchains bench-tools proto bench bench-quick clean fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +53,12 @@ typecheck: $(DEV_STAMP)
 toolchains:
 	clients/install-toolchains.sh
 
-unit: $(DEV_STAMP) toolchains
+## bench-tools: h2load and nghttp (Debian's nghttp2-client) when missing: the `workers`
+## scenario's load generator (bench/h2load.py), also used by its tests
+bench-tools:
+	bench/install-tools.sh
+
+unit: $(DEV_STAMP) toolchains bench-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## proto: regenerate server/headrace/protocol/*_pb2* from proto/
@@ -62,11 +67,11 @@ proto: $(DEV_STAMP)
 
 ## bench: the standard set of benchmark scenarios (~15 min on 2 cores; see bench/README.md),
 ## or one scenario with ARGS="frontend --trials 5"; JSON, Markdown and PNG go to bench/results/
-bench: $(DEV_STAMP)
+bench: $(DEV_STAMP) bench-tools
 	$(BIN)/python -m bench $(ARGS)
 
 ## bench-quick: the standard set with short windows, one trial, fewer load levels (~2 min)
-bench-quick: $(DEV_STAMP)
+bench-quick: $(DEV_STAMP) bench-tools
 	$(BIN)/python -m bench --quick
 
 clean:

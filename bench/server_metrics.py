@@ -1,5 +1,6 @@
-"""Batching figures read from a Headrace server's Prometheus endpoint around a measurement
-window: mean batch size and where a request's time went (batcher queue vs backend call).
+"""Figures read from a Headrace server's Prometheus endpoint around a measurement window:
+mean batch size and where a request's time went (batcher queue vs backend call), and requests
+answered by gRPC status code and by worker process.
 
 Read by the text parser of prometheus_client, from the same /metrics a deployment scrapes, so
 the bench measures what operators see. Histograms are cumulative: a window's figures are the
@@ -18,6 +19,10 @@ QUEUE_DURATION = "headrace_queue_duration_seconds"
 BACKEND_DURATION = "headrace_backend_duration_seconds"
 REQUEST_DURATION = "headrace_request_duration_seconds"
 HISTOGRAMS = (BATCH_SIZE, QUEUE_DURATION, BACKEND_DURATION, REQUEST_DURATION)
+REQUESTS = "headrace_requests"
+"""Requests answered, by model, version and gRPC status code name (`code`)."""
+WORKER_REQUESTS = "headrace_worker_requests"
+"""Requests answered, by worker process (`worker`) of `headrace serve --workers N`."""
 SCRAPE_TIMEOUT_S = 5.0
 
 Scrape = dict[str, tuple[float, float]]
@@ -39,14 +44,67 @@ def parse(text: str) -> Scrape:
     return {name: (total[0], total[1]) for name, total in totals.items()}
 
 
+def read(url: str) -> str:
+    """GET `url` (a /metrics address): the page's text.
+
+    Raises:
+        OSError: the endpoint cannot be read.
+    """
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+        return str(response.read().decode())
+
+
 def scrape(url: str) -> Scrape:
     """GET `url` (a /metrics address) and parse it.
 
     Raises:
         OSError: the endpoint cannot be read.
     """
-    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
-        return parse(response.read().decode())
+    return parse(read(url))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCounts:
+    """Requests a server has answered (cumulative, or a window's when differenced)."""
+
+    by_code: dict[str, int]
+    """gRPC status code name -> requests, over all models."""
+    by_worker: dict[str, int]
+    """Worker index -> requests, all codes (one worker, "0", for a single process)."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_code.values())
+
+    def since(self, before: RequestCounts) -> RequestCounts:
+        """The requests answered between `before` and these counts (zeros left out)."""
+
+        def minus(after: dict[str, int], earlier: dict[str, int]) -> dict[str, int]:
+            changed = {key: value - earlier.get(key, 0) for key, value in after.items()}
+            return {key: value for key, value in sorted(changed.items()) if value}
+
+        return RequestCounts(
+            minus(self.by_code, before.by_code), minus(self.by_worker, before.by_worker)
+        )
+
+
+def request_counts(text: str) -> RequestCounts:
+    """The request counters in a /metrics page, summed over models and versions (counters
+    missing from the page read as none)."""
+    by_code: dict[str, int] = {}
+    by_worker: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == REQUESTS:
+            counts, label = by_code, "code"
+        elif family.name == WORKER_REQUESTS:
+            counts, label = by_worker, "worker"
+        else:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{family.name}_total":
+                key = sample.labels[label]
+                counts[key] = counts.get(key, 0) + round(sample.value)
+    return RequestCounts(by_code, by_worker)
 
 
 @dataclass(frozen=True, slots=True)

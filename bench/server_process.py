@@ -30,6 +30,27 @@ STOP_TIMEOUT_S = 15.0
 _POLL_INTERVAL_S = 0.05
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process `pid` has used so far, all its threads and live
+    child processes together (0 once it has exited)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            for task in tasks:
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        # The command name (field 2) may hold spaces; the fields after its ')' do not.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        user_ticks, system_ticks = int(fields[11]), int(fields[12])  # fields 14 and 15
+        total += (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 class ServerProcess:
     """One server subprocess. Use as a context manager: `with ServerProcess(...) as server:`
     starts it (`server.port` is then bound) and always stops it, on errors and Ctrl-C too."""
@@ -102,22 +123,7 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """User plus system CPU time the server has used so far, all its threads and live
         child processes (a supervisor's workers) together."""
-        total = 0.0
-        pending = [self.pid]
-        while pending:
-            pid = pending.pop()
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                tasks = list(Path(f"/proc/{pid}/task").iterdir())
-                for task in tasks:
-                    pending += [int(child) for child in (task / "children").read_text().split()]
-            except FileNotFoundError:  # exited meanwhile
-                continue
-            # The command name (field 2) may hold spaces; the fields after its ')' do not.
-            fields = stat[stat.rindex(")") + 2 :].split()
-            user_ticks, system_ticks = int(fields[11]), int(fields[12])  # fields 14 and 15
-            total += (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
-        return total
+        return cpu_seconds(self.pid)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM, then SIGKILL if the server has not exited within `timeout_s`; idempotent."""

@@ -1,33 +1,40 @@
 """Scenario `workers`: `headrace serve --workers N` against one worker, same load.
 
-Two Headrace processes run side by side on the embedded default config: one with one worker
-(a single process, no supervisor), one with N workers behind a supervisor on one SO_REUSEPORT
-port. Trials alternate between them in ABBA order with the same clients, request and
-concurrency, unary ModelInfer on `identity` (the model costs nothing, so requests/s is
-Headrace's own ceiling). The kernel spreads connections, not calls, over the workers, so each
-client process opens several connections.
+Two Headrace processes run side by side on the embedded default config, metrics on: one with
+one worker (a single process, no supervisor), one with N workers behind a supervisor on one
+SO_REUSEPORT port. Trials alternate between them in ABBA order with the same clients, request
+and concurrency, unary ModelInfer on `identity` (the model costs nothing, so requests/s is
+Headrace's own ceiling). The kernel spreads connections, not calls, over the workers, so the
+load comes over several connections; each trial reports the requests each worker answered
+(`headrace_worker_requests`, from the server's /metrics).
 
-Fairness: on a machine of C cores with no pinning, the clients share the cores with the
-server, and N workers can get at most what the clients leave; the requests/s ratio then
-understates what N workers give a server-bound host. The report also gives the server's CPU
-use (cores busy during the window, all its processes together) and its CPU per request: the
-first shows how many cores the server actually got, the second whether more processes cost
-more per request. `--server-cpus`/`--client-cpus` pin both servers and the clients to disjoint
-CPUs on a machine with more cores than the server should use (e.g. `--server-cpus 0,1
---client-cpus 2-15`): then the ratio is the scale-out on exactly those cores.
+The load generator: h2load (`bench.h2load`, C++, about a tenth of the server's CPU per call)
+when installed, else the grpc.aio clients of `bench.loadgen` (`--client python`), which take
+about 0.7 of a core at this load: on a machine of C cores with no pinning, the clients share
+the cores with the server, and N workers can get at most what the clients leave; the
+requests/s ratio then understates what N workers give a server-bound host. The report also
+gives the server's CPU use (cores busy during the window, all its processes together) and its
+CPU per request: the first shows how many cores the server actually got, the second whether
+more processes cost more per request. `--server-cpus`/`--client-cpus` pin both servers and the
+clients to disjoint CPUs on a machine with more cores than the server should use (e.g.
+`--server-cpus 0,1 --client-cpus 2-15`): then the ratio is the scale-out on exactly those
+cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import h2load, server_metrics
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.gpu_sim import METRICS_ENVIRONMENT
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.options import add_options, check_clients, check_window, options_of
@@ -40,6 +47,10 @@ MULTI = "multi"
 SIDES = (SINGLE, MULTI)
 GOAL_RATIO = 1.6
 """Requests/s of 2 workers over 1 on 2 cores (issue #11)."""
+AUTO = "auto"
+H2LOAD = "h2load"
+PYTHON = "python"
+CLIENTS = (AUTO, H2LOAD, PYTHON)
 
 
 def cpu_list(text: str) -> tuple[int, ...]:
@@ -56,6 +67,9 @@ class WorkersOptions:
     """The scenario's knobs; the defaults are the standard run."""
 
     workers: int = 2
+    client: str = AUTO
+    """Load generator: h2load, python (bench.loadgen's grpc.aio clients), or auto (h2load
+    when installed, else python)."""
     trials: int = 3
     """Trials per side (ABBA)."""
     duration_s: float = 5.0
@@ -63,9 +77,9 @@ class WorkersOptions:
     concurrency: int = 64
     """Requests in flight over all client processes: enough to keep every worker busy."""
     clients: int = 2
-    """Client processes."""
+    """Client processes (h2load: threads)."""
     connections: int = 8
-    """Connections per client process (the kernel hashes each to a worker)."""
+    """Connections per client process or thread (the kernel hashes each to a worker)."""
     elements: int = 16
     server_cpus: tuple[int, ...] = ()
     """CPUs both servers are pinned to (empty: none)."""
@@ -75,6 +89,7 @@ class WorkersOptions:
 
 _HELP = {
     "workers": "workers of the multi side",
+    "client": "load generator: auto (h2load when installed), h2load or python",
     "trials": "trials per side",
     "connections": "connections per client process",
     "server_cpus": "e.g. 0,1",
@@ -99,7 +114,39 @@ def options_from(arguments: argparse.Namespace) -> WorkersOptions:
         raise ValueError("counts must be >= 1 and --workers >= 2")
     check_clients(options.clients, options.concurrency)
     check_window(options.warmup_s, options.duration_s)
+    if options.client not in CLIENTS:
+        raise ValueError(f"--client must be one of {', '.join(CLIENTS)}, got {options.client!r}")
+    if options.client == H2LOAD:
+        h2load.layout(_spec(options, "", b""))
     return options
+
+
+def _spec(options: WorkersOptions, target: str, request: bytes) -> LoadSpec:
+    return LoadSpec(
+        target=target,
+        method=METHOD,
+        request=request,
+        check=check_identity_reply,
+        concurrency=options.concurrency,
+        clients=options.clients,
+        warmup_s=options.warmup_s,
+        duration_s=options.duration_s,
+        connections=options.connections,
+        client_cpus=options.client_cpus,
+    )
+
+
+def load_generator(choice: str) -> str:
+    """H2LOAD or PYTHON for `--client` `choice`; auto is h2load when it is installed.
+
+    Raises:
+        h2load.ToolMissingError: h2load asked for and not installed.
+    """
+    if choice == H2LOAD or (choice == AUTO and shutil.which(h2load.H2LOAD)):
+        h2load.find_tool(h2load.H2LOAD)
+        h2load.find_tool(h2load.NGHTTP)
+        return H2LOAD
+    return PYTHON
 
 
 def trial_order(trials: int) -> list[str]:
@@ -125,8 +172,18 @@ def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any
 
     Raises:
         RuntimeError: a server did not start.
-        LoadError: a client failed (a wrong reply included).
+        LoadError: a client failed (a wrong reply included); h2load asked for and missing.
+        ValueError: a concurrency h2load cannot spread (see `bench.h2load.layout`).
     """
+    client = load_generator(options.client)
+    if client == H2LOAD:
+        h2load.layout(_spec(options, "", b""))
+    else:
+        print(
+            "workers: load from the Python clients, which take about 0.7 of a core at this "
+            "load; `make bench-tools` installs h2load, about a fifth of their CPU per call",
+            file=sys.stderr,
+        )
     request = identity_request(options.elements)
     argv = [sys.executable, "-m", "headrace", "serve", "--host", HOST, "--port", "0"]
     workers = {SINGLE: 1, MULTI: options.workers}
@@ -138,8 +195,9 @@ def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any
                     side,
                     argv,
                     results_dir / f"workers-{stamp}-{side}.log",
-                    # Capture is measured by its own scenario (bench/capture.py).
-                    {WORKERS_VARIABLE: str(workers[side]), **CAPTURE_OFF},
+                    # Capture is measured by its own scenario (bench/capture.py); metrics give
+                    # the requests per worker and check h2load's calls.
+                    {WORKERS_VARIABLE: str(workers[side]), **CAPTURE_OFF, **METRICS_ENVIRONMENT},
                     cpus=options.server_cpus,
                 )
             )
@@ -147,24 +205,20 @@ def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any
         }
         for index, side in enumerate(trial_order(options.trials)):
             server = servers[side]
-            spec = LoadSpec(
-                target=f"{HOST}:{server.port}",
-                method=METHOD,
-                request=request,
-                check=check_identity_reply,
-                concurrency=options.concurrency,
-                clients=options.clients,
-                warmup_s=options.warmup_s,
-                duration_s=options.duration_s,
-                connections=options.connections,
-                client_cpus=options.client_cpus,
-            )
-            load = run_load(spec, meter=server.cpu_seconds)
+            spec = _spec(options, f"{HOST}:{server.port}", request)
+            metrics_url = server.metrics_url()
+            before = server_metrics.request_counts(server_metrics.read(metrics_url))
+            if client == H2LOAD:
+                load = h2load.run_h2load(spec, server.cpu_seconds, metrics_url)
+            else:
+                load = run_load(spec, server.cpu_seconds, metrics_url)
+            answered = server_metrics.request_counts(server_metrics.read(metrics_url))
             trial = {
                 "index": index,
                 "side": side,
                 "workers": workers[side],
                 "load": asdict(load),
+                "worker_requests": answered.since(before).by_worker,
                 "server_cores_busy": load.metered / load.duration_s,
                 "server_cpu_ms_per_request": (
                     load.metered * 1000 / load.completed if load.completed else None
@@ -190,6 +244,7 @@ def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any
     pinned = bool(options.server_cpus and options.client_cpus)
     return {
         "options": asdict(options),
+        "client": client,
         "request_bytes": len(request),
         "note": (
             "servers and clients pinned to disjoint CPUs"
@@ -207,8 +262,22 @@ def run(options: WorkersOptions, results_dir: Path, stamp: str) -> dict[str, Any
     }
 
 
+def _clients(client: str) -> str:
+    return "h2load threads" if client == H2LOAD else "Python client processes"
+
+
 def _label(workers: int) -> str:
     return "1 worker (single process)" if workers == 1 else f"{workers} workers"
+
+
+def _spread(worker_requests: dict[str, int]) -> str:
+    """Each worker's share of the requests of a trial (its whole run, warm-up included)."""
+    total = sum(worker_requests.values())
+    return (
+        " / ".join(f"{count * 100 / total:.0f}%" for _, count in sorted(worker_requests.items()))
+        if total
+        else "-"
+    )
 
 
 def _trial_row(trial: dict[str, Any]) -> str:
@@ -218,7 +287,8 @@ def _trial_row(trial: dict[str, Any]) -> str:
         f"| {number(load['requests_per_s'], 0)} | {number(load['p99_ms'], 2)} "
         f"| {number(trial['server_cores_busy'], 2)} "
         f"| {number(trial['server_cpu_ms_per_request'], 3)} "
-        f"| {number(trial['client_cores_busy'], 2)} | {sum(load['errors'].values())} |"
+        f"| {number(trial['client_cores_busy'], 2)} | {sum(load['errors'].values())} "
+        f"| {_spread(trial['worker_requests'])} |"
     )
 
 
@@ -230,7 +300,7 @@ def render(report: dict[str, Any]) -> str:
         f"## workers: {SUMMARY}",
         "",
         f"1x{options['elements']} FP32 ({report['request_bytes']} B request), concurrency "
-        f"{options['concurrency']} over {options['clients']} client processes x "
+        f"{options['concurrency']} over {options['clients']} {_clients(report['client'])} x "
         f"{options['connections']} connections, {options['trials']} trials per side (ABBA), "
         f"{options['warmup_s']:g} s warm-up + {options['duration_s']:g} s window; medians.",
         f"Machine: {one_line(report['machine'])}; {report['note']}.",
@@ -257,8 +327,8 @@ def render(report: dict[str, Any]) -> str:
         f"{number(report['cpu_per_request_ratio'], 2)}x.",
         "",
         "| trial | server | requests/s | p99 ms | server cores busy | server CPU ms/request "
-        "| client cores busy | errors |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|",
+        "| client cores busy | errors | requests per worker |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|---|",
     ]
     lines += [_trial_row(trial) for trial in report["trials"]]
     return "\n".join(lines)

@@ -1,13 +1,20 @@
-"""Batching figures from Headrace's own metrics registry, as /metrics exposes it: a window's
-means are the difference of two scrapes."""
+"""Batching figures and request counts from Headrace's own metrics registry, as /metrics
+exposes it: a window's figures are the difference of two scrapes."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from prometheus_client import generate_latest
 
-from bench.server_metrics import BatchingFigures, difference, parse
-from headrace.telemetry.metrics import Metrics
+from bench.server_metrics import (
+    BatchingFigures,
+    RequestCounts,
+    difference,
+    parse,
+    request_counts,
+)
+from headrace.telemetry.metrics import Metrics, RequestMetrics
 
 
 def _page(metrics: Metrics) -> str:
@@ -46,3 +53,19 @@ def test_an_idle_window_has_no_means() -> None:
 def test_a_page_without_headrace_metrics_reads_as_zero() -> None:
     scrape = parse("# HELP other_total x\n# TYPE other_total counter\nother_total 3\n")
     assert set(scrape.values()) == {(0.0, 0.0)}
+
+
+def test_request_counts_are_by_code_over_models_and_by_worker() -> None:
+    metrics = Metrics(worker_id=1)
+    identity = RequestMetrics(metrics, "identity", "1")
+    forecast = RequestMetrics(metrics, "sales_forecast", "1")
+    identity.record_request(grpc.StatusCode.OK, 1000)  # before the window: must not count
+    before = request_counts(_page(metrics))
+    assert before == RequestCounts({"OK": 1}, {"1": 1})
+    for model in (identity, identity, forecast):
+        model.record_request(grpc.StatusCode.OK, 1000)
+    metrics.unresolved.record_request(grpc.StatusCode.NOT_FOUND, 1000)
+    window = request_counts(_page(metrics)).since(before)
+    assert window == RequestCounts({"NOT_FOUND": 1, "OK": 3}, {"1": 4})
+    assert window.total == 4
+    assert request_counts("") == RequestCounts({}, {})
