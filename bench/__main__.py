@@ -60,6 +60,7 @@ QUICK_SCENARIO_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "gpu_sim": ("--concurrencies", "1,64"),
     "triton": ("--concurrencies", "64"),
     "shared_memory": ("--concurrencies", "1"),
+    "overload": ("--overload-ratios", "3", "--storm-concurrency", "0"),
 }
 """...and fewer load levels (these come after `QUICK_ARGUMENTS`, so they win)."""
 EXIT_FAILED = 1

@@ -132,7 +132,8 @@ class ClientTally:
     latencies_ns: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     error_latencies_ns: list[int] = field(default_factory=list)
-    """Closed loop: how long each failed call took to fail (a refusal's speed)."""
+    """How long each failed call took to fail (a refusal's speed): from its send (closed
+    loop) or its scheduled send time (open loop)."""
     cpu_s: float = 0.0
     completed_in_window: int = 0
     """Replies received inside the window (open loop; closed loop: len(latencies_ns))."""
@@ -171,8 +172,10 @@ class LoadResult:
     batching: server_metrics.BatchingFigures | None = None
     """From the server's /metrics, when `run_load` was given its address."""
     error_p99_ms: float | None = None
-    """Closed loop: 99th percentile of the time failed calls took to fail; None when none
-    failed."""
+    """99th percentile of the time failed calls took to fail (open loop: from their scheduled
+    send time); None when none failed."""
+    error_p50_ms: float | None = None
+    """Their median, likewise."""
 
 
 def run_load(
@@ -303,6 +306,7 @@ def summarize(
         server_cpu_ms_per_request=metered * 1000 / in_window if in_window else None,
         batching=batching,
         error_p99_ms=percentile(failed, 0.99) / 1e6 if failed else None,
+        error_p50_ms=percentile(failed, 0.5) / 1e6 if failed else None,
     )
 
 
@@ -527,6 +531,7 @@ async def _open_loop(
             except grpc.aio.AioRpcError as exc:
                 if measured:
                     tally.errors[exc.code().name] += 1
+                    tally.error_latencies_ns.append(time.perf_counter_ns() - scheduled_ns)
                 return
         finished = time.perf_counter_ns()
         if finished in window:

@@ -189,22 +189,30 @@ def test_overload_scenario_runs() -> None:
         "1",
         "--capacity-concurrency",
         "4",
-        "--overload-concurrency",
-        "48",
+        "--overload-ratios",
+        "10",
+        "--storm-concurrency",
+        "16",
         "--queue-size",
         "4",
         "--max-inflight-requests",
         "4",
     )
     assert "offered vs capacity" in output
+    assert "retry storm" in output
     for model in ("batched", "unbatched"):
         row = report["models"][model]
         assert row["capacity"]["load"]["completed"] > 0
-        assert row["overload"]["load"]["completed"] > 0
-        # Far more offered than served is refused, and refused with nothing but
-        # RESOURCE_EXHAUSTED.
-        assert row["overload"]["refused"] > 0
-        assert row["overload"]["other_errors"] == 0
+        [point] = row["open_loop"]
+        for overloaded in (point, row["retry_storm"]):
+            assert overloaded["load"]["completed"] > 0
+            # Far more offered than served is refused, and refused with nothing but
+            # RESOURCE_EXHAUSTED; each refusal's time is measured.
+            assert overloaded["refused"] > 0
+            assert overloaded["other_errors"] == 0
+            assert overloaded["load"]["error_p99_ms"] is not None
+        # The open loop offers its rate whatever comes back.
+        assert point["load"]["offered_per_s"] > 0
 
 
 def test_soak_runs_ten_seconds_without_errors_or_runaway_memory() -> None:

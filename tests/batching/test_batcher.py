@@ -288,6 +288,21 @@ async def test_full_queue_refuses_at_once_with_a_retry_hint(batcher_factory) -> 
     _check(await _submit(batcher, _request([9.0])), _request([9.0]))
 
 
+async def test_retry_hint_counts_the_first_batch_time_in_full(batcher_factory) -> None:
+    # Each execution sleeps 0.2 s, so a batch takes at least that: one batch finished, the
+    # hint for a queue of two single-item batches is at least 2 x 0.2 s, not a fraction of it.
+    batcher, model, _ = await batcher_factory(max_batch_size=1, max_queue_size=2, delay_s=0.2)
+    _check(await _submit(batcher, _request([1.0])), _request([1.0]))
+    blocker = await _hold(batcher, model)
+    queued = [asyncio.ensure_future(_submit(batcher, _request([float(i)]))) for i in range(2)]
+    await asyncio.sleep(0.02)
+    with pytest.raises(ResourceExhaustedError) as raised:
+        await _submit(batcher, _request([9.0]))
+    assert int(raised.value.trailing_metadata[RETRY_PUSHBACK_METADATA]) >= 400
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *queued), 10)
+
+
 async def test_failing_batch_fails_only_its_requests(batcher_factory) -> None:
     batcher, _, _ = await batcher_factory(max_batch_size=2, max_queue_delay_us=30_000_000)
     poisoned = [_submit(batcher, _request([-1.0])), _submit(batcher, _request([5.0]))]

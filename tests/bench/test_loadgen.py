@@ -93,12 +93,14 @@ def test_summarize_adds_up_the_clients() -> None:
     first = ClientTally(
         latencies_ns=[1 * MS, 2 * MS],
         errors=Counter(UNAVAILABLE=1),
+        error_latencies_ns=[5 * MS],
         cpu_s=0.1,
         completed_in_window=2,
     )
     second = ClientTally(
         latencies_ns=[3 * MS, 4 * MS],
         errors=Counter(UNAVAILABLE=2, WRONG_REPLY=1),
+        error_latencies_ns=[7 * MS, 6 * MS],
         cpu_s=0.3,
         completed_in_window=2,
     )
@@ -108,6 +110,7 @@ def test_summarize_adds_up_the_clients() -> None:
     assert (result.p50_ms, result.p90_ms, result.p99_ms, result.p999_ms) == (2.0, 4.0, 4.0, 4.0)
     assert result.mean_ms == 2.5
     assert result.errors == {"UNAVAILABLE": 3, "WRONG_REPLY": 1}
+    assert (result.error_p50_ms, result.error_p99_ms) == (6.0, 7.0)
     assert result.client_cpu_ms_per_request == pytest.approx(100.0)
     assert result.server_cpu_ms_per_request == pytest.approx(200.0)
     assert result.offered_per_s is None

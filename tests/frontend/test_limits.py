@@ -14,7 +14,7 @@ import pytest
 
 from headrace.config import Settings
 from headrace.errors import InvalidArgumentError
-from headrace.frontend.limits import RequestLimits
+from headrace.frontend.limits import InflightLimit, RequestLimits
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, gated_model, make_settings
@@ -248,3 +248,14 @@ def test_raw_contents_are_counted_against_the_inputs_they_belong_to() -> None:
     assert refused.value.message.startswith(
         "input 'B' brings the request to 2030 bytes of tensor data"
     )
+
+
+def test_inflight_retry_hint_starts_at_the_first_duration_then_follows_the_average() -> None:
+    limit = InflightLimit(1)
+    assert limit.retry_hint_ms() == 1  # nothing finished yet
+    limit.record_duration(0.4)
+    assert limit.retry_hint_ms() == 400
+    limit.record_duration(0.2)
+    assert limit.retry_hint_ms() == 390  # 0.4 + 0.05 x (0.2 - 0.4)
+    limit.record_duration(1000.0)
+    assert limit.retry_hint_ms() == 10_000  # capped

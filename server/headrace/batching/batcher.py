@@ -158,8 +158,10 @@ class DynamicBatcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
         self._batch_ids = BatchIds()
-        self._batch_seconds = 0.0
-        """Moving average of a batch's time in the backend, for the retry hint."""
+        self._batch_seconds: float | None = None
+        """Moving average of a batch's time in the backend, for the retry hint; it starts
+        at the first batch's time (None until then), so the first refusals after start-up
+        do not tell clients to come back at once."""
 
     def start(self) -> None:
         """Start the dispatcher task on the running loop."""
@@ -469,7 +471,11 @@ class DynamicBatcher:
                 part.batch_size = batch_size
                 if not entry.future.done():
                     entry.future.set_result(part)
-            self._batch_seconds += 0.2 * ((inferred - merged) / 1e9 - self._batch_seconds)
+            seconds = (inferred - merged) / 1e9
+            average = self._batch_seconds
+            self._batch_seconds = (
+                seconds if average is None else average + 0.2 * (seconds - average)
+            )
             for observer in self._observers:
                 observer.record_execution(
                     batch_size=batch_size,
@@ -517,7 +523,7 @@ class DynamicBatcher:
         policy = self.policy
         batches_ahead = math.ceil(self._queued / policy.max_batch_size)
         seconds = (
-            max(self._batch_seconds, policy.max_queue_delay_s)
+            max(self._batch_seconds or 0.0, policy.max_queue_delay_s)
             * batches_ahead
             / policy.max_inflight_batches
         )

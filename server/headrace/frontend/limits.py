@@ -103,7 +103,9 @@ class InflightLimit:
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.inflight = 0
-        self._average_s = 0.0
+        self._average_s: float | None = None
+        """Moving average of a request's duration, for the retry hint; it starts at the
+        first request's duration (None until then)."""
 
     @contextmanager
     def admit(self) -> Iterator[None]:
@@ -128,7 +130,12 @@ class InflightLimit:
 
     def record_duration(self, seconds: float) -> None:
         """Feed a finished request's duration into the retry hint."""
-        self._average_s += _LATENCY_WEIGHT * (seconds - self._average_s)
+        average = self._average_s
+        self._average_s = (
+            seconds if average is None else average + _LATENCY_WEIGHT * (seconds - average)
+        )
 
     def retry_hint_ms(self) -> int:
-        return max(1, min(_MAX_RETRY_HINT_MS, round(self._average_s * 1000)))
+        """`grpc-retry-pushback-ms` of a refusal: the time the requests in progress take to
+        finish (their recent mean duration), 1 to 10,000 ms."""
+        return max(1, min(_MAX_RETRY_HINT_MS, round((self._average_s or 0.0) * 1000)))

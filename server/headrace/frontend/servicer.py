@@ -23,6 +23,7 @@ from headrace.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     NotEnabledError,
+    ResourceExhaustedError,
 )
 from headrace.frontend.auth import authorize_model, current_identity
 from headrace.frontend.limits import InflightLimit, RequestLimits
@@ -99,8 +100,9 @@ class InferenceServicer:
                 wire = require_message(request)
                 message = wire.message
                 authorize_model(message.model_name)
-                self._limits.check_message(message)
                 served = self._repository.resolve(message.model_name, message.model_version)
+                _check_room(served, started)
+                self._limits.check_message(message)
                 capture = served.capture
                 reply: pb.ModelInferResponse | bytes
                 if capture is None or not capture.admit():
@@ -203,8 +205,6 @@ class InferenceServicer:
         statistics = served.statistics
         shared = self._shared_memory
         try:
-            if served.batcher is not None:
-                served.batcher.check_room()  # before decoding: refusals stay cheap
             request = request_from_proto(message, shared)
             placements = output_placements(message, shared) if message.outputs else None
             spec = served.spec
@@ -425,6 +425,28 @@ class InferenceServicer:
                 "system shared memory is off on this server (server.system_shared_memory)"
             )
         return self._shared_memory
+
+
+def _check_room(served: ServedModel, started: int) -> None:
+    """Refuse a call its model's batcher has no room for, before anything else is done for
+    it: the limits' walk over its tensors, decoding them, its capture record. Under overload
+    most calls end here, so each refusal must cost little beyond grpc's own work for a call
+    (and a refused call is not captured: recording every refusal would turn the offered load,
+    not the served one, into spool writes, and a full spool then costs the records, or the
+    answers, of the calls that are served). The model's statistics count it as failed.
+
+    Raises:
+        ResourceExhaustedError (RESOURCE_EXHAUSTED): the model's queue is full; trailing
+            metadata `grpc-retry-pushback-ms` says when to retry.
+    """
+    batcher = served.batcher
+    if batcher is None:
+        return
+    try:
+        batcher.check_room()
+    except ResourceExhaustedError:
+        served.statistics.record_failure(perf_counter_ns() - started)
+        raise
 
 
 def _stream_error(message: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:
