@@ -72,7 +72,7 @@ def _format_1(record: CaptureRecord) -> bytes:
         _record(headers={}, parameters={}, trace_id="", span_id="", identity=""),
         _record(status_code=14, status_message="späť: 服务 unavailable", response=b""),
         _record(request=b"", response=b"", truncated=True, batch_size=0, endpoint=""),
-        _record(request=bytes(range(256)) * 300, headers={"x-ü": "\x00 quoted \" text"}),
+        _record(request=bytes(range(256)) * 300, headers={"x-ü": '\x00 quoted " text'}),
     ],
 )
 def test_round_trip(record: CaptureRecord) -> None:

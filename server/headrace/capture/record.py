@@ -142,9 +142,7 @@ class CaptureRecord:
             raise RecordFormatError(
                 f"capture record of {len(view)} bytes is shorter than its header"
             )
-        _, flags, received, responded, latency, code, batch_size, *sizes = _HEADER.unpack_from(
-            view
-        )
+        _, flags, received, responded, latency, code, batch_size, *sizes = _HEADER.unpack_from(view)
         end = _HEADER.size + sum(sizes)
         if end != len(view):
             raise RecordFormatError(f"capture record declares {end} bytes but holds {len(view)}")
@@ -219,7 +217,7 @@ def _json_object(data: memoryview, name: str) -> dict[str, Any]:
         return {}
     value = json.loads(bytes(data))
     if not isinstance(value, dict):
-        raise ValueError(f"{name} are not a JSON object")
+        raise RecordFormatError(f"{name} are not a JSON object")
     return value
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
@@ -243,7 +243,7 @@ class ModelCapture:
         *,
         wire: bytes,
         message: pb.ModelInferRequest,
-        metadata: Iterable[tuple[str, str | bytes]] | None,
+        metadata: Callable[[], Iterable[tuple[str, str | bytes]] | None],
         identity: str,
         received_ns: int,
         started_ns: int,
@@ -254,17 +254,18 @@ class ModelCapture:
         request_id: str,
     ) -> bool:
         """Spool the record of an admitted call (under `request_id`, which the servicer chose)
-        and wait until it is in the spool. Returns
-        False when the answer must not leave: the record could not be spooled and the
-        model's policy is `refuse`."""
+        and wait until it is in the spool (a small record is written before this returns,
+        without a wait). `metadata` gives the call's client metadata; it is called only when
+        the model selects headers. Returns False when the answer must not leave: the record
+        could not be spooled and the model's policy is `refuse`."""
         refuse = self.settings.on_spool_full == "refuse"
         if not refuse and self._spool.full:
             self._outcomes.count("dropped")
             return True
         span = trace.get_current_span().get_span_context()
         headers: dict[str, str] = {}
-        if self._headers and metadata is not None:
-            for key, value in metadata:
+        if self._headers and (pairs := metadata()) is not None:
+            for key, value in pairs:
                 if key in self._headers:
                     headers[key] = value if isinstance(value, str) else value.hex()
         size = len(wire) + len(reply)

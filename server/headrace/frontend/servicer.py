@@ -152,7 +152,7 @@ class InferenceServicer:
             await capture.record(
                 wire=wire.data,
                 message=message,
-                metadata=context.invocation_metadata(),
+                metadata=context.invocation_metadata,
                 identity=current_identity(),
                 received_ns=received_ns,
                 started_ns=started,
@@ -175,7 +175,7 @@ class InferenceServicer:
         spooled = await capture.record(
             wire=request_bytes,
             message=message,
-            metadata=context.invocation_metadata(),
+            metadata=context.invocation_metadata,
             identity=current_identity(),
             received_ns=received_ns,
             started_ns=started,
