@@ -6,8 +6,11 @@ policies."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import resource
+import signal
 from collections.abc import Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from headrace.capture.record import CaptureRecord
 from headrace.capture.spool import Spool, read_entries
@@ -24,6 +28,7 @@ from headrace.frontend.auth import hash_token, new_token
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from headrace.spec import ModelSpec
+from headrace.telemetry.metrics import CaptureMetrics
 from tests.capture.conftest import capturing_server, fp32_request, metric, spooled
 from tests.conftest import ServerThread
 from tests.telemetry.conftest import exporting_to, traceparent
@@ -372,9 +377,14 @@ def test_generated_request_ids_differ_per_call(server: ServerThread) -> None:
 
 
 @contextmanager
-def model_capture(directory: Path, **spool: Any) -> Iterator[ModelCapture]:
+def model_capture(
+    directory: Path,
+    settings: ModelCaptureSettings | None = None,
+    metrics: CaptureMetrics | None = None,
+    **spool: Any,
+) -> Iterator[ModelCapture]:
     """A model's capture on a real spool in `directory`, without a server."""
-    settings = ModelCaptureSettings()
+    settings = settings or ModelCaptureSettings()
     with ThreadPoolExecutor(1) as executor:
         target = Spool(
             directory,
@@ -384,7 +394,7 @@ def model_capture(directory: Path, **spool: Any) -> Iterator[ModelCapture]:
             **spool,
         )
         spec = ModelSpec("identity", "1", "python", "python", (), ())
-        yield ModelCapture(spec, settings, target, SpoolCommitter(target, executor), None)
+        yield ModelCapture(spec, settings, target, SpoolCommitter(target, executor), metrics)
         target.close()
 
 
@@ -448,3 +458,54 @@ def test_a_small_record_stays_behind_a_group_being_written(tmp_path: Path) -> No
             assert _spooled_ids(tmp_path) == ["large", "small", "after"]
 
     asyncio.run(scenario())
+
+
+FILE_SIZE_LIMIT = 8192
+"""Bytes a process may write to one file in `_record_past_the_file_size_limit`."""
+
+
+def _record_past_the_file_size_limit(
+    directory: str, policy: str, fsync_interval_ms: int | None
+) -> tuple[list[bool], dict[str, float | None], list[str]]:
+    """In a process of its own: records before, at and after a write that the OS refuses
+    (the segment would pass RLIMIT_FSIZE: EFBIG), what `record()` said of each, the counters,
+    and the ids in the spool."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    registry = CollectorRegistry()
+    settings = ModelCaptureSettings.model_validate({"on_spool_full": policy})
+    said: list[bool] = []
+
+    async def scenario() -> None:
+        with model_capture(
+            Path(directory), settings, CaptureMetrics(registry), fsync_interval_ms=fsync_interval_ms
+        ) as capture:
+            for request_id, size in (
+                ("fits", 100),
+                ("too-large", 2 * FILE_SIZE_LIMIT),
+                ("fits-again", 100),
+            ):
+                said.append(await _call(capture, request_id, size))
+
+    asyncio.run(scenario())
+    counts = {
+        outcome: registry.get_sample_value(
+            "headrace_capture_records_total", {"model": "identity", "outcome": outcome}
+        )
+        for outcome in ("queued", "spooled", "dropped")
+    }
+    return said, counts, _spooled_ids(Path(directory))
+
+
+@pytest.mark.parametrize("fsync_interval_ms", [None, 0])  # written at once / group commit
+@pytest.mark.parametrize("policy", ["drop", "refuse"])
+def test_a_failed_write_drops_the_record_and_refuses_its_answer_when_the_policy_says_so(
+    tmp_path: Path, policy: str, fsync_interval_ms: int | None
+) -> None:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
+        said, counts, ids = process.submit(
+            _record_past_the_file_size_limit, str(tmp_path), policy, fsync_interval_ms
+        ).result()
+    assert said == [True, policy == "drop", True]
+    assert counts == {"queued": 3, "spooled": 2, "dropped": 1}
+    assert ids == ["fits", "fits-again"]  # the torn write was cut back
