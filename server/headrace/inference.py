@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -63,3 +64,18 @@ class BatchIds:
 
     def new(self) -> str:
         return f"{self._prefix}-{next(self._next)}"
+
+
+class RequestIds:
+    """Ids for requests whose client sent none: 32 lowercase hex digits, as a UUID's hex, made
+    of 64 random bits drawn once per instance and a 64-bit counter. Unique across processes
+    (workers) and restarts as random UUIDs are, at a fraction of a UUID's cost per call."""
+
+    __slots__ = ("_next", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._next = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._next):016x}"

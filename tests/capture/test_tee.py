@@ -5,18 +5,30 @@ policies."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import multiprocessing
+import resource
+import signal
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from headrace.capture.record import CaptureRecord
+from headrace.capture.spool import Spool, read_entries
+from headrace.capture.tee import ModelCapture, SpoolCommitter
+from headrace.config import ModelCaptureSettings
 from headrace.frontend.auth import hash_token, new_token
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
+from headrace.spec import ModelSpec
+from headrace.telemetry.metrics import CaptureMetrics
 from tests.capture.conftest import capturing_server, fp32_request, metric, spooled
 from tests.conftest import ServerThread
 from tests.telemetry.conftest import exporting_to, traceparent
@@ -314,3 +326,186 @@ def test_shadow_records_are_spooled_capped_and_dropped_never_refused(tmp_path: P
             metric(server, "headrace_capture_records_total", model="echo_fp32", outcome="dropped")
             == 1
         )
+
+
+def test_records_of_every_size_are_in_before_their_answer_and_counted_exactly(
+    server: ServerThread,
+) -> None:
+    """Small records are written as they come, medium ones by a group commit on the loop,
+    large ones by a group commit on the spool's thread: each is in before its answer, and a
+    burst mixing them loses none and counts each once."""
+    sizes = {"small": 16, "medium": 32 * 1024, "large": 1024 * 1024}  # FP32 elements
+    requests = {
+        f"{name}-{index}": fp32_request(
+            "identity", np.full((1, elements), index, np.float32), f"{name}-{index}"
+        )
+        for index in range(8)
+        for name, elements in sizes.items()
+    }
+    with stub(server) as client:
+        for request_id in ("small-0", "medium-0", "large-0"):
+            client.ModelInfer(requests[request_id])
+            assert request_id in by_id(spooled(server))
+        burst = [
+            client.ModelInfer.future(request)
+            for request_id, request in requests.items()
+            if not request_id.endswith("-0")
+        ]
+        for call in burst:
+            call.result()
+    records = spooled(server)
+    assert sorted(record.request_id for record in records) == sorted(requests)
+    for record in records:
+        assert record.request == requests[record.request_id].SerializeToString()
+    counted = {
+        outcome: metric(server, "headrace_capture_records_total", model="identity", outcome=outcome)
+        for outcome in ("queued", "spooled", "dropped")
+    }
+    assert counted == {"queued": len(requests), "spooled": len(requests), "dropped": 0}
+    assert metric(server, "headrace_capture_bytes_total", model="identity") == sum(
+        len(record.encode()) for record in records
+    )
+
+
+def test_generated_request_ids_differ_per_call(server: ServerThread) -> None:
+    with stub(server) as client:
+        for _ in range(3):
+            client.ModelInfer(fp32_request("identity", np.ones((1, 2), np.float32)))
+    ids = [record.request_id for record in spooled(server)]
+    assert len(set(ids)) == 3
+    assert all(len(request_id) == 32 and int(request_id, 16) >= 0 for request_id in ids)
+
+
+@contextmanager
+def model_capture(
+    directory: Path,
+    settings: ModelCaptureSettings | None = None,
+    metrics: CaptureMetrics | None = None,
+    **spool: Any,
+) -> Iterator[ModelCapture]:
+    """A model's capture on a real spool in `directory`, without a server."""
+    settings = settings or ModelCaptureSettings()
+    with ThreadPoolExecutor(1) as executor:
+        target = Spool(
+            directory,
+            max_bytes=1 << 30,
+            segment_max_bytes=1 << 30,
+            segment_max_age_s=3600.0,
+            **spool,
+        )
+        spec = ModelSpec("identity", "1", "python", "python", (), ())
+        yield ModelCapture(spec, settings, target, SpoolCommitter(target, executor), metrics)
+        target.close()
+
+
+def _call(capture: ModelCapture, request_id: str, size: int) -> Coroutine[Any, Any, bool]:
+    message = pb.ModelInferRequest(model_name="identity", id=request_id)
+    return capture.record(
+        wire=message.SerializeToString() + b"\0" * size,
+        message=message,
+        metadata=lambda: None,
+        identity="",
+        received_ns=1,
+        started_ns=0,
+        code=0,
+        status_message="",
+        response=None,
+        reply=b"",
+        request_id=request_id,
+    )
+
+
+def _spooled_ids(directory: Path) -> list[str]:
+    return [
+        CaptureRecord.decode(entry).request_id
+        for path in sorted(directory.glob("*.open"))
+        for entry in read_entries(path)
+    ]
+
+
+def test_a_small_record_is_written_without_a_turn_of_the_loop(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with model_capture(tmp_path) as capture:
+            call = _call(capture, "direct", 100)
+            with pytest.raises(StopIteration) as done:
+                call.send(None)  # ran to its end: nothing awaited
+            assert done.value.value is True
+            assert _spooled_ids(tmp_path) == ["direct"]
+
+    asyncio.run(scenario())
+
+
+def test_with_fsync_per_write_records_wait_for_the_group_commit(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with model_capture(tmp_path, fsync_interval_ms=0) as capture:
+            call = asyncio.ensure_future(_call(capture, "synced", 100))
+            await asyncio.sleep(0)
+            assert not call.done()  # waits for the group's fsync
+            assert await call
+            assert _spooled_ids(tmp_path) == ["synced"]
+
+    asyncio.run(scenario())
+
+
+def test_a_small_record_stays_behind_a_group_being_written(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with model_capture(tmp_path) as capture:
+            large = asyncio.ensure_future(_call(capture, "large", 1024 * 1024))
+            await asyncio.sleep(0)  # its group is pending or being written on the thread
+            assert await _call(capture, "small", 100)
+            assert await large
+            assert await _call(capture, "after", 100)
+            assert _spooled_ids(tmp_path) == ["large", "small", "after"]
+
+    asyncio.run(scenario())
+
+
+FILE_SIZE_LIMIT = 8192
+"""Bytes a process may write to one file in `_record_past_the_file_size_limit`."""
+
+
+def _record_past_the_file_size_limit(
+    directory: str, policy: str, fsync_interval_ms: int | None
+) -> tuple[list[bool], dict[str, float | None], list[str]]:
+    """In a process of its own: records before, at and after a write that the OS refuses
+    (the segment would pass RLIMIT_FSIZE: EFBIG), what `record()` said of each, the counters,
+    and the ids in the spool."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    registry = CollectorRegistry()
+    settings = ModelCaptureSettings.model_validate({"on_spool_full": policy})
+    said: list[bool] = []
+
+    async def scenario() -> None:
+        with model_capture(
+            Path(directory), settings, CaptureMetrics(registry), fsync_interval_ms=fsync_interval_ms
+        ) as capture:
+            for request_id, size in (
+                ("fits", 100),
+                ("too-large", 2 * FILE_SIZE_LIMIT),
+                ("fits-again", 100),
+            ):
+                said.append(await _call(capture, request_id, size))
+
+    asyncio.run(scenario())
+    counts = {
+        outcome: registry.get_sample_value(
+            "headrace_capture_records_total", {"model": "identity", "outcome": outcome}
+        )
+        for outcome in ("queued", "spooled", "dropped")
+    }
+    return said, counts, _spooled_ids(Path(directory))
+
+
+@pytest.mark.parametrize("fsync_interval_ms", [None, 0])  # written at once / group commit
+@pytest.mark.parametrize("policy", ["drop", "refuse"])
+def test_a_failed_write_drops_the_record_and_refuses_its_answer_when_the_policy_says_so(
+    tmp_path: Path, policy: str, fsync_interval_ms: int | None
+) -> None:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
+        said, counts, ids = process.submit(
+            _record_past_the_file_size_limit, str(tmp_path), policy, fsync_interval_ms
+        ).result()
+    assert said == [True, policy == "drop", True]
+    assert counts == {"queued": 3, "spooled": 2, "dropped": 1}
+    assert ids == ["fits", "fits-again"]  # the torn write was cut back

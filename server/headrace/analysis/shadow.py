@@ -22,7 +22,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -32,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from headrace.capture.record import SHADOW_OF_PARAMETER, SHADOW_PARAMETER, CaptureRecord
 from headrace.config import ShadowSettings
 from headrace.errors import ConfigError, HeadraceError, ModelNotFoundError
-from headrace.inference import InferenceRequest, InferenceResponse
+from headrace.inference import InferenceRequest, InferenceResponse, RequestIds
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from headrace.protocol.converters import request_from_proto, request_to_proto, response_to_proto
@@ -166,6 +165,7 @@ class ShadowMirror:
         self.sink = sink
         """Where shadow records go; None: they are only counted (no capture configured)."""
         self._random = random.Random(seed)
+        self._request_ids = RequestIds()
         self._queue: asyncio.Queue[_Item] | None = None
         self._workers: list[asyncio.Task[None]] = []
         labels = (spec.name, spec.version)
@@ -185,7 +185,7 @@ class ShadowMirror:
             return
         try:
             # Without an id (capture off, client sent none) the shadow record gets its own.
-            self._queue.put_nowait((request_id or uuid.uuid4().hex, request, time.time_ns()))
+            self._queue.put_nowait((request_id or self._request_ids.new(), request, time.time_ns()))
         except asyncio.QueueFull:
             self._dropped.inc()
 

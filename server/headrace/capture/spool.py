@@ -36,6 +36,7 @@ from pathlib import Path
 
 _FRAME = struct.Struct("<II")
 """Payload length, CRC32 of the payload."""
+_FRAME_SIZE = _FRAME.size
 OPEN_SUFFIX = ".open"
 SEALED_SUFFIX = ".seg"
 SEQUENCE_FILE = "sequence"
@@ -63,16 +64,26 @@ def frame(payload: bytes) -> bytes:
     return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def _write_all(fd: int, buffers: list[bytes]) -> None:
-    """All of `buffers`, in order, with as few system calls as the kernel allows."""
+def _write_all(fd: int, buffers: list[bytes], size: int) -> None:
+    """All of `buffers` (`size` bytes together), in order, with as few system calls as the
+    kernel allows: one for a group of up to `_MAX_BUFFERS` buffers that it takes whole."""
+    if len(buffers) <= _MAX_BUFFERS:
+        written = os.writev(fd, buffers)
+        if written < size:
+            _write_rest(fd, buffers, written)
+        return
     for start in range(0, len(buffers), _MAX_BUFFERS):
         chunk = buffers[start : start + _MAX_BUFFERS]
         written = os.writev(fd, chunk)
         if written < sum(len(buffer) for buffer in chunk):
-            # A short write (a signal, a full disk): finish this chunk before the next.
-            rest = memoryview(b"".join(chunk))[written:]
-            while rest:
-                rest = rest[os.write(fd, rest) :]
+            _write_rest(fd, chunk, written)
+
+
+def _write_rest(fd: int, buffers: list[bytes], written: int) -> None:
+    """Finish a short write (a signal, a full disk) of `buffers`, `written` bytes in."""
+    rest = memoryview(b"".join(buffers))[written:]
+    while rest:
+        rest = rest[os.write(fd, rest) :]
 
 
 def read_entries(path: Path) -> Iterator[memoryview]:
@@ -189,14 +200,16 @@ class Spool:
         # Headers and payloads go to the kernel as they are (writev): no copy of a large
         # tensor is made here.
         buffers: list[bytes] = []
+        size = 0
         for entry in entries:
-            buffers.append(_FRAME.pack(len(entry), zlib.crc32(entry)))
+            length = len(entry)
+            buffers.append(_FRAME.pack(length, zlib.crc32(entry)))
             buffers.append(entry)
-        size = sum(len(buffer) for buffer in buffers)
+            size += _FRAME_SIZE + length
         with self._lock:
             fd = self._fd if self._fd is not None else self._open_segment()
             try:
-                _write_all(fd, buffers)
+                _write_all(fd, buffers, size)
             except OSError:
                 # Entries after a torn one would be unreadable: cut back to the last whole one.
                 os.ftruncate(fd, self._open_size)

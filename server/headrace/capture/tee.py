@@ -1,11 +1,15 @@
 """Capture on the request path: the per-model decision (sample, refuse when the spool is full),
-the record built from references the servicer already holds, and the group commit that puts
-the records of one event-loop turn into the spool with one write before their answers leave.
+the record encoded from references the servicer already holds, and its write to the spool
+before the answer leaves.
 
-Cost on the event loop: a small record is one `encode()` (a join of the wire bytes) and a
-share of one `os.write`; a group holding large records (or any group when every write must
-be fsynced) is encoded and written on the spool's own thread, so a 4 MiB tensor never stalls
-the loop.
+Cost on the event loop: a small record is one `encode_record` (a struct and a join of the wire
+bytes, no `CaptureRecord` built) and, in the default durability modes, one `os.write` right
+away: no future and no extra event-loop turn. Where batching writes pays, records go through
+the group commit instead, which puts the records of one event-loop turn into the spool with one
+write: when every write must be fsynced (one fsync per group, not per record), for large
+records (a group holding large records is encoded and written on the spool's own thread, so a
+4 MiB tensor never stalls the loop), and while an earlier group is still being written (so
+records stay in order).
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from headrace.capture.record import CaptureRecord
+from headrace.capture.record import CaptureRecord, encode_record
 from headrace.capture.spool import Spool
 from headrace.config import ModelCaptureSettings
 from headrace.errors import ModelUnavailableError
@@ -38,6 +42,9 @@ if TYPE_CHECKING:
 
 LARGE_GROUP_BYTES = 256 * 1024
 """A group commit holding more bytes than this is encoded and written off the event loop."""
+DIRECT_WRITE_BYTES = 64 * 1024
+"""Records with at most this many tensor bytes are written on the loop as they come (unless a
+group commit is due anyway: fsync per write, or a group pending or in flight)."""
 
 _logger = logging.getLogger(__name__)
 
@@ -57,26 +64,61 @@ class _Outcomes:
             counter.inc(amount)
 
 
+_Pending = tuple[CaptureRecord | bytes, asyncio.Future[bool], _Outcomes]
+"""A record waiting for its group write (encoded already unless it is large), the future its
+submitter awaits, its model's counters."""
+
+
 class SpoolCommitter:
-    """Group commit: records submitted during one event-loop turn are written to the spool
-    together, and each submitter learns when (and whether) its record is in."""
+    """The spool's writer on the event loop: a record written right away (`write_now`), or a
+    group commit, where records submitted during one event-loop turn are written together and
+    each submitter learns when (and whether) its record is in."""
 
     def __init__(self, spool: Spool, executor: ThreadPoolExecutor) -> None:
         self._spool = spool
         self._executor = executor
-        self._pending: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]] = []
+        self._pending: list[_Pending] = []
         self._pending_bytes = 0
         self._scheduled = False
         self._threaded_writes = 0
         self._writes: set[asyncio.Future[list[bytes]]] = set()
 
-    def submit(self, record: CaptureRecord, outcomes: _Outcomes) -> asyncio.Future[bool]:
-        """Queue `record` for the next group write; the future says whether it was written
-        (False: the write failed and the record is dropped, counted and logged)."""
+    def writes_now(self, size: int) -> bool:
+        """Whether a record with `size` tensor bytes goes to `write_now` rather than to a
+        group commit: small, not fsynced per write, and no group ahead of it (order)."""
+        return (
+            size <= DIRECT_WRITE_BYTES
+            and not self._pending
+            and not self._threaded_writes
+            and not self._spool.fsync_each_append
+        )
+
+    def write_now(self, entry: bytes, outcomes: _Outcomes) -> bool:
+        """Write an encoded record to the spool now, on the loop (where `writes_now` said so);
+        True once it is in the OS, False when the write failed (the record is dropped,
+        counted and logged). Counts like a group commit of one."""
+        outcomes.count("queued")
+        try:
+            self._spool.append((entry,))
+        except OSError as exc:
+            _logger.error("capture spool write failed; 1 record dropped: %s", exc)
+            outcomes.count("dropped")
+            return False
+        outcomes.count("spooled")
+        if outcomes.bytes is not None:
+            outcomes.bytes.inc(len(entry))
+        return True
+
+    def submit(
+        self, record: CaptureRecord | bytes, size: int, outcomes: _Outcomes
+    ) -> asyncio.Future[bool]:
+        """Queue `record` (a `CaptureRecord`, or one encoded already) with `size` tensor bytes
+        for the next group write; the future says whether it was written (False: the write
+        failed and the record is dropped, counted and logged)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._pending.append((record, future, outcomes))
-        self._pending_bytes += len(record.request) + len(record.response)
+        self._pending_bytes += size
         outcomes.count("queued")
         if not self._scheduled:
             self._scheduled = True
@@ -105,18 +147,14 @@ class SpoolCommitter:
             return
         self._succeeded(group, entries)
 
-    def _write(
-        self, group: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]]
-    ) -> list[bytes]:
-        entries = [record.encode() for record, _, _ in group]
+    def _write(self, group: list[_Pending]) -> list[bytes]:
+        entries = [
+            record if isinstance(record, bytes) else record.encode() for record, _, _ in group
+        ]
         self._spool.append(entries)
         return entries
 
-    def _written(
-        self,
-        write: asyncio.Future[list[bytes]],
-        group: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]],
-    ) -> None:
+    def _written(self, write: asyncio.Future[list[bytes]], group: list[_Pending]) -> None:
         self._threaded_writes -= 1
         self._writes.discard(write)
         if write.cancelled():
@@ -127,9 +165,7 @@ class SpoolCommitter:
             self._succeeded(group, write.result())
 
     @staticmethod
-    def _succeeded(
-        group: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]], entries: list[bytes]
-    ) -> None:
+    def _succeeded(group: list[_Pending], entries: list[bytes]) -> None:
         for (_, future, outcomes), entry in zip(group, entries, strict=True):
             outcomes.count("spooled")
             if outcomes.bytes is not None:
@@ -138,9 +174,7 @@ class SpoolCommitter:
                 future.set_result(True)
 
     @staticmethod
-    def _failed(
-        group: list[tuple[CaptureRecord, asyncio.Future[bool], _Outcomes]], error: BaseException
-    ) -> None:
+    def _failed(group: list[_Pending], error: BaseException) -> None:
         _logger.error("capture spool write failed; %d records dropped: %s", len(group), error)
         for _, future, outcomes in group:
             outcomes.count("dropped")
@@ -209,7 +243,7 @@ class ModelCapture:
         *,
         wire: bytes,
         message: pb.ModelInferRequest,
-        metadata: Iterable[tuple[str, str | bytes]] | None,
+        metadata: Callable[[], Iterable[tuple[str, str | bytes]] | None],
         identity: str,
         received_ns: int,
         started_ns: int,
@@ -220,42 +254,55 @@ class ModelCapture:
         request_id: str,
     ) -> bool:
         """Spool the record of an admitted call (under `request_id`, which the servicer chose)
-        and wait until it is in the spool. Returns
-        False when the answer must not leave: the record could not be spooled and the
-        model's policy is `refuse`."""
+        and wait until it is in the spool (a small record is written before this returns,
+        without a wait). `metadata` gives the call's client metadata; it is called only when
+        the model selects headers. Returns False when the answer must not leave: the record
+        could not be spooled and the model's policy is `refuse`."""
         refuse = self.settings.on_spool_full == "refuse"
         if not refuse and self._spool.full:
             self._outcomes.count("dropped")
             return True
         span = trace.get_current_span().get_span_context()
         headers: dict[str, str] = {}
-        if self._headers and metadata is not None:
-            for key, value in metadata:
+        if self._headers and (pairs := metadata()) is not None:
+            for key, value in pairs:
                 if key in self._headers:
                     headers[key] = value if isinstance(value, str) else value.hex()
-        truncated = len(wire) + len(reply) > self.settings.max_record_bytes
-        record = CaptureRecord(
-            request_id=request_id,
-            model=self.spec.name,
-            version=self.spec.version,
-            received_ns=received_ns,
-            responded_ns=time.time_ns(),
-            latency_ns=perf_counter_ns() - started_ns,
-            status_code=code,
-            status_message=status_message,
-            request=b"" if truncated else wire,
-            response=b"" if truncated else reply,
-            trace_id=format(span.trace_id, "032x") if span.is_valid else "",
-            span_id=format(span.span_id, "016x") if span.is_valid else "",
-            batch_id=response.batch_id if response is not None else "",
-            batch_size=response.batch_size if response is not None else 0,
-            endpoint=response.endpoint if response is not None else "",
-            identity=identity,
-            headers=headers,
-            parameters=parameters_from_proto(message.parameters) if message.parameters else {},
-            truncated=truncated,
+        size = len(wire) + len(reply)
+        truncated = size > self.settings.max_record_bytes
+        if truncated:
+            wire = reply = b""
+            size = 0
+        fields = (
+            request_id,
+            self.spec.name,
+            self.spec.version,
+            received_ns,
+            time.time_ns(),
+            perf_counter_ns() - started_ns,
+            code,
+            status_message,
+            wire,
+            reply,
+            format(span.trace_id, "032x") if span.is_valid else "",
+            format(span.span_id, "016x") if span.is_valid else "",
+            response.batch_id if response is not None else "",
+            response.batch_size if response is not None else 0,
+            response.endpoint if response is not None else "",
+            identity,
+            headers,
+            parameters_from_proto(message.parameters) if message.parameters else {},
+            truncated,
         )
-        written = await self._committer.submit(record, self._outcomes)
+        committer = self._committer
+        if committer.writes_now(size):
+            written = committer.write_now(encode_record(*fields), self._outcomes)
+        elif size <= DIRECT_WRITE_BYTES:
+            # Small: encoded here; the group commit only writes it.
+            written = await committer.submit(encode_record(*fields), size, self._outcomes)
+        else:
+            # Large: encoded (a copy of its tensors) with its group, off the loop if large.
+            written = await committer.submit(CaptureRecord(*fields), size, self._outcomes)
         return written or not refuse
 
     async def record_shadow(self, record: CaptureRecord) -> None:
@@ -267,4 +314,6 @@ class ModelCapture:
             return
         if len(record.request) + len(record.response) > self.settings.max_record_bytes:
             record = dataclasses.replace(record, request=b"", response=b"", truncated=True)
-        await self._committer.submit(record, self._outcomes)
+        await self._committer.submit(
+            record, len(record.request) + len(record.response), self._outcomes
+        )

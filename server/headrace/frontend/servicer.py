@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,7 +33,7 @@ from headrace.frontend.status import (
     WireMessage,
     require_message,
 )
-from headrace.inference import InferenceRequest, InferenceResponse
+from headrace.inference import InferenceRequest, InferenceResponse, RequestIds
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.converters import (
     output_placements,
@@ -85,6 +84,7 @@ class InferenceServicer:
         self._limits = RequestLimits(limits)
         self.inflight = InflightLimit(limits.max_inflight_requests)
         """Inference requests in progress, and the cap on them."""
+        self._request_ids = RequestIds()
 
     async def _infer(
         self, request: WireMessage[pb.ModelInferRequest] | MalformedMessage, context: Context
@@ -147,14 +147,14 @@ class InferenceServicer:
         message = wire.message
         # One id for the record and whatever else observes the call (a shadow call's record
         # carries it too), generated here when the client sent none.
-        request_id = message.id or uuid.uuid4().hex
+        request_id = message.id or self._request_ids.new()
         try:
             done = await self._infer_served(served, message, context, started, request_id)
         except HeadraceError as exc:
             await capture.record(
                 wire=wire.data,
                 message=message,
-                metadata=context.invocation_metadata(),
+                metadata=context.invocation_metadata,
                 identity=current_identity(),
                 received_ns=received_ns,
                 started_ns=started,
@@ -177,7 +177,7 @@ class InferenceServicer:
         spooled = await capture.record(
             wire=request_bytes,
             message=message,
-            metadata=context.invocation_metadata(),
+            metadata=context.invocation_metadata,
             identity=current_identity(),
             received_ns=received_ns,
             started_ns=started,
