@@ -23,11 +23,14 @@ has another datatype than in the file's other rows): its wire bytes go to `undec
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import ml_dtypes
@@ -214,20 +217,219 @@ def _datatype(array: np.ndarray) -> Datatype:
     return found
 
 
-def _plan_columns(decoded: Sequence[_Decoded], side: str) -> dict[str, Datatype]:
+_BYTES = DATATYPES["BYTES"]
+_LENGTH_PREFIX = struct.Struct("<I")
+"""A BYTES element's length before its bytes, in raw contents."""
+_MAX_DIMS = 32
+"""Shapes with more dimensions go through the converters, where numpy decides whether it can
+represent them (its limit is 64, 32 before numpy 2)."""
+_MAX_EMPTY_SPAN = 2**40
+"""Zero-element shapes whose other dimensions multiply past this go through the converters
+too (numpy refuses some of them)."""
+
+
+class _Header(NamedTuple):
+    """A tensor's description in a message, without its contents."""
+
+    name: str
+    datatype: Datatype
+    shape: tuple[int, ...]
+    elements: int
+    size: int | None
+    """Bytes of raw contents it needs; None for BYTES (elements of any length)."""
+
+
+_Tensor = tuple[_Header, bytes, Sequence[int] | None]
+"""One tensor of a row: its header, its contents in their wire form (little-endian values,
+or BYTES' length-prefixed elements) and, for BYTES, the elements' lengths."""
+
+
+@dataclass(slots=True)
+class _Row:
+    """One record's tensors, ready to be put into columns."""
+
+    inputs: list[_Tensor] = field(default_factory=list)
+    outputs: list[_Tensor] = field(default_factory=list)
+    requested_outputs: tuple[str, ...] | None = None
+    response_parameters: dict[str, ParameterValue] | None = None
+    error: str | None = None
+
+
+def _element_count(shape: tuple[int, ...]) -> int | None:
+    """The elements of `shape`; None when the converters must judge it (negative dimensions,
+    or a shape numpy may not represent)."""
+    if not shape:
+        return 1
+    if min(shape) < 0 or len(shape) > _MAX_DIMS:
+        return None
+    count = math.prod(shape)
+    if count == 0 and math.prod(dim for dim in shape if dim) > _MAX_EMPTY_SPAN:
+        return None
+    return count
+
+
+def _header(tensor: Any, request: bool) -> _Header | None:
+    """`tensor`'s header when its contents can come from raw contents alone; None when the
+    converters must decode or explain it (typed contents or shared memory in a request, an
+    unknown datatype, a shape numpy may not represent)."""
+    if request and (tensor.parameters or tensor.HasField("contents")):
+        return None
+    datatype = DATATYPES.get(tensor.datatype)
+    if datatype is None:
+        return None
+    shape = tuple(tensor.shape)
+    count = _element_count(shape)
+    if count is None:
+        return None
+    size = None if datatype is _BYTES else count * datatype.dtype.itemsize
+    return _Header(tensor.name, datatype, shape, count, size)
+
+
+def _bytes_lengths(data: bytes, count: int) -> list[int] | None:
+    """The lengths of the `count` elements of raw BYTES contents; None unless they exactly
+    fill `data`."""
+    end = len(data)
+    if count * _LENGTH_PREFIX.size > end:
+        return None
+    unpack = _LENGTH_PREFIX.unpack_from
+    lengths = []
+    offset = 0
+    for _ in range(count):
+        if offset + _LENGTH_PREFIX.size > end:
+            return None
+        (length,) = unpack(data, offset)
+        offset += _LENGTH_PREFIX.size + length
+        lengths.append(length)
+    return lengths if offset == end else None
+
+
+_parse_request = pb.ModelInferRequest.FromString
+_parse_response = pb.ModelInferResponse.FromString
+
+
+class _RowDecoder:
+    """Decodes the records of one table into rows.
+
+    The common case takes no numpy per record: requests and responses whose tensors all travel
+    in raw contents that match their datatype and shape. Tensor headers repeat from call to call
+    of a model, so each costs one serialization and one lookup here, not a walk through its
+    fields. Anything else (typed contents, shared memory, malformed messages) goes through the
+    converters as it did before, so it decodes, or fails with the same reason, exactly as then.
+    """
+
+    def __init__(self) -> None:
+        self._headers: tuple[dict[bytes, _Header | None], dict[bytes, _Header | None]] = ({}, {})
+
+    def row(self, record: CaptureRecord) -> _Row:
+        row = self._raw_row(record)
+        if row is not None:
+            return row
+        decoded = _decode(record)
+        if decoded.error is not None:
+            return _Row(error=decoded.error)
+        return _Row(
+            _wire_tensors(decoded.inputs),
+            _wire_tensors(decoded.outputs),
+            decoded.requested_outputs,
+            decoded.response_parameters,
+        )
+
+    def _raw_row(self, record: CaptureRecord) -> _Row | None:
+        inputs: list[_Tensor] = []
+        outputs: list[_Tensor] = []
+        requested = None
+        parameters = None
+        try:
+            if record.request:
+                request = _parse_request(record.request)
+                found = self._raw_tensors(request.inputs, request.raw_input_contents, True)
+                if found is None:
+                    return None
+                inputs = found
+                requested = (
+                    tuple(output.name for output in request.outputs) if request.outputs else ()
+                )
+            if record.response:
+                response = _parse_response(record.response)
+                found = self._raw_tensors(response.outputs, response.raw_output_contents, False)
+                if found is None:
+                    return None
+                outputs = found
+                parameters = (
+                    converters.parameters_from_proto(response.parameters)
+                    if response.parameters
+                    else {}
+                )
+        except DecodeError:
+            return None
+        return _Row(inputs, outputs, requested, parameters)
+
+    def _raw_tensors(
+        self, tensors: Sequence[Any], contents: Sequence[bytes], request: bool
+    ) -> list[_Tensor] | None:
+        """A message's tensors if all are in raw contents matching their headers, else None."""
+        tensors, contents = tensors[:], contents[:]  # slices: faster than iterating upb's
+        if len(contents) != len(tensors):
+            return None
+        headers = self._headers[request]
+        found: list[_Tensor] = []
+        for tensor, data in zip(tensors, contents, strict=True):
+            key = tensor.SerializeToString()
+            header = headers.get(key, _UNSEEN)
+            if header is _UNSEEN:
+                header = headers[key] = _header(tensor, request)
+            if header is None:
+                return None
+            lengths = None
+            if header.size is None:
+                lengths = _bytes_lengths(data, header.elements)
+                if lengths is None:
+                    return None
+            elif len(data) != header.size:
+                return None
+            found.append((header, data, lengths))
+        if len(found) > 1 and len({header.name for header, _, _ in found}) != len(found):
+            return None
+        return found
+
+
+_UNSEEN: Any = object()
+
+
+def _wire_tensors(arrays: Mapping[str, np.ndarray]) -> list[_Tensor]:
+    """Decoded arrays back in their wire form, to share the columns of raw tensors."""
+    found: list[_Tensor] = []
+    for name, array in arrays.items():
+        datatype = _datatype(array)
+        lengths = None
+        if datatype is _BYTES:
+            elements = [_bytes_element(element) for element in array.reshape(-1)]
+            lengths = [len(element) for element in elements]
+            data = b"".join(
+                part
+                for element in elements
+                for part in (_LENGTH_PREFIX.pack(len(element)), element)
+            )
+        else:
+            data = np.ascontiguousarray(array, dtype=datatype.dtype).tobytes()
+        size = None if datatype is _BYTES else len(data)
+        header = _Header(name, datatype, array.shape, array.size, size)
+        found.append((header, data, lengths))
+    return found
+
+
+def _plan_columns(rows: Sequence[_Row], side: str) -> dict[str, Datatype]:
     """Tensor name -> datatype, first seen wins; rows that disagree become undecoded."""
     plan: dict[str, Datatype] = {}
-    for row in decoded:
+    for row in rows:
         if row.error is not None:
             continue
-        tensors = row.inputs if side == "input" else row.outputs
-        for name, array in tensors.items():
-            datatype = _datatype(array)
-            known = plan.setdefault(name, datatype)
-            if known is not datatype:
+        for header, _, _ in row.inputs if side == "input" else row.outputs:
+            known = plan.setdefault(header.name, header.datatype)
+            if known is not header.datatype:
                 row.error = (
-                    f"{side} '{name}' is {datatype.name} in this call but {known.name} in "
-                    "earlier calls of the same file"
+                    f"{side} '{header.name}' is {header.datatype.name} in this call but "
+                    f"{known.name} in earlier calls of the same file"
                 )
                 break
     return plan
@@ -260,34 +462,68 @@ def _bytes_element(element: Any) -> bytes:
     return element.encode() if isinstance(element, str) else bytes(element)
 
 
+def _bytes_values(data: bytes, lengths: np.ndarray) -> pa.Array:
+    """The elements of length-prefixed BYTES contents (one or more tensors' back to back) as
+    one Arrow binary array: the length prefixes cut out in one pass."""
+    count = len(lengths)
+    if len(data) - count * _LENGTH_PREFIX.size >= 2**31:  # past 32-bit binary offsets
+        view = memoryview(data)
+        ends = np.cumsum(lengths + _LENGTH_PREFIX.size).tolist()
+        return pa.array(
+            [
+                bytes(view[end - size : end])
+                for end, size in zip(ends, lengths.tolist(), strict=True)
+            ],
+            type=pa.binary(),
+        )
+    prefixes = np.cumsum(lengths + _LENGTH_PREFIX.size) - lengths - _LENGTH_PREFIX.size
+    keep = np.ones(len(data), dtype=np.bool_)
+    keep[(prefixes[:, np.newaxis] + np.arange(_LENGTH_PREFIX.size)).reshape(-1)] = False
+    values = np.frombuffer(data, dtype=np.uint8)[keep]
+    offsets = np.zeros(count + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.Array.from_buffers(
+        pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(values)]
+    )
+
+
 def _tensor_columns(
-    name: str, datatype: Datatype, arrays: Sequence[np.ndarray | None], side: str
+    name: str, datatype: Datatype, tensors: Sequence[_Tensor | None], side: str
 ) -> tuple[pa.Field, pa.Array, pa.Field, pa.Array]:
-    mask = pa.array([array is None for array in arrays], type=pa.bool_())
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-    np.cumsum([0 if array is None else array.size for array in arrays], out=offsets[1:])
-    shape_offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-    np.cumsum([0 if array is None else array.ndim for array in arrays], out=shape_offsets[1:])
-    present = [array for array in arrays if array is not None]
-    storage = _STORAGE_TYPES[datatype.name]
-    if datatype.name == "BYTES":
-        values = pa.array(
-            [_bytes_element(element) for array in present for element in array.reshape(-1)],
-            type=storage,
+    """One tensor's two columns, built in bulk: one join of the rows' contents, one numpy
+    conversion of the whole column."""
+    mask = pa.array([tensor is None for tensor in tensors], type=pa.bool_())
+    present = [tensor for tensor in tensors if tensor is not None]
+    headers = [header for header, _, _ in present]
+    offsets = np.zeros(len(tensors) + 1, dtype=np.int64)
+    np.cumsum([0 if tensor is None else tensor[0].elements for tensor in tensors], out=offsets[1:])
+    shape_offsets = np.zeros(len(tensors) + 1, dtype=np.int64)
+    np.cumsum(
+        [0 if tensor is None else len(tensor[0].shape) for tensor in tensors],
+        out=shape_offsets[1:],
+    )
+    data = present[0][1] if len(present) == 1 else b"".join(data for _, data, _ in present)
+    if datatype is _BYTES:
+        lengths = np.fromiter(
+            itertools.chain.from_iterable(lengths or () for _, _, lengths in present),
+            dtype=np.int64,
+            count=int(offsets[-1]),
         )
-    elif present:
-        values = pa.array(
-            np.concatenate([_to_storage(array, datatype) for array in present]), type=storage
-        )
+        values = _bytes_values(data, lengths)
     else:
-        values = pa.array([], type=storage)
+        values = pa.array(
+            _to_storage(np.frombuffer(data, dtype=datatype.dtype), datatype),
+            type=_STORAGE_TYPES[datatype.name],
+        )
     shapes = np.fromiter(
-        (dim for array in present for dim in array.shape), dtype=np.int64, count=-1
+        itertools.chain.from_iterable(header.shape for header in headers),
+        dtype=np.int64,
+        count=int(shape_offsets[-1]),
     )
     if offsets[-1] < 2**31:
-        data = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, mask=mask)
+        data_array = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, mask=mask)
     else:  # more elements than 32-bit offsets reach (a file larger than its cap asked for)
-        data = pa.LargeListArray.from_arrays(pa.array(offsets), values, mask=mask)
+        data_array = pa.LargeListArray.from_arrays(pa.array(offsets), values, mask=mask)
     shape = pa.ListArray.from_arrays(
         pa.array(shape_offsets, type=pa.int32()), pa.array(shapes, type=pa.int64()), mask=mask
     )
@@ -299,10 +535,10 @@ def _tensor_columns(
     return (
         pa.field(
             data_prefix + name,
-            data.type,
+            data_array.type,
             metadata={DATATYPE_METADATA_KEY: datatype.name.encode()},
         ),
-        data,
+        data_array,
         pa.field(shape_prefix + name, pa.list_(pa.int64())),
         shape,
     )
@@ -316,13 +552,26 @@ def _json_or_none(value: Mapping[str, ParameterValue] | None) -> str | None:
     return json.dumps(dict(value), separators=(",", ":"))
 
 
+def _side_columns(
+    rows: Sequence[_Row], plan: Mapping[str, Datatype], side: str
+) -> dict[str, list[_Tensor | None]]:
+    """Per column of `plan`, each row's tensor (None where the row has none or failed)."""
+    columns: dict[str, list[_Tensor | None]] = {name: [None] * len(rows) for name in plan}
+    for index, row in enumerate(rows):
+        if row.error is None:
+            for tensor in row.inputs if side == "input" else row.outputs:
+                columns[tensor[0].name][index] = tensor
+    return columns
+
+
 def records_to_table(records: Sequence[CaptureRecord]) -> pa.Table:
     """One row per record, for records of one model version (the writer groups them so).
 
     Never fails on a record's contents: a request or response that does not decode is kept as
     bytes (`undecoded_request` / `undecoded_response`) with the reason in `decode_error`.
     """
-    decoded = [_decode(record) for record in records]
+    decoder = _RowDecoder()
+    decoded = [decoder.row(record) for record in records]
     input_plan = _plan_columns(decoded, "input")
     output_plan = _plan_columns(decoded, "output")
     failed = [row.error is not None for row in decoded]
@@ -364,12 +613,11 @@ def records_to_table(records: Sequence[CaptureRecord]) -> pa.Table:
     fields = list(METADATA_COLUMNS)
     arrays = [pa.array(columns[f.name], type=f.type) for f in fields]
     for side, plan in (("input", input_plan), ("output", output_plan)):
+        tensors = _side_columns(decoded, plan, side)
         for name, datatype in plan.items():
-            tensors = [
-                None if bad else (row.inputs if side == "input" else row.outputs).get(name)
-                for row, bad in zip(decoded, failed, strict=True)
-            ]
-            data_field, data, shape_field, shape = _tensor_columns(name, datatype, tensors, side)
+            data_field, data, shape_field, shape = _tensor_columns(
+                name, datatype, tensors[name], side
+            )
             fields += [data_field, shape_field]
             arrays += [data, shape]
     schema = pa.schema(fields, metadata={SCHEMA_METADATA_KEY: FORMAT_VERSION.encode()})
