@@ -30,7 +30,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import grpc
 import ml_dtypes
@@ -226,6 +226,9 @@ represent them (its limit is 64, 32 before numpy 2)."""
 _MAX_EMPTY_SPAN = 2**40
 """Zero-element shapes whose other dimensions multiply past this go through the converters
 too (numpy refuses some of them)."""
+_MAX_LAYOUT_KEY_BYTES = 4096
+"""Messages longer than this without their raw contents (typed contents) are not cached."""
+_MAX_LAYOUTS = 4096
 
 
 class _Header(NamedTuple):
@@ -239,20 +242,36 @@ class _Header(NamedTuple):
     """Bytes of raw contents it needs; None for BYTES (elements of any length)."""
 
 
-_Tensor = tuple[_Header, bytes, Sequence[int] | None]
-"""One tensor of a row: its header, its contents in their wire form (little-endian values,
-or BYTES' length-prefixed elements) and, for BYTES, the elements' lengths."""
+_Tensors = tuple[tuple[_Header, ...], Sequence[bytes], Sequence[Sequence[int] | None] | None]
+"""A message's tensors: their headers, each one's contents in their wire form (little-endian
+values, or BYTES' length-prefixed elements), and for each BYTES tensor its elements' lengths
+(None when there is no BYTES tensor). A plain tuple: one is made per message."""
+
+_NO_TENSORS: _Tensors = ((), (), None)
 
 
 @dataclass(slots=True)
 class _Row:
     """One record's tensors, ready to be put into columns."""
 
-    inputs: list[_Tensor] = field(default_factory=list)
-    outputs: list[_Tensor] = field(default_factory=list)
+    inputs: _Tensors = _NO_TENSORS
+    outputs: _Tensors = _NO_TENSORS
     requested_outputs: tuple[str, ...] | None = None
     response_parameters: dict[str, ParameterValue] | None = None
     error: str | None = None
+
+
+class _Layout(NamedTuple):
+    """The tensors of a message whose contents are all raw, and the outputs it asks for."""
+
+    headers: tuple[_Header, ...]
+    sizes: list[int] | None
+    """Each tensor's raw contents size; None when one is BYTES (elements of any length)."""
+    requested: tuple[str, ...]
+
+
+_UNSEEN = _Layout((), None, ())
+"""Not looked at yet (a layout of its own, so that the cache keeps its type)."""
 
 
 def _element_count(shape: tuple[int, ...]) -> int | None:
@@ -285,6 +304,19 @@ def _header(tensor: Any, request: bool) -> _Header | None:
     return _Header(tensor.name, datatype, shape, count, size)
 
 
+def _layout_of(tensors: Any, outputs: Any, request: bool) -> _Layout | None:
+    found = [_header(tensor, request) for tensor in tensors]
+    headers = tuple(header for header in found if header is not None)
+    if len(headers) != len(found) or len({header.name for header in headers}) != len(headers):
+        return None
+    sizes = [header.size for header in headers]
+    return _Layout(
+        headers,
+        None if None in sizes else cast(list[int], sizes),
+        tuple(output.name for output in outputs),
+    )
+
+
 def _bytes_lengths(data: bytes, count: int) -> list[int] | None:
     """The lengths of the `count` elements of raw BYTES contents; None unless they exactly
     fill `data`."""
@@ -303,6 +335,30 @@ def _bytes_lengths(data: bytes, count: int) -> list[int] | None:
     return lengths if offset == end else None
 
 
+def _with_contents(layout: _Layout | None, contents: list[bytes]) -> _Tensors | None:
+    """The layout's tensors with their raw contents, if these match it; else None."""
+    if layout is None:
+        return None
+    if layout.sizes is not None:
+        if list(map(len, contents)) != layout.sizes:
+            return None
+        return (layout.headers, contents, None)
+    if len(contents) != len(layout.headers):
+        return None
+    lengths: list[list[int] | None] = []
+    for header, data in zip(layout.headers, contents, strict=True):
+        if header.size is None:
+            found = _bytes_lengths(data, header.elements)
+            if found is None:
+                return None
+            lengths.append(found)
+        elif len(data) != header.size:
+            return None
+        else:
+            lengths.append(None)
+    return (layout.headers, contents, lengths)
+
+
 _parse_request = pb.ModelInferRequest.FromString
 _parse_response = pb.ModelInferResponse.FromString
 
@@ -311,14 +367,17 @@ class _RowDecoder:
     """Decodes the records of one table into rows.
 
     The common case takes no numpy per record: requests and responses whose tensors all travel
-    in raw contents that match their datatype and shape. Tensor headers repeat from call to call
-    of a model, so each costs one serialization and one lookup here, not a walk through its
-    fields. Anything else (typed contents, shared memory, malformed messages) goes through the
-    converters as it did before, so it decodes, or fails with the same reason, exactly as then.
+    in raw contents that match their datatype and shape. What describes the tensors (names,
+    datatypes, shapes, requested outputs) repeats from call to call of a model, so a message is
+    parsed, its raw contents taken out, and the rest (less the id and parameters, which are not
+    needed here) serialized again as the key to its layout, worked out once. Anything else
+    (typed contents, shared memory, malformed messages) goes through the converters as before,
+    so it decodes, or fails with the same reason, exactly as it did.
     """
 
     def __init__(self) -> None:
-        self._headers: tuple[dict[bytes, _Header | None], dict[bytes, _Header | None]] = ({}, {})
+        self._requests: dict[bytes, _Layout | None] = {}
+        self._responses: dict[bytes, _Layout | None] = {}
 
     def row(self, record: CaptureRecord) -> _Row:
         row = self._raw_row(record)
@@ -335,96 +394,93 @@ class _RowDecoder:
         )
 
     def _raw_row(self, record: CaptureRecord) -> _Row | None:
-        inputs: list[_Tensor] = []
-        outputs: list[_Tensor] = []
+        inputs = outputs = _NO_TENSORS
         requested = None
         parameters = None
         try:
             if record.request:
                 request = _parse_request(record.request)
-                found = self._raw_tensors(request.inputs, request.raw_input_contents, True)
-                if found is None:
+                contents = request.raw_input_contents[:]
+                request.ClearField("raw_input_contents")
+                request.ClearField("id")
+                request.ClearField("parameters")
+                layout = self._layout(self._requests, request, request.inputs, True)
+                found = _with_contents(layout, contents)
+                if found is None or layout is None:
                     return None
-                inputs = found
-                requested = (
-                    tuple(output.name for output in request.outputs) if request.outputs else ()
-                )
+                inputs, requested = found, layout.requested
             if record.response:
                 response = _parse_response(record.response)
-                found = self._raw_tensors(response.outputs, response.raw_output_contents, False)
+                contents = response.raw_output_contents[:]
+                parameters = {}
+                if response.parameters:
+                    parameters = converters.parameters_from_proto(response.parameters)
+                    response.ClearField("parameters")
+                response.ClearField("raw_output_contents")
+                response.ClearField("id")
+                layout = self._layout(self._responses, response, response.outputs, False)
+                found = _with_contents(layout, contents)
                 if found is None:
                     return None
                 outputs = found
-                parameters = (
-                    converters.parameters_from_proto(response.parameters)
-                    if response.parameters
-                    else {}
-                )
         except DecodeError:
             return None
         return _Row(inputs, outputs, requested, parameters)
 
-    def _raw_tensors(
-        self, tensors: Sequence[Any], contents: Sequence[bytes], request: bool
-    ) -> list[_Tensor] | None:
-        """A message's tensors if all are in raw contents matching their headers, else None."""
-        tensors, contents = tensors[:], contents[:]  # slices: faster than iterating upb's
-        if len(contents) != len(tensors):
-            return None
-        headers = self._headers[request]
-        found: list[_Tensor] = []
-        for tensor, data in zip(tensors, contents, strict=True):
-            key = tensor.SerializeToString()
-            header = headers.get(key, _UNSEEN)
-            if header is _UNSEEN:
-                header = headers[key] = _header(tensor, request)
-            if header is None:
-                return None
-            lengths = None
-            if header.size is None:
-                lengths = _bytes_lengths(data, header.elements)
-                if lengths is None:
-                    return None
-            elif len(data) != header.size:
-                return None
-            found.append((header, data, lengths))
-        if len(found) > 1 and len({header.name for header, _, _ in found}) != len(found):
-            return None
-        return found
+    @staticmethod
+    def _layout(
+        layouts: dict[bytes, _Layout | None], message: Any, tensors: Any, request: bool
+    ) -> _Layout | None:
+        key = message.SerializeToString()
+        layout = layouts.get(key, _UNSEEN)
+        if layout is _UNSEEN:
+            layout = _layout_of(tensors, message.outputs if request else (), request)
+            if len(key) <= _MAX_LAYOUT_KEY_BYTES:
+                if len(layouts) >= _MAX_LAYOUTS:
+                    layouts.clear()
+                layouts[key] = layout
+        return layout
 
 
-_UNSEEN: Any = object()
-
-
-def _wire_tensors(arrays: Mapping[str, np.ndarray]) -> list[_Tensor]:
+def _wire_tensors(arrays: Mapping[str, np.ndarray]) -> _Tensors:
     """Decoded arrays back in their wire form, to share the columns of raw tensors."""
-    found: list[_Tensor] = []
+    headers: list[_Header] = []
+    contents: list[bytes] = []
+    lengths: list[list[int] | None] = []
     for name, array in arrays.items():
         datatype = _datatype(array)
-        lengths = None
         if datatype is _BYTES:
             elements = [_bytes_element(element) for element in array.reshape(-1)]
-            lengths = [len(element) for element in elements]
-            data = b"".join(
-                part
-                for element in elements
-                for part in (_LENGTH_PREFIX.pack(len(element)), element)
+            lengths.append([len(element) for element in elements])
+            contents.append(
+                b"".join(
+                    part
+                    for element in elements
+                    for part in (_LENGTH_PREFIX.pack(len(element)), element)
+                )
             )
+            size = None
         else:
-            data = np.ascontiguousarray(array, dtype=datatype.dtype).tobytes()
-        size = None if datatype is _BYTES else len(data)
-        header = _Header(name, datatype, array.shape, array.size, size)
-        found.append((header, data, lengths))
-    return found
+            contents.append(np.ascontiguousarray(array, dtype=datatype.dtype).tobytes())
+            lengths.append(None)
+            size = len(contents[-1])
+        headers.append(_Header(name, datatype, array.shape, array.size, size))
+    return (tuple(headers), contents, lengths)
 
 
 def _plan_columns(rows: Sequence[_Row], side: str) -> dict[str, Datatype]:
     """Tensor name -> datatype, first seen wins; rows that disagree become undecoded."""
     plan: dict[str, Datatype] = {}
+    agreeing: set[int] = set()
+    """The ids of header tuples (shared by the rows of one layout) known to agree with the
+    plan; the rows hold them, so no id is reused meanwhile."""
     for row in rows:
         if row.error is not None:
             continue
-        for header, _, _ in row.inputs if side == "input" else row.outputs:
+        headers = (row.inputs if side == "input" else row.outputs)[0]
+        if id(headers) in agreeing:
+            continue
+        for header in headers:
             known = plan.setdefault(header.name, header.datatype)
             if known is not header.datatype:
                 row.error = (
@@ -432,6 +488,8 @@ def _plan_columns(rows: Sequence[_Row], side: str) -> dict[str, Datatype]:
                     f"{known.name} in earlier calls of the same file"
                 )
                 break
+        else:
+            agreeing.add(id(headers))
     return plan
 
 
@@ -487,27 +545,55 @@ def _bytes_values(data: bytes, lengths: np.ndarray) -> pa.Array:
     )
 
 
+@dataclass(slots=True)
+class _ColumnParts:
+    """One tensor column's rows before they become Arrow arrays."""
+
+    headers: list[_Header | None]
+    """Each row's header; None where the row has no such tensor or failed."""
+    contents: list[bytes] = field(default_factory=list)
+    """The present rows' contents, in row order."""
+    lengths: list[Sequence[int]] = field(default_factory=list)
+    """For BYTES, the present rows' element lengths, in row order."""
+
+
+def _side_columns(
+    rows: Sequence[_Row], plan: Mapping[str, Datatype], side: str
+) -> dict[str, _ColumnParts]:
+    columns = {name: _ColumnParts([None] * len(rows)) for name in plan}
+    for index, row in enumerate(rows):
+        if row.error is not None:
+            continue
+        headers, contents, lengths = row.inputs if side == "input" else row.outputs
+        for position, header in enumerate(headers):
+            parts = columns[header.name]
+            parts.headers[index] = header
+            parts.contents.append(contents[position])
+            if lengths is not None:
+                element_lengths = lengths[position]
+                if element_lengths is not None:
+                    parts.lengths.append(element_lengths)
+    return columns
+
+
 def _tensor_columns(
-    name: str, datatype: Datatype, tensors: Sequence[_Tensor | None], side: str
+    name: str, datatype: Datatype, parts: _ColumnParts, side: str
 ) -> tuple[pa.Field, pa.Array, pa.Field, pa.Array]:
     """One tensor's two columns, built in bulk: one join of the rows' contents, one numpy
     conversion of the whole column."""
-    mask = pa.array([tensor is None for tensor in tensors], type=pa.bool_())
-    present = [tensor for tensor in tensors if tensor is not None]
-    headers = [header for header, _, _ in present]
-    offsets = np.zeros(len(tensors) + 1, dtype=np.int64)
-    np.cumsum([0 if tensor is None else tensor[0].elements for tensor in tensors], out=offsets[1:])
-    shape_offsets = np.zeros(len(tensors) + 1, dtype=np.int64)
+    headers = parts.headers
+    mask = pa.array([header is None for header in headers], type=pa.bool_())
+    offsets = np.zeros(len(headers) + 1, dtype=np.int64)
+    np.cumsum([0 if header is None else header.elements for header in headers], out=offsets[1:])
+    shape_offsets = np.zeros(len(headers) + 1, dtype=np.int64)
     np.cumsum(
-        [0 if tensor is None else len(tensor[0].shape) for tensor in tensors],
+        [0 if header is None else len(header.shape) for header in headers],
         out=shape_offsets[1:],
     )
-    data = present[0][1] if len(present) == 1 else b"".join(data for _, data, _ in present)
+    data = parts.contents[0] if len(parts.contents) == 1 else b"".join(parts.contents)
     if datatype is _BYTES:
         lengths = np.fromiter(
-            itertools.chain.from_iterable(lengths or () for _, _, lengths in present),
-            dtype=np.int64,
-            count=int(offsets[-1]),
+            itertools.chain.from_iterable(parts.lengths), dtype=np.int64, count=int(offsets[-1])
         )
         values = _bytes_values(data, lengths)
     else:
@@ -516,7 +602,7 @@ def _tensor_columns(
             type=_STORAGE_TYPES[datatype.name],
         )
     shapes = np.fromiter(
-        itertools.chain.from_iterable(header.shape for header in headers),
+        itertools.chain.from_iterable(header.shape for header in headers if header is not None),
         dtype=np.int64,
         count=int(shape_offsets[-1]),
     )
@@ -550,18 +636,6 @@ def _json_or_none(value: Mapping[str, ParameterValue] | None) -> str | None:
     if not value:
         return "{}"  # most calls: skip the encoder
     return json.dumps(dict(value), separators=(",", ":"))
-
-
-def _side_columns(
-    rows: Sequence[_Row], plan: Mapping[str, Datatype], side: str
-) -> dict[str, list[_Tensor | None]]:
-    """Per column of `plan`, each row's tensor (None where the row has none or failed)."""
-    columns: dict[str, list[_Tensor | None]] = {name: [None] * len(rows) for name in plan}
-    for index, row in enumerate(rows):
-        if row.error is None:
-            for tensor in row.inputs if side == "input" else row.outputs:
-                columns[tensor[0].name][index] = tensor
-    return columns
 
 
 def records_to_table(records: Sequence[CaptureRecord]) -> pa.Table:
