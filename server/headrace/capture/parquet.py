@@ -403,7 +403,8 @@ class _RowDecoder:
                 contents = request.raw_input_contents[:]
                 request.ClearField("raw_input_contents")
                 request.ClearField("id")
-                request.ClearField("parameters")
+                if request.parameters:
+                    request.ClearField("parameters")
                 layout = self._layout(self._requests, request, request.inputs, True)
                 found = _with_contents(layout, contents)
                 if found is None or layout is None:
