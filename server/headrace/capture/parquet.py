@@ -521,7 +521,31 @@ def _bytes_element(element: Any) -> bytes:
     return element.encode() if isinstance(element, str) else bytes(element)
 
 
-def _bytes_values(data: bytes, lengths: np.ndarray) -> pa.Array:
+_POOL_JOIN_MIN_BYTES = 1 << 20
+_POOL_JOIN_MIN_AVERAGE_BYTES = 4096
+
+
+def _joined(chunks: Sequence[bytes]) -> bytes | pa.Buffer:
+    """The chunks back to back. Large ones are copied into a buffer of Arrow's memory pool,
+    which keeps its pages from call to call: `b"".join` of tens of MiB maps fresh memory each
+    time, and its page faults cost five times the copy (measured: 31 against 5 ms for 48 MiB).
+    """
+    if len(chunks) == 1:
+        return chunks[0]
+    total = sum(map(len, chunks))
+    if total < _POOL_JOIN_MIN_BYTES or total < len(chunks) * _POOL_JOIN_MIN_AVERAGE_BYTES:
+        return b"".join(chunks)
+    buffer = pa.allocate_buffer(total)
+    view = memoryview(buffer).cast("B")
+    offset = 0
+    for chunk in chunks:
+        end = offset + len(chunk)
+        view[offset:end] = chunk
+        offset = end
+    return buffer
+
+
+def _bytes_values(data: bytes | pa.Buffer, lengths: np.ndarray) -> pa.Array:
     """The elements of length-prefixed BYTES contents (one or more tensors' back to back) as
     one Arrow binary array: the length prefixes cut out in one pass."""
     count = len(lengths)
@@ -591,7 +615,7 @@ def _tensor_columns(
         [0 if header is None else len(header.shape) for header in headers],
         out=shape_offsets[1:],
     )
-    data = parts.contents[0] if len(parts.contents) == 1 else b"".join(parts.contents)
+    data = _joined(parts.contents)
     if datatype is _BYTES:
         lengths = np.fromiter(
             itertools.chain.from_iterable(parts.lengths), dtype=np.int64, count=int(offsets[-1])
