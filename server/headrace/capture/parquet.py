@@ -561,7 +561,8 @@ def _bytes_values(data: bytes | pa.Buffer, lengths: np.ndarray) -> pa.Array:
         )
     prefixes = np.cumsum(lengths + _LENGTH_PREFIX.size) - lengths - _LENGTH_PREFIX.size
     keep = np.ones(len(data), dtype=np.bool_)
-    keep[(prefixes[:, np.newaxis] + np.arange(_LENGTH_PREFIX.size)).reshape(-1)] = False
+    for byte in range(_LENGTH_PREFIX.size):
+        keep[prefixes + byte] = False
     values = np.frombuffer(data, dtype=np.uint8)[keep]
     offsets = np.zeros(count + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
