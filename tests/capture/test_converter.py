@@ -3,12 +3,18 @@ configured niceness so that serving keeps the CPUs when they are saturated."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
-from headrace.capture.converter import SegmentConverter
+import pytest
+
+from headrace.capture.converter import SegmentConverter, _store_segment
 from headrace.capture.spool import Spool
+from headrace.capture.store import LocalStore
+from headrace.capture.writer import CaptureFileWriter
 from headrace.config import CaptureSettings, LocalStoreSettings
+from headrace.errors import ObjectStoreError
 from tests.capture.conftest import stored_request_ids
 from tests.capture.test_pipeline import record
 
@@ -36,3 +42,28 @@ def test_segment_is_stored_by_a_lower_priority_process(tmp_path: Path) -> None:
         converter.stop()
         spool.close()
     assert sorted(stored_request_ids(tmp_path / "store")) == [f"n{index}" for index in range(5)]
+
+
+def test_the_collector_is_paused_only_while_a_segment_is_stored(tmp_path: Path) -> None:
+    spool = Spool(
+        tmp_path / "spool", max_bytes=1 << 30, segment_max_bytes=1 << 20, segment_max_age_s=60
+    )
+    spool.append([record(f"n{index}").encode() for index in range(3)])
+    spool.seal()
+    (segment,) = spool.sealed()
+    spool.close()
+    assert gc.isenabled()
+    stored = CaptureFileWriter(LocalStore(tmp_path / "store", fsync=False), "test-0")
+    assert _store_segment(stored, segment.path, segment.seq, {}, b"") == {"identity": 3}
+    assert gc.isenabled()
+    (tmp_path / "not-a-folder").write_bytes(b"")
+    failing = CaptureFileWriter(LocalStore(tmp_path / "not-a-folder" / "store"), "test-0")
+    with pytest.raises(ObjectStoreError):
+        _store_segment(failing, segment.path, segment.seq, {}, b"")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        _store_segment(stored, segment.path, segment.seq, {}, b"")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

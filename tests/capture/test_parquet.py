@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -21,10 +23,18 @@ from headrace.capture.parquet import (
     rows_from_table,
 )
 from headrace.capture.record import CaptureRecord
+from headrace.errors import HeadraceError
 from headrace.inference import InferenceResponse
-from headrace.protocol.converters import response_to_proto
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol.converters import request_from_proto, response_to_proto
 from headrace.protocol.datatypes import DATATYPES
-from tests.capture.samples import BASE_NS, make_record, request_bytes, typed_request_bytes
+from tests.capture.samples import (
+    BASE_NS,
+    make_record,
+    request_bytes,
+    response_bytes,
+    typed_request_bytes,
+)
 
 NUMERIC = [name for name in DATATYPES if name not in ("BYTES", "BF16")]
 
@@ -256,3 +266,190 @@ def test_any_mix_of_calls_round_trips(calls: list[tuple[set[str], bool, set[str]
         assert set(row.outputs) == set(outputs)
         for name, array in outputs.items():
             assert_exact(row.outputs[name], array)
+
+
+def _raw_message(
+    datatype: str, shape: list[int], raw: bytes, **tensor: Any
+) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name="m", model_version="1")
+    message.inputs.add(name="X", datatype=datatype, shape=shape, **tensor)
+    message.raw_input_contents.append(raw)
+    return message
+
+
+def _request_record(request_id: str, message: pb.ModelInferRequest | bytes) -> CaptureRecord:
+    data = message if isinstance(message, bytes) else message.SerializeToString()
+    return CaptureRecord(request_id, "m", "1", BASE_NS, BASE_NS, 0, 0, "", data)
+
+
+def _converters_view(record: CaptureRecord) -> tuple[str, dict[str, np.ndarray]]:
+    """What the converters make of a record's request: the error, or the inputs."""
+    try:
+        request = request_from_proto(pb.ModelInferRequest.FromString(record.request))
+    except DecodeError:
+        return "not a valid protobuf message", {}
+    except HeadraceError as exc:
+        return exc.message, {}
+    return "", request.inputs
+
+
+def _bytes_contents(elements: list[bytes]) -> bytes:
+    return b"".join(len(element).to_bytes(4, "little") + element for element in elements)
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    """Requests with raw contents that match their shape or do not (a byte more or less,
+    BYTES lengths that overrun), typed contents, shared-memory or other parameters."""
+    datatype = draw(st.sampled_from(sorted(DATATYPES)))
+    shape = draw(st.lists(st.integers(0, 3), max_size=3))
+    count = int(np.prod(shape))
+    if datatype == "BYTES":
+        raw = _bytes_contents(draw(st.lists(st.binary(max_size=5), min_size=count, max_size=count)))
+    else:
+        size = count * DATATYPES[datatype].itemsize
+        raw = draw(st.binary(min_size=size, max_size=size + 2))
+    if draw(st.booleans()):
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    message = _raw_message(datatype, shape, raw)
+    if draw(st.integers(0, 9)) == 0:
+        message.inputs[0].parameters["shared_memory_region"].string_param = "region"
+        message.inputs[0].parameters["shared_memory_byte_size"].int64_param = len(raw)
+    if draw(st.integers(0, 9)) == 0:
+        message.inputs[0].parameters["other"].bool_param = True
+    if draw(st.integers(0, 9)) == 0:
+        message.ClearField("raw_input_contents")
+        message.inputs[0].contents.int_contents.extend(range(count))
+    data: bytes = message.SerializeToString()
+    return data
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests=st.lists(raw_requests(), min_size=1, max_size=4))
+def test_rows_are_what_the_converters_make_of_each_request(requests: list[bytes]) -> None:
+    """Raw tensors go into columns without the converters, but each row holds exactly the
+    arrays the converters decode, or fails with their reason, kept as bytes."""
+    records = [_request_record(f"r{index}", data) for index, data in enumerate(requests)]
+    rows = through_parquet(records)
+    plan: dict[str, np.dtype[Any]] = {}
+    for record, row in zip(records, rows, strict=True):
+        error, inputs = _converters_view(record)
+        if not error and "X" in inputs:
+            known = plan.setdefault("X", inputs["X"].dtype)
+            if known != inputs["X"].dtype:
+                assert "in earlier calls of the same file" in row.decode_error
+                continue
+        assert (error in row.decode_error) if error else row.decode_error == ""
+        assert set(row.inputs) == set(inputs)
+        for name, array in inputs.items():
+            if array.dtype == np.bool_:  # raw BOOL bytes other than 0 and 1 come back as 1
+                array = array.view(np.uint8) != 0
+            assert_exact(row.inputs[name], array)
+
+
+def test_raw_and_typed_contents_share_a_column() -> None:
+    raw = _raw_message("INT32", [3], np.array([4, 5, 6], "<i4").tobytes())
+    records = [
+        _request_record("raw", raw),
+        _request_record("typed", typed_request_bytes("X", [1, -2, 3])),
+        _request_record("raw-again", raw),
+    ]
+    table = records_to_table(records)
+    assert table.column("input.X").to_pylist() == [[4, 5, 6], [1, -2, 3], [4, 5, 6]]
+    assert table.column("decode_error").to_pylist() == [None, None, None]
+
+
+def test_raw_contents_that_do_not_fit_the_shape_keep_the_call_as_bytes() -> None:
+    good = _raw_message("FP32", [2], np.array([1.5, 2.5], "<f4").tobytes())
+    short = _raw_message("FP32", [2], b"\x00" * 7)
+    overrun = _raw_message("BYTES", [1], (9).to_bytes(4, "little") + b"abc")
+    records = [_request_record(name, m) for name, m in (("g", good), ("s", short), ("o", overrun))]
+    table = records_to_table(records)
+    assert table.column("undecoded_request").to_pylist() == [
+        None,
+        records[1].request,
+        records[2].request,
+    ]
+    errors = table.column("decode_error").to_pylist()
+    assert errors[0] is None
+    assert "raw contents of input 'X' hold 7 bytes; shape [2] of FP32 needs 8" in errors[1]
+    assert "element 0 declares 9 bytes but only 3 remain" in errors[2]
+    assert table.column("input.X").to_pylist() == [[1.5, 2.5], None, None]
+
+
+def test_empty_and_scalar_tensors() -> None:
+    cases = [
+        ("FP32", [0], b""),
+        ("FP32", [2, 0, 3], b""),
+        ("INT64", [], (7).to_bytes(8, "little")),
+        ("BYTES", [0, 2], b""),
+        ("BYTES", [], _bytes_contents([b""])),
+    ]
+    records = [
+        _request_record(f"r{index}", _raw_message(datatype, shape, raw))
+        for index, (datatype, shape, raw) in enumerate(cases)
+    ]
+    rows = [row for record in records for row in through_parquet([record])]
+    for (_, shape, _), row in zip(cases, rows, strict=True):
+        assert row.decode_error == ""
+        assert row.inputs["X"].shape == tuple(shape)
+    assert rows[2].inputs["X"].tolist() == 7
+    assert rows[4].inputs["X"].tolist() == b""
+
+
+def test_calls_of_one_layout_keep_their_own_values_ids_and_parameters() -> None:
+    """Messages that differ only in id, parameters and raw contents share a cached layout;
+    each row still gets its own contents, requested outputs and response parameters."""
+    records = []
+    for index in range(5):
+        request = _raw_message("UINT16", [2], np.array([index, 1000 - index], "<u2").tobytes())
+        request.id = f"id-{index}"
+        request.parameters["n"].int64_param = index
+        if index % 2:
+            request.outputs.add(name="O")
+        response = pb.ModelInferResponse.FromString(
+            response_bytes({"O": np.array([index], np.int8)})
+        )
+        response.id = f"id-{index}"
+        if index:
+            response.parameters["k"].int64_param = index
+        records.append(
+            CaptureRecord(
+                f"r{index}",
+                "m",
+                "1",
+                BASE_NS,
+                BASE_NS,
+                0,
+                0,
+                "",
+                request.SerializeToString(),
+                response.SerializeToString(),
+            )
+        )
+    rows = through_parquet(records)
+    for index, row in enumerate(rows):
+        assert_exact(row.inputs["X"], np.array([index, 1000 - index], "<u2"))
+        assert_exact(row.outputs["O"], np.array([index], np.int8))
+        assert row.requested_outputs == (("O",) if index % 2 else ())
+        assert row.response_parameters == ({"k": index} if index else {})
+
+
+def test_bytes_from_raw_and_typed_contents_share_a_column() -> None:
+    raw = _raw_message("BYTES", [2], _bytes_contents([b"a\x00", b""]))
+    typed = pb.ModelInferRequest(model_name="m", model_version="1")
+    tensor = typed.inputs.add(name="X", datatype="BYTES", shape=[1, 1])
+    tensor.contents.bytes_contents.append(b"\xff")
+    rows = through_parquet([_request_record("raw", raw), _request_record("typed", typed)])
+    assert_exact(rows[0].inputs["X"], np.array([b"a\x00", b""], dtype=object))
+    assert_exact(rows[1].inputs["X"], np.array([[b"\xff"]], dtype=object))
+
+
+def test_shared_memory_inputs_are_kept_as_bytes_with_the_reason() -> None:
+    message = _raw_message("FP32", [1], b"")
+    message.ClearField("raw_input_contents")
+    message.inputs[0].parameters["shared_memory_region"].string_param = "region"
+    message.inputs[0].parameters["shared_memory_byte_size"].int64_param = 4
+    (row,) = through_parquet([_request_record("r", message)])
+    assert "shared memory region 'region'" in row.decode_error
+    assert row.inputs == {}

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from headrace.capture.layout import parse_capture_path
+from headrace.capture.layout import Partition, parse_capture_path
 from headrace.capture.parquet import rows_from_table
 from headrace.capture.store import LocalStore, ObjectStore
 from headrace.capture.writer import CaptureFileWriter
@@ -95,3 +95,27 @@ def test_a_failed_upload_raises(tmp_path: Path) -> None:
     writer = CaptureFileWriter(LocalStore(tmp_path / "file"), "w")
     with pytest.raises(ObjectStoreError):
         writer.write_segment(0, records_across_partitions())
+
+
+def test_records_land_in_the_hour_they_were_received(tmp_path: Path) -> None:
+    """Records are grouped by hour since the epoch: the same partitions, at hour boundaries
+    and before 1970 too, as Partition.of gives each record."""
+    hour_start = BASE_NS - BASE_NS % HOUR_NS
+    times = [hour_start - 1, hour_start, hour_start + HOUR_NS - 1, hour_start + HOUR_NS, -1, 0]
+    vector = np.arange(2, dtype=np.int8)
+    records = [
+        make_record(f"r{index}", {"X": vector}, received_ns=received_ns)
+        for index, received_ns in enumerate(times)
+    ]
+    store = LocalStore(tmp_path)
+    CaptureFileWriter(store, "w").write_segment(0, records)
+    folder_of = {
+        request_id: path.rsplit("/", 1)[0]
+        for path, request_ids in rows_by_path(store).items()
+        for request_id in request_ids
+    }
+    assert folder_of == {
+        record.request_id: Partition.of(record.model, record.version, record.received_ns).directory
+        for record in records
+    }
+    assert len(set(folder_of.values())) == 5

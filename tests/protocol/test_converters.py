@@ -14,6 +14,7 @@ from headrace.protocol.converters import (
     encode_bytes_elements,
     parameters_from_proto,
     request_from_proto,
+    response_from_proto,
     response_to_proto,
 )
 from headrace.protocol.datatypes import DATATYPES, datatype_of
@@ -164,3 +165,20 @@ def test_requested_outputs_filter_keeps_order() -> None:
     message = response_to_proto(InferenceResponse("m", "1", "", outputs), ("C", "A"))
     assert [output.name for output in message.outputs] == ["A", "C"]
     assert len(message.raw_output_contents) == 2
+
+
+@pytest.mark.parametrize("datatype", ["BYTES", "FP32"])
+def test_response_with_a_negative_dimension_is_malformed(datatype: str) -> None:
+    """Found by comparing capture conversions: a BYTES output of shape [-1, 4] made decoding
+    fail with numpy's ValueError instead of the malformed-response error."""
+    message = pb.ModelInferResponse(
+        model_name="m",
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(name="Y", datatype=datatype, shape=[-1, 4])
+        ],
+        raw_output_contents=[b"\x00" * 16],
+    )
+    with pytest.raises(
+        ModelExecutionError, match=r"output 'Y' has shape \[-1, 4\]; dimensions must be >= 0"
+    ):
+        response_from_proto(message)

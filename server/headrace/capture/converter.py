@@ -11,6 +11,7 @@ answers with the records it stored per model, or the error.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -154,6 +155,22 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
 
 
 def _store_segment(
+    writer: Any, path: Path, seq: int, rules: RulesSettings, salt: bytes
+) -> dict[str, int]:
+    """Store one segment's records, with the cyclic garbage collector paused: the segment's
+    records and the rows made of them hold no cycles and die by reference counting, but while
+    they are alive every few hundred allocations made the collector walk them all again
+    (a third of the conversion's CPU, measured with 20,000 small records)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _store_records(writer, path, seq, rules, salt)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _store_records(
     writer: Any, path: Path, seq: int, rules: RulesSettings, salt: bytes
 ) -> dict[str, int]:
     compiled: dict[tuple[str, str], CaptureRules] = {}

@@ -22,6 +22,8 @@ from headrace.capture.record import CaptureRecord
 from headrace.capture.store import ObjectStore
 
 DEFAULT_MAX_FILE_BYTES = 128 * 1024 * 1024
+_NANOSECONDS_PER_HOUR = 3600 * 1_000_000_000
+"""Unix time has no leap seconds: every UTC hour is this long, starting at a multiple of it."""
 _RECORD_OVERHEAD_BYTES = 256
 """Per row beyond the request and response bytes (metadata, offsets), for sizing files."""
 
@@ -89,10 +91,20 @@ class CaptureFileWriter:
         """`write_segment`, saying how many rows and bytes each file holds (for metrics)."""
         if segment_seq < 0:
             raise ValueError("segment sequence number must be >= 0")
-        groups: dict[Partition, list[CaptureRecord]] = {}
+        # Grouped by (model, version, hour since the epoch): a Partition per record (a
+        # datetime and a dataclass) cost more than the rest of the grouping.
+        hours: dict[tuple[str, str, int], list[CaptureRecord]] = {}
         for record in records:
-            partition = Partition.of(record.model, record.version, record.received_ns)
-            groups.setdefault(partition, []).append(record)
+            key = (record.model, record.version, record.received_ns // _NANOSECONDS_PER_HOUR)
+            group = hours.get(key)
+            if group is None:
+                hours[key] = [record]
+            else:
+                group.append(record)
+        groups = {
+            Partition.of(model, version, hour * _NANOSECONDS_PER_HOUR): group
+            for (model, version, hour), group in hours.items()
+        }
         written = []
         for partition in sorted(groups):
             for part, chunk in enumerate(self._parts(groups[partition])):

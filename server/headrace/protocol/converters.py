@@ -29,11 +29,11 @@ _LENGTH_PREFIX_BYTES = 4
 _MAX_BYTES_ELEMENT = 2**32 - 1
 
 
-def _shape_of(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+def _shape_of(name: str, shape: Sequence[int], kind: str = "input") -> tuple[int, ...]:
     dims = tuple(shape)
     if dims and min(dims) < 0:
         raise InvalidArgumentError(
-            f"input '{name}' has shape {list(dims)}; dimensions must be >= 0"
+            f"{kind} '{name}' has shape {list(dims)}; dimensions must be >= 0"
         )
     return dims
 
@@ -424,7 +424,9 @@ def _decode_outputs(message: pb.ModelInferResponse) -> dict[str, np.ndarray]:
             raise InvalidArgumentError(
                 f"output '{tensor.name}' has unknown datatype '{tensor.datatype}'"
             )
-        shape = tuple(tensor.shape)
+        # Checked like an input's: a negative dimension made BYTES decoding fail with a bare
+        # ValueError (a negative element count) instead of this error.
+        shape = _shape_of(tensor.name, tensor.shape, "output")
         if raw_contents:
             outputs[tensor.name] = _decode_raw(
                 tensor.name, datatype, shape, raw_contents[index], "output"
