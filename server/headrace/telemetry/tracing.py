@@ -13,24 +13,23 @@ parent-based sampler records a batch exactly when one of its requests is recorde
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace import SpanLimits
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace import __version__
 from headrace.config import TracingSettings
 from headrace.spec import ModelSpec
+from headrace.telemetry.export import ExportProcess, Scope
+from headrace.telemetry.spans import CurrentSpan, LeanTracer
 
 INSTRUMENTATION_NAME = "headrace"
 
@@ -59,11 +58,20 @@ ATTRIBUTE_BATCH_REQUESTS = "headrace.batch.requests"
 
 
 class Tracing:
-    """The tracer provider of one Headrace process: created at start-up from settings, shut
-    down (its queue of finished spans flushed) at exit, last of all."""
+    """The tracer of one Headrace process and its span exporter process: created at start-up
+    from settings, shut down (finished spans exported) at exit, last of all.
 
-    def __init__(self, settings: TracingSettings, exporter: SpanExporter | None = None) -> None:
-        """`exporter` overrides the one `settings` name (tests, benchmarks)."""
+    Spans are made by a lean tracer (`headrace.telemetry.spans`) and exported by a process of
+    their own (`headrace.telemetry.export`): the request path only appends a tuple.
+
+    Raises:
+        ValueError: `exporter` is `none` (tracing is off; nothing is built).
+    """
+
+    def __init__(self, settings: TracingSettings) -> None:
+        if settings.exporter == "none":
+            raise ValueError("tracing exporter 'none' exports nothing")
+        # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and the SDK's own attributes.
         resource = Resource.create(
             {
                 SERVICE_NAME: settings.service_name,
@@ -72,19 +80,15 @@ class Tracing:
                 **settings.resource_attributes,
             }
         )
-        self.provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)), resource=resource
+        self.export = ExportProcess(
+            settings,
+            Scope(
+                dict(resource.attributes), resource.schema_url, INSTRUMENTATION_NAME, __version__
+            ),
         )
-        # Batches leave on the processor's own thread: the request path only queues a span.
-        self.provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter or _exporter(settings),
-                max_queue_size=settings.max_queued_spans,
-                schedule_delay_millis=settings.export_delay_ms,
-                export_timeout_millis=int(settings.export_timeout_s * 1000),
-            )
+        self.tracer: Tracer = LeanTracer(
+            settings.sample_ratio, self.export.queue.record, SpanLimits()
         )
-        self.tracer: Tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, __version__)
         self.propagator = TraceContextTextMapPropagator()
         """Reads W3C `traceparent`/`tracestate` from incoming metadata."""
 
@@ -92,36 +96,8 @@ class Tracing:
         return ModelTracing(self.tracer, spec)
 
     def shutdown(self) -> None:
-        """Export what is queued (within the export timeout) and stop the exporter thread."""
-        self.provider.shutdown()
-
-
-def _exporter(settings: TracingSettings) -> SpanExporter:
-    """The exporter `settings.exporter` names (imported here: each pulls in its transport).
-
-    Raises:
-        ValueError: `exporter` is `none` (tracing is off; no provider is built).
-    """
-    headers = dict(settings.headers) or None
-    if settings.exporter == "otlp_grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter(
-            endpoint=settings.endpoint, headers=headers, timeout=settings.export_timeout_s
-        )
-    if settings.exporter == "otlp_http":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpExporter,
-        )
-
-        return HttpExporter(
-            endpoint=settings.endpoint, headers=headers, timeout=settings.export_timeout_s
-        )
-    if settings.exporter == "console":
-        return ConsoleSpanExporter(service_name=settings.service_name)
-    raise ValueError("tracing exporter 'none' exports nothing")
+        """Export what is queued (within the export timeout) and stop the exporter process."""
+        self.export.stop()
 
 
 def _error_status(error: BaseException) -> Status:
@@ -169,14 +145,14 @@ class ModelTracing:
         spans, which end now."""
         return BatchTrace(self._tracer, self._attributes, members)
 
-    @contextlib.contextmanager
-    def backend_call(self, parent: Context | None = None) -> Iterator[None]:
+    def backend_call(self, parent: Context | None = None) -> CurrentSpan:
         """Make a CLIENT span current around a backend call (child of `parent`, else of the
         current span). An exception escaping the call sets its status to ERROR."""
-        with self._tracer.start_as_current_span(
-            SPAN_BACKEND, context=parent, kind=SpanKind.CLIENT, attributes=self._attributes
-        ):
-            yield
+        return CurrentSpan(
+            self._tracer.start_span(
+                SPAN_BACKEND, context=parent, kind=SpanKind.CLIENT, attributes=self._attributes
+            )
+        )
 
 
 class BatchTrace:
@@ -236,16 +212,16 @@ class BatchTrace:
         )
         self._batch_context = trace.set_span_in_context(self._span)
 
-    @contextlib.contextmanager
-    def backend_call(self) -> Iterator[None]:
+    def backend_call(self) -> CurrentSpan:
         """The backend call's CLIENT span, current while the call runs."""
-        with self._tracer.start_as_current_span(
-            SPAN_BACKEND,
-            context=self._batch_context,
-            kind=SpanKind.CLIENT,
-            attributes=self._attributes,
-        ):
-            yield
+        return CurrentSpan(
+            self._tracer.start_span(
+                SPAN_BACKEND,
+                context=self._batch_context,
+                kind=SpanKind.CLIENT,
+                attributes=self._attributes,
+            )
+        )
 
     def end(self, error: BaseException | None) -> None:
         """End the batch span and record each request's part in it; `error` is what failed
