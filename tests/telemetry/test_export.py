@@ -4,6 +4,10 @@ a full queue drops spans rather than waiting."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +143,20 @@ def test_a_full_queue_drops_new_spans_and_keeps_the_rest() -> None:
         export.stop()
         received = receiver.in_trace(f"{TRACE_ID:032x}")
     assert [span.name for span in received] == ["server", "child"]
+
+
+def test_a_dead_exporter_process_is_replaced_and_the_spans_still_go_out() -> None:
+    with OtlpReceiver() as receiver:
+        export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
+        first = export.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        stat = Path(f"/proc/{first}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # its pipe end is closed
+            time.sleep(0.01)
+        for span in SPANS:
+            export.queue.record(span)
+        export.stop()
+        received = receiver.in_trace(f"{TRACE_ID:032x}")
+    assert [span.name for span in received] == ["server", "child", "ok"]
+    assert export.queue.dropped == 0

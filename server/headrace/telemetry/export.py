@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import struct
 import threading
 from collections.abc import Mapping, Sequence
@@ -115,7 +116,7 @@ class ExportProcess:
                 # The process died (killed, out of memory): the next one takes the spans.
                 _logger.error("tracing: the span exporter process died; starting another")
                 self._discard()
-                if attempt == 0 and not self._stopping.is_set():
+                if attempt == 0:
                     self._start_process()
             else:
                 return
@@ -139,7 +140,7 @@ class ExportProcess:
         if connection is not None:
             connection.close()
         if process is not None:
-            process.terminate()
+            process.kill()  # it ignores SIGTERM (see _serve)
             process.join(STOP_MARGIN_S)
 
     def stop(self) -> None:
@@ -161,6 +162,10 @@ class ExportProcess:
 
 def _serve(connection: Connection, settings: TracingSettings, scope: Scope) -> None:
     """The exporter process's main: export every batch received until told to stop."""
+    # Ctrl-C or a group-wide SIGTERM reaches this process too: the serving process decides
+    # when it stops (it sends what is left first), or its end closes the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if settings.export_niceness:
         os.nice(settings.export_niceness)
     logging.basicConfig(
