@@ -160,3 +160,14 @@ def test_a_dead_exporter_process_is_replaced_and_the_spans_still_go_out() -> Non
         received = receiver.in_trace(f"{TRACE_ID:032x}")
     assert [span.name for span in received] == ["server", "child", "ok"]
     assert export.queue.dropped == 0
+
+
+def test_equal_values_of_other_types_are_encoded_by_type() -> None:
+    encoder = OtlpEncoder(SCOPE)
+    spans = [_span(str(value), 1, attributes={"x": value}) for value in (True, 1, 1.0, "1")]
+    decoded = ExportTraceServiceRequest.FromString(encoder.encode(spans + spans))
+    kinds = [
+        span.attributes[0].value.WhichOneof("value")
+        for span in decoded.resource_spans[0].scope_spans[0].spans
+    ]
+    assert kinds == ["bool_value", "int_value", "double_value", "string_value"] * 2

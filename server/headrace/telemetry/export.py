@@ -447,10 +447,26 @@ class OtlpEncoder:
         )
         self._scope = _field(0x0A, instrumentation)
         self._pairs: dict[tuple[str, Any], bytes] = {}
+        self._sets: dict[tuple[Any, ...], bytes] = {}
         self._names: dict[str, bytes] = {}
 
     def _attributes(self, tag: int, attributes: Mapping[str, Any]) -> bytes:
-        """Repeated KeyValue fields; simple pairs come from a cache."""
+        """Repeated KeyValue fields; whole sets that repeat (a model's, a connection's) and
+        simple pairs come from caches."""
+        try:
+            # Types too: True == 1 == 1.0 as keys, not as encodings.
+            set_key = (tag, *attributes.items(), *map(type, attributes.values()))
+            encoded_set = self._sets.get(set_key)
+        except TypeError:  # an unhashable value
+            return self._encode_attributes(tag, attributes)
+        if encoded_set is None:
+            encoded_set = self._encode_attributes(tag, attributes)
+            if len(self._sets) >= _CACHED_VALUES:
+                self._sets.clear()
+            self._sets[set_key] = encoded_set
+        return encoded_set
+
+    def _encode_attributes(self, tag: int, attributes: Mapping[str, Any]) -> bytes:
         pairs = self._pairs
         out = []
         for key, value in attributes.items():
