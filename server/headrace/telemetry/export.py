@@ -105,7 +105,12 @@ class ExportProcess:
                 return
 
     def _send(self, batch: list[FinishedSpan]) -> None:
-        payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an attribute value that cannot be pickled: never kill the sender
+            _logger.exception("tracing: a batch of %d spans could not be sent", len(batch))
+            self.queue.dropped += len(batch)
+            return
         for attempt in range(2):
             process, connection = self._process, self._connection
             if process is None or connection is None:
