@@ -519,6 +519,69 @@ class LeanTracer(trace.Tracer):
         ) as current:
             yield current
 
+    def record_span(
+        self,
+        name: str,
+        parent: SpanContext,
+        attributes: Mapping[str, Any],
+        start_ns: int,
+        end_ns: int,
+        link: SpanContext | None = None,
+        status: Status | None = None,
+    ) -> None:
+        """Record an INTERNAL span whose times are already known, child of `parent` (and
+        sampled as it is), with at most one link: what `start_span` then `end` would record,
+        without a span object (the batcher's queue and batch-request spans)."""
+        if not parent.is_valid:
+            span = self.start_span(
+                name,
+                Context(),  # a new trace
+                attributes=attributes,
+                links=[Link(link)] if link is not None else (),
+                start_time=start_ns,
+            )
+            if status is not None:
+                span.set_status(status)
+            span.end(end_ns)
+            return
+        if not parent.trace_flags.sampled:
+            return
+        limits = self._limits
+        cleaned, dropped = _bounded(
+            attributes, limits.max_span_attributes, limits.max_span_attribute_length
+        )
+        links: list[tuple[int, int, bool, dict[str, Any], int]] | None = None
+        dropped_links = 0
+        if link is not None and _valid_link(link, None):
+            if limits.max_links == 0:
+                dropped_links = 1
+            else:
+                links = [(link.trace_id, link.span_id, link.is_remote, {}, 0)]
+        code, message = StatusCode.UNSET, None
+        if status is not None and status.status_code is not StatusCode.UNSET:
+            code, message = status.status_code, status.description
+        self._record(
+            (
+                name,
+                parent.trace_id,
+                self._random.getrandbits(64) or 1,
+                parent.trace_state.to_header() if parent.trace_state else "",
+                parent.span_id,
+                parent.is_remote,
+                SpanKind.INTERNAL.value,
+                start_ns,
+                end_ns,
+                cleaned,
+                None,
+                links,
+                code.value,
+                message,
+                dropped,
+                0,
+                dropped_links,
+            )
+        )
+
 
 class SpanQueue:
     """Finished spans waiting for the exporter process: a bounded deque filled by whichever

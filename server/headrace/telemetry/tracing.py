@@ -22,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanLimits
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace import __version__
@@ -86,9 +86,7 @@ class Tracing:
                 dict(resource.attributes), resource.schema_url, INSTRUMENTATION_NAME, __version__
             ),
         )
-        self.tracer: Tracer = LeanTracer(
-            settings.sample_ratio, self.export.queue.record, SpanLimits()
-        )
+        self.tracer = LeanTracer(settings.sample_ratio, self.export.queue.record, SpanLimits())
         self.propagator = TraceContextTextMapPropagator()
         """Reads W3C `traceparent`/`tracestate` from incoming metadata."""
 
@@ -110,7 +108,7 @@ class ModelTracing:
 
     __slots__ = ("_attributes", "_tracer")
 
-    def __init__(self, tracer: Tracer, spec: ModelSpec) -> None:
+    def __init__(self, tracer: LeanTracer, spec: ModelSpec) -> None:
         self._tracer = tracer
         self._attributes: Mapping[str, str] = {
             ATTRIBUTE_MODEL_NAME: spec.name,
@@ -128,16 +126,14 @@ class ModelTracing:
         """Record the queue span of a request that never reached its model: expired,
         cancelled (`error` None) or failed at shutdown."""
         now_ns = time.time_ns()
-        span = self._tracer.start_span(
+        self._tracer.record_span(
             SPAN_QUEUE,
-            context=parent,
-            start_time=now_ns - int(waited_s * 1e9),
-            attributes={**self._attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+            trace.get_current_span(parent).get_span_context(),
+            {**self._attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+            now_ns - int(waited_s * 1e9),
+            now_ns,
+            status=_error_status(error) if error else Status(StatusCode.ERROR, "request cancelled"),
         )
-        span.set_status(
-            _error_status(error) if error else Status(StatusCode.ERROR, "request cancelled")
-        )
-        span.end(end_time=now_ns)
 
     def start_batch(self, members: Sequence[tuple[Context | None, float, int]]) -> BatchTrace:
         """Start the spans of a batch being dispatched now, made of `members`: each request's
@@ -170,7 +166,7 @@ class BatchTrace:
 
     def __init__(
         self,
-        tracer: Tracer,
+        tracer: LeanTracer,
         attributes: Mapping[str, str],
         members: Sequence[tuple[Context | None, float, int]],
     ) -> None:
@@ -181,14 +177,14 @@ class BatchTrace:
             (context, trace.get_current_span(context).get_span_context(), items)
             for context, _, items in members
         ]
-        for context, waited_s, items in members:
-            queue_span = tracer.start_span(
+        for (_, span_context, items), (_, waited_s, _) in zip(self._members, members, strict=True):
+            tracer.record_span(
                 SPAN_QUEUE,
-                context=context,
-                start_time=now_ns - int(waited_s * 1e9),
-                attributes={**attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+                span_context,
+                {**attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+                now_ns - int(waited_s * 1e9),
+                now_ns,
             )
-            queue_span.end(end_time=now_ns)
         parent = next(
             (
                 context
@@ -228,18 +224,17 @@ class BatchTrace:
         the batch, if anything did."""
         now_ns = time.time_ns()
         status = _error_status(error) if error is not None else None
-        links = [Link(self._span.get_span_context())]
-        for context, _, items in self._members:
-            part = self._tracer.start_span(
+        batch = self._span.get_span_context()
+        for _, span_context, items in self._members:
+            self._tracer.record_span(
                 SPAN_BATCH_REQUEST,
-                context=context,
-                start_time=self._dispatched_ns,
-                links=links,
-                attributes={ATTRIBUTE_REQUEST_ITEMS: items},
+                span_context,
+                {ATTRIBUTE_REQUEST_ITEMS: items},
+                self._dispatched_ns,
+                now_ns,
+                link=batch,
+                status=status,
             )
-            if status is not None:
-                part.set_status(status)
-            part.end(end_time=now_ns)
         if status is not None:
             self._span.set_status(status)
         self._span.end(end_time=now_ns)
