@@ -184,3 +184,22 @@ def test_the_queue_drops_and_counts_beyond_its_bound_and_signals_a_full_batch() 
     assert queue.take(2) == [("a",), ("b",)]
     assert queue.take(5) == [("c",)]
     assert len(queue) == 0
+
+
+def test_a_span_recorded_from_known_times_follows_its_parents_decision() -> None:
+    tracer, finished = _tracer()
+    sampled = SpanContext(0xABC, 0xDEF, True, TraceFlags(0x01))
+    batch = SpanContext(0x123, 0x456, False, TraceFlags(0x03))
+    tracer.record_span(
+        "part", sampled, {"n": 2}, 10, 20, link=batch, status=Status(StatusCode.ERROR, "failed")
+    )
+    tracer.record_span("part", SpanContext(0xABC, 0xDEF, True, TraceFlags(0x00)), {}, 10, 20)
+    tracer.record_span("orphan", trace.INVALID_SPAN_CONTEXT, {}, 10, 20)
+    part, orphan = finished
+    assert part[NAME] == "part"
+    assert (part[TRACE_ID], part[PARENT_ID], part[PARENT_REMOTE]) == (0xABC, 0xDEF, True)
+    assert (part[START], part[END], part[ATTRIBUTES]) == (10, 20, {"n": 2})
+    assert part[LINKS] == [(0x123, 0x456, False, {}, 0)]
+    assert (part[STATUS_CODE], part[STATUS_MESSAGE]) == (StatusCode.ERROR.value, "failed")
+    assert orphan[PARENT_ID] == 0
+    assert orphan[TRACE_ID] not in (0, 0xABC)

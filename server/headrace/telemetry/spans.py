@@ -84,30 +84,25 @@ def _clean_value(value: Any, max_length: int | None) -> Any:
     return cleaned.get("value")
 
 
-class _Bounded:
-    """A dict of attributes under a count limit: when full, the oldest entry goes."""
-
-    __slots__ = ()
-
-    @staticmethod
-    def put(
-        attributes: dict[str, Any], key: str, value: Any, limit: int | None, max_length: int | None
-    ) -> int:
-        """Set `key`; returns how many entries were dropped (0 or 1)."""
-        if not key or type(key) is not str:
-            _logger.warning("invalid attribute key %r: must be a non-empty string", key)
-            return 1
-        if limit == 0:
-            return 1
-        value = _clean_value(value, max_length)
-        dropped = 0
-        if key in attributes:
-            del attributes[key]
-        elif limit is not None and len(attributes) >= limit:
-            del attributes[next(iter(attributes))]
-            dropped = 1
-        attributes[key] = value
-        return dropped
+def _put_attribute(
+    attributes: dict[str, Any], key: str, value: Any, limit: int | None, max_length: int | None
+) -> int:
+    """Set `key` in a dict of attributes under a count limit (when full, the oldest entry
+    goes, as in the SDK's BoundedAttributes); returns how many were dropped (0 or 1)."""
+    if not key or type(key) is not str:
+        _logger.warning("invalid attribute key %r: must be a non-empty string", key)
+        return 1
+    if limit == 0:
+        return 1
+    value = _clean_value(value, max_length)
+    dropped = 0
+    if key in attributes:
+        del attributes[key]
+    elif limit is not None and len(attributes) >= limit:
+        del attributes[next(iter(attributes))]
+        dropped = 1
+    attributes[key] = value
+    return dropped
 
 
 def _bounded(
@@ -126,7 +121,7 @@ def _bounded(
     dropped = 0
     if attributes:
         for key, value in attributes.items():
-            dropped += _Bounded.put(cleaned, key, value, limit, max_length)
+            dropped += _put_attribute(cleaned, key, value, limit, max_length)
     return cleaned, dropped
 
 
@@ -225,7 +220,7 @@ class RecordingSpan(trace.Span):
                 return
         if not self._ended("setting an attribute"):
             limits = self._limits
-            self._dropped_attributes += _Bounded.put(
+            self._dropped_attributes += _put_attribute(
                 self._attributes,
                 key,
                 value,
