@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
@@ -171,3 +176,34 @@ def test_equal_values_of_other_types_are_encoded_by_type() -> None:
         for span in decoded.resource_spans[0].scope_spans[0].spans
     ]
     assert kinds == ["bool_value", "int_value", "double_value", "string_value"] * 2
+
+
+class _SilentReceiver(OtlpReceiver):
+    """Takes exports and never answers them (until closed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Event()
+
+    def Export(
+        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ExportTraceServiceResponse:
+        self.released.wait()
+        return ExportTraceServiceResponse()
+
+
+def test_shutdown_gives_up_on_a_collector_that_does_not_answer() -> None:
+    with _SilentReceiver() as receiver:
+        try:
+            export = ExportProcess(
+                _settings(endpoint=receiver.endpoint, export_timeout_s=1, max_queued_spans=20_000),
+                SCOPE,
+            )
+            # 20 exports of 1 s each, more than stop waits; distinct spans fill the pipe.
+            for index in range(20 * 512):
+                export.queue.record(_span("s", index + 1))
+            export.stop()
+        finally:
+            receiver.released.set()
+    assert export.pid is None
+    assert export.queue.dropped > 0

@@ -67,6 +67,8 @@ class ExportProcess:
         self._process: BaseProcess | None = None
         self._connection: Connection | None = None
         self._stopping = threading.Event()
+        self._abandoned = False
+        """Set when shutdown gave up on the process: no new one is started."""
         self._reported_dropped = 0
         self._start_process()
         self._sender = threading.Thread(
@@ -121,7 +123,7 @@ class ExportProcess:
                 # The process died (killed, out of memory): the next one takes the spans.
                 _logger.error("tracing: the span exporter process died; starting another")
                 self._discard()
-                if attempt == 0:
+                if attempt == 0 and not self._abandoned:
                     self._start_process()
             else:
                 return
@@ -149,17 +151,29 @@ class ExportProcess:
             process.join(STOP_MARGIN_S)
 
     def stop(self) -> None:
-        """Send what is queued, let the process export it (within the export timeout), then
-        make sure it has exited; idempotent."""
+        """Send what is queued, let the process export it, then make sure it has exited;
+        idempotent. Takes at most about twice the export timeout: a process that does not
+        drain its pipe in time (a collector that does not answer) is killed, and what it
+        had not exported is lost."""
+        limit_s = self._settings.export_timeout_s + STOP_MARGIN_S
         self._stopping.set()
         self.queue.ready.set()
-        self._sender.join()
+        self._sender.join(limit_s)
+        if self._sender.is_alive():  # blocked writing to a process that does not read
+            self._abandoned = True
+            _logger.warning("tracing: the span exporter process did not take the last spans")
+            process = self._process
+            if process is not None:
+                process.kill()  # its pipe breaks: the sender drops the rest and ends
+            self._sender.join()
+            self._discard()
+            return
         process, connection = self._process, self._connection
         if process is None or connection is None:
             return
         with contextlib.suppress(OSError, ValueError):
             connection.send_bytes(b"")
-        process.join(self._settings.export_timeout_s + STOP_MARGIN_S)
+        process.join(limit_s)
         if process.is_alive():
             _logger.warning("tracing: the span exporter process did not finish in time")
         self._discard()
