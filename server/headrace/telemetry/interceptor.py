@@ -59,6 +59,7 @@ SERVER_ERROR_CODES = frozenset(
 )
 """Codes that make a server span's status ERROR (the RPC conventions: the others are the
 client's doing)."""
+_SERVER_ERROR_NUMBERS = frozenset(code.value[0] for code in SERVER_ERROR_CODES)
 
 
 def in_services(*services: str) -> MethodPredicate:
@@ -223,8 +224,9 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             else:  # grpc answers an exception escaping the handler with UNKNOWN
                 code = grpc.StatusCode.UNKNOWN
                 span.record_exception(error)
-        span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, code.value[0])
-        if code in SERVER_ERROR_CODES:
+        number = code.value[0]
+        span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, number)
+        if number in _SERVER_ERROR_NUMBERS:
             details = context.details() or ""
             span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}".rstrip(": ")))
         span.end()
