@@ -44,13 +44,13 @@ _logger = logging.getLogger(__name__)
 class Application:
     """One Headrace server: telemetry, backends, model repository and gRPC front end.
 
-    Start-up: tracer provider -> metrics server -> backends (models loaded) -> repository ->
-    capture (spool recovered, capture stage started) -> batchers -> front end bound and
-    serving -> health SERVING once every model is ready.
+    Start-up: tracing (tracer, span exporter process) -> metrics server -> backends (models
+    loaded) -> repository -> capture (spool recovered, capture stage started) -> batchers ->
+    front end bound and serving -> health SERVING once every model is ready.
     Shutdown, in reverse: health NOT_SERVING -> stop accepting -> in-flight requests (queued
     ones included) finish within the grace period -> batchers stop -> capture flushes what is
     spooled (within capture.shutdown_timeout_s) -> backends stop -> metrics server stops ->
-    tracing flushes what is queued and shuts down.
+    tracing sends what is queued to its exporter process, which exports it and exits.
 
     Usable as an async context manager: `async with Application(settings) as app: app.port`.
 
@@ -75,7 +75,8 @@ class Application:
         self._serving = False
         self._health_task: asyncio.Task[None] | None = None
         self.tracing: Tracing | None = None
-        """The tracer provider, from start-up until shutdown; None when tracing is off."""
+        """The tracer and its span exporter process, from start-up until shutdown; None when
+        tracing is off."""
         self.metrics: Metrics | None = Metrics(worker_id or 0) if settings.metrics.enabled else None
         self.shared_memory: SystemSharedMemoryRegistry | None = (
             SystemSharedMemoryRegistry() if settings.server.system_shared_memory else None

@@ -573,8 +573,12 @@ class TracingSettings(_Frozen):
     """Longest a finished span waits before it is exported (spans are exported in batches
     off the request path)."""
     max_queued_spans: int = Field(default=2048, ge=1)
-    """Finished spans waiting for export at most; beyond, new spans are dropped (counted by
-    the SDK), never waited for."""
+    """Finished spans waiting to be sent to the exporter process at most; beyond, new spans
+    are dropped (counted and logged), never waited for."""
+    export_niceness: int = Field(default=0, ge=0, le=19)
+    """Niceness added to the span exporter process (OTLP encoding and export run there, off
+    the serving process). Above 0 it yields the CPU to serving under contention, and spans
+    are dropped if it falls more than `max_queued_spans` behind."""
 
 
 METRICS_DEFAULT_PORT = 8802

@@ -20,8 +20,15 @@ from urllib.parse import unquote
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+MAX_CACHED = 4096
+"""Wrapped handlers and parsed peers kept at most (then the caches start over)."""
+_TRACE_CONTEXT_KEYS = frozenset({"traceparent", "tracestate"})
+_NO_PARENT = Context()
+"""What the propagator extracts from metadata without a trace context: a new trace."""
 
 MethodPredicate = Callable[[grpc.HandlerCallDetails], bool]
 """Chooses the RPCs an interceptor applies to, from the method path `/package.Service/Method`."""
@@ -52,6 +59,7 @@ SERVER_ERROR_CODES = frozenset(
 )
 """Codes that make a server span's status ERROR (the RPC conventions: the others are the
 client's doing)."""
+_SERVER_ERROR_NUMBERS = frozenset(code.value[0] for code in SERVER_ERROR_CODES)
 
 
 def in_services(*services: str) -> MethodPredicate:
@@ -129,6 +137,13 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._tracer = tracer
         self._propagator = propagator
         self._traced = traced
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
+        """Per method path: the handler and its traced wrapper, made once (the server's
+        handlers are long-lived objects; a different one is wrapped anew)."""
+        self._peers: dict[str, dict[str, str | int]] = {}
+        """network.peer.* attributes per peer string (a connection makes many calls)."""
 
     async def intercept_service(
         self,
@@ -138,7 +153,24 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        if handler is None or not self._traced(handler_call_details):
+        if handler is None:
+            return handler
+        method_path = handler_call_details.method
+        cached = self._wrapped.get(method_path)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, handler_call_details)
+        if len(self._wrapped) >= MAX_CACHED:
+            self._wrapped.clear()
+        self._wrapped[method_path] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if not self._traced(handler_call_details):
             return handler
         name = handler_call_details.method.lstrip("/")
         service, _, method = name.partition("/")
@@ -159,12 +191,17 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self, name: str, attributes: dict[str, str], context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[Span, object]:
         metadata: Iterable[tuple[str, str | bytes]] = context.invocation_metadata() or ()
-        parent = self._propagator.extract({key: value for key, value in metadata})
+        # The propagator reads only these two keys; most calls carry neither.
+        carrier = {key: value for key, value in metadata if key in _TRACE_CONTEXT_KEYS}
+        parent = self._propagator.extract(carrier) if carrier else _NO_PARENT
+        peer = context.peer()
+        peer_attributes = self._peers.get(peer)
+        if peer_attributes is None:
+            if len(self._peers) >= MAX_CACHED:
+                self._peers.clear()
+            peer_attributes = self._peers[peer] = _peer_attributes(peer)
         span = self._tracer.start_span(
-            name,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={**attributes, **_peer_attributes(context.peer())},
+            name, context=parent, kind=SpanKind.SERVER, attributes={**attributes, **peer_attributes}
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
@@ -187,8 +224,9 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             else:  # grpc answers an exception escaping the handler with UNKNOWN
                 code = grpc.StatusCode.UNKNOWN
                 span.record_exception(error)
-        span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, code.value[0])
-        if code in SERVER_ERROR_CODES:
+        number = code.value[0]
+        span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, number)
+        if number in _SERVER_ERROR_NUMBERS:
             details = context.details() or ""
             span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}".rstrip(": ")))
         span.end()

@@ -13,24 +13,23 @@ parent-based sampler records a batch exactly when one of its requests is recorde
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.sdk.trace import SpanLimits
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace import __version__
 from headrace.config import TracingSettings
 from headrace.spec import ModelSpec
+from headrace.telemetry.export import ExportProcess, Scope
+from headrace.telemetry.spans import CurrentSpan, LeanTracer
 
 INSTRUMENTATION_NAME = "headrace"
 
@@ -59,11 +58,20 @@ ATTRIBUTE_BATCH_REQUESTS = "headrace.batch.requests"
 
 
 class Tracing:
-    """The tracer provider of one Headrace process: created at start-up from settings, shut
-    down (its queue of finished spans flushed) at exit, last of all."""
+    """The tracer of one Headrace process and its span exporter process: created at start-up
+    from settings, shut down (finished spans exported) at exit, last of all.
 
-    def __init__(self, settings: TracingSettings, exporter: SpanExporter | None = None) -> None:
-        """`exporter` overrides the one `settings` name (tests, benchmarks)."""
+    Spans are made by a lean tracer (`headrace.telemetry.spans`) and exported by a process of
+    their own (`headrace.telemetry.export`): the request path only appends a tuple.
+
+    Raises:
+        ValueError: `exporter` is `none` (tracing is off; nothing is built).
+    """
+
+    def __init__(self, settings: TracingSettings) -> None:
+        if settings.exporter == "none":
+            raise ValueError("tracing exporter 'none' exports nothing")
+        # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and the SDK's own attributes.
         resource = Resource.create(
             {
                 SERVICE_NAME: settings.service_name,
@@ -72,19 +80,13 @@ class Tracing:
                 **settings.resource_attributes,
             }
         )
-        self.provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)), resource=resource
+        self.export = ExportProcess(
+            settings,
+            Scope(
+                dict(resource.attributes), resource.schema_url, INSTRUMENTATION_NAME, __version__
+            ),
         )
-        # Batches leave on the processor's own thread: the request path only queues a span.
-        self.provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter or _exporter(settings),
-                max_queue_size=settings.max_queued_spans,
-                schedule_delay_millis=settings.export_delay_ms,
-                export_timeout_millis=int(settings.export_timeout_s * 1000),
-            )
-        )
-        self.tracer: Tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, __version__)
+        self.tracer = LeanTracer(settings.sample_ratio, self.export.queue.record, SpanLimits())
         self.propagator = TraceContextTextMapPropagator()
         """Reads W3C `traceparent`/`tracestate` from incoming metadata."""
 
@@ -92,36 +94,8 @@ class Tracing:
         return ModelTracing(self.tracer, spec)
 
     def shutdown(self) -> None:
-        """Export what is queued (within the export timeout) and stop the exporter thread."""
-        self.provider.shutdown()
-
-
-def _exporter(settings: TracingSettings) -> SpanExporter:
-    """The exporter `settings.exporter` names (imported here: each pulls in its transport).
-
-    Raises:
-        ValueError: `exporter` is `none` (tracing is off; no provider is built).
-    """
-    headers = dict(settings.headers) or None
-    if settings.exporter == "otlp_grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter(
-            endpoint=settings.endpoint, headers=headers, timeout=settings.export_timeout_s
-        )
-    if settings.exporter == "otlp_http":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpExporter,
-        )
-
-        return HttpExporter(
-            endpoint=settings.endpoint, headers=headers, timeout=settings.export_timeout_s
-        )
-    if settings.exporter == "console":
-        return ConsoleSpanExporter(service_name=settings.service_name)
-    raise ValueError("tracing exporter 'none' exports nothing")
+        """Export what is queued (within the export timeout) and stop the exporter process."""
+        self.export.stop()
 
 
 def _error_status(error: BaseException) -> Status:
@@ -134,7 +108,7 @@ class ModelTracing:
 
     __slots__ = ("_attributes", "_tracer")
 
-    def __init__(self, tracer: Tracer, spec: ModelSpec) -> None:
+    def __init__(self, tracer: LeanTracer, spec: ModelSpec) -> None:
         self._tracer = tracer
         self._attributes: Mapping[str, str] = {
             ATTRIBUTE_MODEL_NAME: spec.name,
@@ -152,16 +126,14 @@ class ModelTracing:
         """Record the queue span of a request that never reached its model: expired,
         cancelled (`error` None) or failed at shutdown."""
         now_ns = time.time_ns()
-        span = self._tracer.start_span(
+        self._tracer.record_span(
             SPAN_QUEUE,
-            context=parent,
-            start_time=now_ns - int(waited_s * 1e9),
-            attributes={**self._attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+            trace.get_current_span(parent).get_span_context(),
+            {**self._attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+            now_ns - int(waited_s * 1e9),
+            now_ns,
+            status=_error_status(error) if error else Status(StatusCode.ERROR, "request cancelled"),
         )
-        span.set_status(
-            _error_status(error) if error else Status(StatusCode.ERROR, "request cancelled")
-        )
-        span.end(end_time=now_ns)
 
     def start_batch(self, members: Sequence[tuple[Context | None, float, int]]) -> BatchTrace:
         """Start the spans of a batch being dispatched now, made of `members`: each request's
@@ -169,14 +141,14 @@ class ModelTracing:
         spans, which end now."""
         return BatchTrace(self._tracer, self._attributes, members)
 
-    @contextlib.contextmanager
-    def backend_call(self, parent: Context | None = None) -> Iterator[None]:
+    def backend_call(self, parent: Context | None = None) -> CurrentSpan:
         """Make a CLIENT span current around a backend call (child of `parent`, else of the
         current span). An exception escaping the call sets its status to ERROR."""
-        with self._tracer.start_as_current_span(
-            SPAN_BACKEND, context=parent, kind=SpanKind.CLIENT, attributes=self._attributes
-        ):
-            yield
+        return CurrentSpan(
+            self._tracer.start_span(
+                SPAN_BACKEND, context=parent, kind=SpanKind.CLIENT, attributes=self._attributes
+            )
+        )
 
 
 class BatchTrace:
@@ -194,7 +166,7 @@ class BatchTrace:
 
     def __init__(
         self,
-        tracer: Tracer,
+        tracer: LeanTracer,
         attributes: Mapping[str, str],
         members: Sequence[tuple[Context | None, float, int]],
     ) -> None:
@@ -205,14 +177,14 @@ class BatchTrace:
             (context, trace.get_current_span(context).get_span_context(), items)
             for context, _, items in members
         ]
-        for context, waited_s, items in members:
-            queue_span = tracer.start_span(
+        for (_, span_context, items), (_, waited_s, _) in zip(self._members, members, strict=True):
+            tracer.record_span(
                 SPAN_QUEUE,
-                context=context,
-                start_time=now_ns - int(waited_s * 1e9),
-                attributes={**attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+                span_context,
+                {**attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+                now_ns - int(waited_s * 1e9),
+                now_ns,
             )
-            queue_span.end(end_time=now_ns)
         parent = next(
             (
                 context
@@ -236,34 +208,33 @@ class BatchTrace:
         )
         self._batch_context = trace.set_span_in_context(self._span)
 
-    @contextlib.contextmanager
-    def backend_call(self) -> Iterator[None]:
+    def backend_call(self) -> CurrentSpan:
         """The backend call's CLIENT span, current while the call runs."""
-        with self._tracer.start_as_current_span(
-            SPAN_BACKEND,
-            context=self._batch_context,
-            kind=SpanKind.CLIENT,
-            attributes=self._attributes,
-        ):
-            yield
+        return CurrentSpan(
+            self._tracer.start_span(
+                SPAN_BACKEND,
+                context=self._batch_context,
+                kind=SpanKind.CLIENT,
+                attributes=self._attributes,
+            )
+        )
 
     def end(self, error: BaseException | None) -> None:
         """End the batch span and record each request's part in it; `error` is what failed
         the batch, if anything did."""
         now_ns = time.time_ns()
         status = _error_status(error) if error is not None else None
-        links = [Link(self._span.get_span_context())]
-        for context, _, items in self._members:
-            part = self._tracer.start_span(
+        batch = self._span.get_span_context()
+        for _, span_context, items in self._members:
+            self._tracer.record_span(
                 SPAN_BATCH_REQUEST,
-                context=context,
-                start_time=self._dispatched_ns,
-                links=links,
-                attributes={ATTRIBUTE_REQUEST_ITEMS: items},
+                span_context,
+                {ATTRIBUTE_REQUEST_ITEMS: items},
+                self._dispatched_ns,
+                now_ns,
+                link=batch,
+                status=status,
             )
-            if status is not None:
-                part.set_status(status)
-            part.end(end_time=now_ns)
         if status is not None:
             self._span.set_status(status)
         self._span.end(end_time=now_ns)

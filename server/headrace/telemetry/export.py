@@ -1,0 +1,586 @@
+"""The span exporter process: finished spans leave the serving process as pickled tuples and
+are encoded and exported here, off the serving process's GIL.
+
+The serving process keeps a bounded queue of finished spans (`spans.SpanQueue`) and one sender
+thread that, every `export_delay_ms` or as soon as a batch is full, pickles a batch of tuples
+and writes it to a pipe (blocking on a full pipe only itself: the queue then fills and new
+spans are dropped and counted, never waited for). The process, spawned at start-up and
+stopped at shutdown (after exporting what it was sent), encodes each batch as an OTLP
+`ExportTraceServiceRequest` and sends it with the configured exporter: OTLP gRPC through the
+SDK's exporter (its endpoint, headers, TLS, compression and retry rules) with the request
+encoded here straight from the tuples, which costs a few microseconds a span where the SDK's
+encoder costs tens; OTLP HTTP and console through the SDK's exporters, given the SDK's
+`ReadableSpan`s rebuilt from the tuples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, NamedTuple
+
+from headrace.config import TracingSettings
+from headrace.telemetry.spans import FinishedSpan, SpanQueue
+
+BATCH_SPANS = 512
+"""Spans per batch sent to the exporter process, and per export (the SDK's default)."""
+STOP_MARGIN_S = 5.0
+"""How much longer than one export's timeout shutdown waits for the process."""
+
+_logger = logging.getLogger(__name__)
+
+
+class Scope(NamedTuple):
+    """What every span shares: the resource and the instrumentation scope."""
+
+    resource_attributes: Mapping[str, Any]
+    resource_schema_url: str
+    name: str
+    version: str
+
+
+class EncodedSpans(NamedTuple):
+    """An `ExportTraceServiceRequest`, serialized, and how many spans it holds."""
+
+    payload: bytes
+    spans: int
+
+
+class ExportProcess:
+    """Owns the exporter process and the sender thread that feeds it; `queue.record` is the
+    tracer's recorder. Started by the constructor, stopped (flushed) by `stop`."""
+
+    def __init__(self, settings: TracingSettings, scope: Scope) -> None:
+        self._settings = settings
+        self._scope = scope
+        self.queue = SpanQueue(settings.max_queued_spans, BATCH_SPANS)
+        self._context = multiprocessing.get_context("spawn")
+        self._process: BaseProcess | None = None
+        self._connection: Connection | None = None
+        self._stopping = threading.Event()
+        self._abandoned = False
+        """Set when shutdown gave up on the process: no new one is started."""
+        self._reported_dropped = 0
+        self._start_process()
+        self._sender = threading.Thread(
+            target=self._send_forever, name="headrace-span-sender", daemon=True
+        )
+        self._sender.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _start_process(self) -> None:
+        receiver, sender = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_serve,
+            args=(receiver, self._settings, self._scope),
+            name="headrace-span-export",
+            daemon=True,
+        )
+        process.start()
+        receiver.close()
+        self._process, self._connection = process, sender
+
+    def _send_forever(self) -> None:
+        queue = self.queue
+        delay_s = self._settings.export_delay_ms / 1000
+        while True:
+            stopping = self._stopping.is_set()
+            if not stopping:
+                queue.ready.wait(delay_s)
+                queue.ready.clear()
+            while len(queue):
+                self._send(queue.take(BATCH_SPANS))
+            self._report_dropped()
+            if stopping:
+                return
+
+    def _send(self, batch: list[FinishedSpan]) -> None:
+        try:
+            payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an attribute value that cannot be pickled: never kill the sender
+            _logger.exception("tracing: a batch of %d spans could not be sent", len(batch))
+            self.queue.dropped += len(batch)
+            return
+        for attempt in range(2):
+            process, connection = self._process, self._connection
+            if process is None or connection is None:
+                break
+            try:
+                connection.send_bytes(payload)
+            except (OSError, ValueError):
+                # The process died (killed, out of memory): the next one takes the spans.
+                _logger.error("tracing: the span exporter process died; starting another")
+                self._discard()
+                if attempt == 0 and not self._abandoned:
+                    self._start_process()
+            else:
+                return
+        self.queue.dropped += len(batch)
+
+    def _report_dropped(self) -> None:
+        dropped = self.queue.dropped
+        if dropped != self._reported_dropped:
+            _logger.warning(
+                "tracing: %d spans dropped (%d in all): the export queue (max_queued_spans %d)"
+                " was full or the exporter process was gone",
+                dropped - self._reported_dropped,
+                dropped,
+                self._settings.max_queued_spans,
+            )
+            self._reported_dropped = dropped
+
+    def _discard(self) -> None:
+        process, self._process = self._process, None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+        if process is not None:
+            process.kill()  # it ignores SIGTERM (see _serve)
+            process.join(STOP_MARGIN_S)
+
+    def stop(self) -> None:
+        """Send what is queued, let the process export it, then make sure it has exited;
+        idempotent. Takes at most about twice the export timeout: a process that does not
+        drain its pipe in time (a collector that does not answer) is killed, and what it
+        had not exported is lost."""
+        limit_s = self._settings.export_timeout_s + STOP_MARGIN_S
+        self._stopping.set()
+        self.queue.ready.set()
+        self._sender.join(limit_s)
+        if self._sender.is_alive():  # blocked writing to a process that does not read
+            self._abandoned = True
+            _logger.warning("tracing: the span exporter process did not take the last spans")
+            process = self._process
+            if process is not None:
+                process.kill()  # its pipe breaks: the sender drops the rest and ends
+            self._sender.join()
+            self._discard()
+            return
+        process, connection = self._process, self._connection
+        if process is None or connection is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            connection.send_bytes(b"")
+        process.join(limit_s)
+        if process.is_alive():
+            _logger.warning("tracing: the span exporter process did not finish in time")
+        self._discard()
+
+
+def _serve(connection: Connection, settings: TracingSettings, scope: Scope) -> None:
+    """The exporter process's main: export every batch received until told to stop."""
+    # Ctrl-C or a group-wide SIGTERM reaches this process too: the serving process decides
+    # when it stops (it sends what is left first), or its end closes the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if settings.export_niceness:
+        os.nice(settings.export_niceness)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    export = _exporter(settings, scope)
+    try:
+        while True:
+            try:
+                message = connection.recv_bytes()
+            except (EOFError, OSError):
+                return  # the serving process is gone
+            if not message:
+                return
+            try:
+                export(pickle.loads(message))
+            except Exception:
+                _logger.exception("tracing: a batch of spans could not be exported")
+    finally:
+        with contextlib.suppress(Exception):
+            export.shutdown()
+
+
+class _Export:
+    """Exports batches of finished spans with one configured exporter."""
+
+    def __call__(self, spans: Sequence[FinishedSpan]) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+
+def _exporter(settings: TracingSettings, scope: Scope) -> _Export:
+    headers = dict(settings.headers) or None
+    if settings.exporter == "otlp_grpc":
+        return _GrpcExport(settings, scope, headers)
+    if settings.exporter == "otlp_http":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return _SdkExport(
+            HttpExporter(
+                endpoint=settings.endpoint, headers=headers, timeout=settings.export_timeout_s
+            ),
+            scope,
+        )
+    if settings.exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return _SdkExport(ConsoleSpanExporter(service_name=settings.service_name), scope)
+    raise ValueError("tracing exporter 'none' exports nothing")
+
+
+class _GrpcExport(_Export):
+    def __init__(self, settings: TracingSettings, scope: Scope, headers: Any) -> None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        class EncodedExporter(OTLPSpanExporter):
+            """The SDK's OTLP gRPC exporter (channel, TLS, headers, retries) sending requests
+            encoded elsewhere: its two per-signal hooks take `EncodedSpans`."""
+
+            def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
+                return ExportTraceServiceRequest.FromString(data.payload)
+
+            def _count_data(self, data: Any) -> int:
+                return int(data.spans)
+
+        self._exporter = EncodedExporter(
+            endpoint=settings.endpoint, headers=headers, timeout=settings.export_timeout_s
+        )
+        self._encoder = OtlpEncoder(scope)
+
+    def __call__(self, spans: Sequence[FinishedSpan]) -> None:
+        self._exporter.export(EncodedSpans(self._encoder.encode(spans), len(spans)))  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+
+class _SdkExport(_Export):
+    def __init__(self, exporter: Any, scope: Scope) -> None:
+        self._exporter = exporter
+        self._scope = scope
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        self._resource = Resource(
+            dict(scope.resource_attributes), schema_url=scope.resource_schema_url
+        )
+        self._instrumentation_scope = InstrumentationScope(scope.name, scope.version)
+
+    def __call__(self, spans: Sequence[FinishedSpan]) -> None:
+        self._exporter.export(readable_spans(spans, self._resource, self._instrumentation_scope))
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+
+def readable_spans(spans: Sequence[FinishedSpan], resource: Any, scope: Any) -> list[Any]:
+    """The SDK's `ReadableSpan`s for finished spans (for the SDK's exporters)."""
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceState
+
+    flags = _SpanFlags()
+    readable = []
+    for (
+        name,
+        trace_id,
+        span_id,
+        trace_state,
+        parent_span_id,
+        parent_is_remote,
+        kind,
+        start_ns,
+        end_ns,
+        attributes,
+        events,
+        links,
+        status_code,
+        status_message,
+        dropped_attributes,
+        dropped_events,
+        dropped_links,
+    ) in spans:
+        state = TraceState.from_header([trace_state]) if trace_state else None
+        context = SpanContext(trace_id, span_id, False, flags.sampled, state)
+        parent = (
+            SpanContext(trace_id, parent_span_id, parent_is_remote, flags.sampled, state)
+            if parent_span_id
+            else None
+        )
+        span = ReadableSpan(
+            name=name,
+            context=context,
+            parent=parent,
+            resource=resource,
+            attributes=_Counted(attributes, dropped_attributes),
+            events=_counted_list(
+                [
+                    Event(event_name, _Counted(event_attributes, event_dropped), time_ns)
+                    for event_name, time_ns, event_attributes, event_dropped in events or ()
+                ],
+                dropped_events,
+            ),
+            links=_counted_list(
+                [
+                    Link(
+                        SpanContext(link_trace, link_span, link_remote, flags.sampled),
+                        _Counted(link_attributes, link_dropped),
+                    )
+                    for link_trace, link_span, link_remote, link_attributes, link_dropped in links
+                    or ()
+                ],
+                dropped_links,
+            ),
+            kind=SpanKind(kind),
+            status=Status(StatusCode(status_code), status_message),
+            start_time=start_ns,
+            end_time=end_ns,
+            instrumentation_scope=scope,
+        )
+        readable.append(span)
+    return readable
+
+
+class _SpanFlags:
+    def __init__(self) -> None:
+        from opentelemetry.trace import TraceFlags
+
+        self.sampled = TraceFlags(TraceFlags.SAMPLED)
+
+
+def _counted_list(items: list[Any], dropped: int) -> Any:
+    """Events or links as the SDK's `BoundedList`, with their dropped count."""
+    from opentelemetry.sdk.util import BoundedList
+
+    bounded = BoundedList.from_seq(None, items)
+    bounded.dropped = dropped
+    return bounded
+
+
+def _Counted(attributes: Mapping[str, Any], dropped: int) -> Any:  # noqa: N802
+    """Attributes as the SDK's `BoundedAttributes`, with their dropped count."""
+    from opentelemetry.attributes import BoundedAttributes
+
+    bounded = BoundedAttributes(None, attributes, immutable=True)
+    bounded.dropped = dropped
+    return bounded
+
+
+# OTLP protobuf, encoded by hand: the wire format is stable (opentelemetry-proto), and the
+# tests check the result against the SDK's own encoder.
+
+_FIXED64 = struct.Struct("<Q")
+_FIXED32 = struct.Struct("<I")
+_DOUBLE = struct.Struct("<d")
+_SPAN_TIMES = struct.Struct("<BQBQ")
+_TAG_START, _TAG_END = 0x39, 0x41  # Span fields 7 and 8, fixed64
+_SPAN_FLAGS_TAG = b"\x85\x01"  # Span field 16, fixed32
+_FLAGS_HAS_IS_REMOTE, _FLAGS_IS_REMOTE = 0x100, 0x200
+_CACHED_VALUES = 4096
+"""Encoded key-value pairs kept for reuse (model names, methods, peers repeat)."""
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value] if value >= 0 else _varint(value + (1 << 64))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL = [bytes([value]) for value in range(0x80)]
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    """A length-delimited field: `tag` is the field number and wire type 2, as a byte."""
+    return _SMALL[tag] + _varint(len(payload)) + payload
+
+
+def _any_value(value: Any) -> bytes:
+    """An AnyValue message's content."""
+    kind = type(value)
+    if kind is str:
+        return _field(0x0A, value.encode())
+    if kind is bool:
+        return b"\x10\x01" if value else b"\x10\x00"
+    if kind is int:
+        return b"\x18" + _varint(value)
+    if kind is float:
+        return b"\x21" + _DOUBLE.pack(value)
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return _field(0x0A, str(value).encode())
+    if isinstance(value, int):
+        return b"\x18" + _varint(int(value))
+    if isinstance(value, float):
+        return b"\x21" + _DOUBLE.pack(value)
+    if isinstance(value, bytes):
+        return _field(0x3A, value)
+    if isinstance(value, Mapping):
+        pairs = b"".join(_field(0x0A, _key_value(str(k), v)) for k, v in value.items())
+        return _field(0x32, pairs)
+    if isinstance(value, Sequence):
+        return _field(0x2A, b"".join(_field(0x0A, _any_value(v)) for v in value))
+    raise TypeError(f"invalid attribute value type {type(value).__name__}")
+
+
+def _key_value(key: str, value: Any) -> bytes:
+    """A KeyValue message's content."""
+    return _field(0x0A, key.encode()) + _field(0x12, _any_value(value))
+
+
+class OtlpEncoder:
+    """Encodes batches of finished spans as one serialized `ExportTraceServiceRequest`
+    (one resource, one scope), field for field what the SDK's encoder sends."""
+
+    def __init__(self, scope: Scope) -> None:
+        resource = b"".join(
+            _field(0x0A, _key_value(key, value)) for key, value in scope.resource_attributes.items()
+        )
+        instrumentation = _field(0x0A, scope.name.encode())
+        if scope.version:
+            instrumentation += _field(0x12, scope.version.encode())
+        self._resource = _field(0x0A, resource)
+        self._resource_schema = (
+            _field(0x1A, scope.resource_schema_url.encode()) if scope.resource_schema_url else b""
+        )
+        self._scope = _field(0x0A, instrumentation)
+        self._pairs: dict[tuple[str, Any], bytes] = {}
+        self._sets: dict[tuple[Any, ...], bytes] = {}
+        self._names: dict[str, bytes] = {}
+
+    def _attributes(self, tag: int, attributes: Mapping[str, Any]) -> bytes:
+        """Repeated KeyValue fields; whole sets that repeat (a model's, a connection's) and
+        simple pairs come from caches."""
+        try:
+            # Types too: True == 1 == 1.0 as keys, not as encodings.
+            set_key = (tag, *attributes.items(), *map(type, attributes.values()))
+            encoded_set = self._sets.get(set_key)
+        except TypeError:  # an unhashable value
+            return self._encode_attributes(tag, attributes)
+        if encoded_set is None:
+            encoded_set = self._encode_attributes(tag, attributes)
+            if len(self._sets) >= _CACHED_VALUES:
+                self._sets.clear()
+            self._sets[set_key] = encoded_set
+        return encoded_set
+
+    def _encode_attributes(self, tag: int, attributes: Mapping[str, Any]) -> bytes:
+        pairs = self._pairs
+        out = []
+        for key, value in attributes.items():
+            kind = type(value)
+            cache_key = (key, value, kind) if kind is str or kind is int else None
+            encoded = pairs.get(cache_key) if cache_key is not None else None  # type: ignore[arg-type]
+            if encoded is None:
+                try:
+                    encoded = _field(tag, _key_value(key, value))
+                except TypeError as exc:
+                    _logger.warning("tracing: attribute %s not exported: %s", key, exc)
+                    continue
+                if cache_key is not None:
+                    if len(pairs) >= _CACHED_VALUES:
+                        pairs.clear()
+                    pairs[cache_key] = encoded  # type: ignore[index]
+            out.append(encoded)
+        return b"".join(out)
+
+    def _span(self, span: FinishedSpan) -> bytes:
+        (
+            name,
+            trace_id,
+            span_id,
+            trace_state,
+            parent_span_id,
+            parent_is_remote,
+            kind,
+            start_ns,
+            end_ns,
+            attributes,
+            events,
+            links,
+            status_code,
+            status_message,
+            dropped_attributes,
+            dropped_events,
+            dropped_links,
+        ) = span
+        encoded_name = self._names.get(name)
+        if encoded_name is None:
+            encoded_name = _field(0x2A, name.encode())
+            if len(self._names) < _CACHED_VALUES:
+                self._names[name] = encoded_name
+        parts = [
+            b"\x0a\x10",
+            trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            span_id.to_bytes(8, "big"),
+        ]
+        if trace_state:
+            parts.append(_field(0x1A, trace_state.encode()))
+        if parent_span_id:
+            parts += (b"\x22\x08", parent_span_id.to_bytes(8, "big"))
+        parts += (
+            encoded_name,
+            b"\x30" + _SMALL[kind + 1],  # OTLP's SpanKind counts from UNSPECIFIED
+            _SPAN_TIMES.pack(_TAG_START, start_ns, _TAG_END, end_ns),
+        )
+        if attributes:
+            parts.append(self._attributes(0x4A, attributes))
+        if dropped_attributes:
+            parts.append(b"\x50" + _varint(dropped_attributes))
+        for event_name, time_ns, event_attributes, event_dropped in events or ():
+            event = b"\x09" + _FIXED64.pack(time_ns) + _field(0x12, event_name.encode())
+            if event_attributes:
+                event += self._attributes(0x1A, event_attributes)
+            if event_dropped:
+                event += b"\x20" + _varint(event_dropped)
+            parts.append(_field(0x5A, event))
+        if dropped_events:
+            parts.append(b"\x60" + _varint(dropped_events))
+        for link_trace, link_span, link_remote, link_attributes, link_dropped in links or ():
+            link = b"\x0a\x10" + link_trace.to_bytes(16, "big") + b"\x12\x08"
+            link += link_span.to_bytes(8, "big")
+            if link_attributes:
+                link += self._attributes(0x22, link_attributes)
+            if link_dropped:
+                link += b"\x28" + _varint(link_dropped)
+            flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if link_remote else 0)
+            parts.append(_field(0x6A, link + b"\x35" + _FIXED32.pack(flags)))
+        if dropped_links:
+            parts.append(b"\x70" + _varint(dropped_links))
+        status = b""
+        if status_message:
+            status = _field(0x12, status_message.encode())
+        if status_code:
+            status += b"\x18" + _SMALL[status_code]
+        parts.append(_field(0x7A, status))
+        flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if parent_is_remote else 0)
+        parts += (_SPAN_FLAGS_TAG, _FIXED32.pack(flags))
+        return _field(0x12, b"".join(parts))
+
+    def encode(self, spans: Sequence[FinishedSpan]) -> bytes:
+        encoded_span = self._span
+        scope_spans = self._scope + b"".join([encoded_span(span) for span in spans])
+        resource_spans = self._resource + _field(0x12, scope_spans) + self._resource_schema
+        return _field(0x0A, resource_spans)

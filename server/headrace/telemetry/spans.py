@@ -1,0 +1,612 @@
+"""A lean OpenTelemetry tracer: spans as the `opentelemetry.trace` API defines them, recorded
+as plain tuples for the exporter process (`headrace.telemetry.export`).
+
+Why not the SDK's `Tracer`: its spans cost about 30 us each to start and end (a lock per
+span and per attribute set, `BoundedAttributes`, a `ReadableSpan` copy, processor fan-out),
+and its `BatchSpanProcessor` encodes and exports on a thread of the serving process, holding
+the GIL in bursts. Here a span is a slotted object holding a plain dict; `end` appends one
+tuple of ints and strings (`FinishedSpan`) to a bounded deque, and a sender thread ships
+them, pickled, to the exporter process every `export_delay_ms` (or sooner when a batch is
+full). Everything else (OTLP encoding, the export call, retries) runs in that process.
+
+What is kept from the SDK: the sampler (parent-based, trace-id ratio: the same decision for
+the same trace id), random 128/64-bit ids with the W3C random-trace-id flag, `SpanLimits`
+(counts and lengths, from the same OTEL_* variables, oldest attribute evicted first), status
+rules (OK is final, UNSET ignored, descriptions only with ERROR), exception events, and
+non-recording spans for unsampled traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import SpanLimits
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.trace import (
+    INVALID_SPAN_ID,
+    INVALID_TRACE_ID,
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.util.types import Attributes, AttributeValue
+
+_logger = logging.getLogger(__name__)
+
+FinishedSpan = tuple[Any, ...]
+"""A finished span as the exporter process receives it (pickled in batches):
+`(name, trace_id, span_id, trace_state, parent_span_id, parent_is_remote, kind, start_ns,
+end_ns, attributes, events, links, status_code, status_message, dropped_attributes,
+dropped_events, dropped_links)`: ids as ints (parent 0 for a root span), `trace_state` the
+W3C header value ("" when empty), `kind` and `status_code` the API enums' values,
+`attributes` a dict, `events` a list of `(name, time_ns, attributes, dropped_attributes)`,
+`links` a list of `(trace_id, span_id, is_remote, attributes, dropped_attributes)`,
+`status_message` None unless the status is ERROR with a description."""
+
+Recorder = Callable[[FinishedSpan], None]
+"""Takes each finished span; called on the thread that ended it, must not block."""
+
+_SIMPLE_VALUES = (str, int, float, bool)
+_SIMPLE_TYPES = frozenset(_SIMPLE_VALUES)
+_FLAGS = [TraceFlags(flags) for flags in range(4)]
+"""Trace flags by value: bit 0 sampled, bit 1 random trace id (W3C level 2), which the SDK
+sets on new traces and keeps from a parent."""
+
+
+def _clean_value(value: Any, max_length: int | None) -> Any:
+    """An attribute value as the SDK would keep it: strings truncated, sequences as tuples,
+    other types made strings (or None) by the SDK's own rules."""
+    if type(value) is str:
+        if max_length is not None and len(value) > max_length:
+            return value[:max_length]
+        return value
+    if type(value) in _SIMPLE_VALUES:
+        return value
+    # Rare (sequences, mappings, bytes, other types): the SDK's BoundedAttributes decides.
+    cleaned = BoundedAttributes(None, {"value": value}, max_value_len=max_length)
+    return cleaned.get("value")
+
+
+def _put_attribute(
+    attributes: dict[str, Any], key: str, value: Any, limit: int | None, max_length: int | None
+) -> int:
+    """Set `key` in a dict of attributes under a count limit (when full, the oldest entry
+    goes, as in the SDK's BoundedAttributes); returns how many were dropped (0 or 1)."""
+    if not key or type(key) is not str:
+        _logger.warning("invalid attribute key %r: must be a non-empty string", key)
+        return 1
+    if limit == 0:
+        return 1
+    value = _clean_value(value, max_length)
+    dropped = 0
+    if key in attributes:
+        del attributes[key]
+    elif limit is not None and len(attributes) >= limit:
+        del attributes[next(iter(attributes))]
+        dropped = 1
+    attributes[key] = value
+    return dropped
+
+
+def _bounded(
+    attributes: Attributes, limit: int | None, max_length: int | None
+) -> tuple[dict[str, Any], int]:
+    """A fresh dict of `attributes` under the limits, and how many were dropped."""
+    if not attributes:
+        return {}, 0
+    if max_length is None and (limit is None or len(attributes) <= limit):
+        for key, value in attributes.items():
+            if type(value) not in _SIMPLE_TYPES or type(key) is not str or not key:
+                break
+        else:
+            return dict(attributes), 0
+    cleaned: dict[str, Any] = {}
+    dropped = 0
+    if attributes:
+        for key, value in attributes.items():
+            dropped += _put_attribute(cleaned, key, value, limit, max_length)
+    return cleaned, dropped
+
+
+class RecordingSpan(trace.Span):
+    """A sampled span: mutable until `end`, which hands its data to the recorder once."""
+
+    __slots__ = (
+        "_attributes",
+        "_context",
+        "_dropped_attributes",
+        "_dropped_events",
+        "_dropped_links",
+        "_end_ns",
+        "_events",
+        "_kind",
+        "_limits",
+        "_links",
+        "_name",
+        "_parent",
+        "_record",
+        "_record_exception",
+        "_set_status_on_exception",
+        "_start_ns",
+        "_status_code",
+        "_status_message",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        dropped_attributes: int,
+        links: list[tuple[int, int, bool, dict[str, Any], int]] | None,
+        dropped_links: int,
+        start_ns: int,
+        limits: SpanLimits,
+        record: Recorder,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> None:
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._kind = kind
+        self._attributes = attributes
+        self._dropped_attributes = dropped_attributes
+        self._links = links
+        self._dropped_links = dropped_links
+        self._events: list[tuple[str, int, dict[str, Any], int]] | None = None
+        self._dropped_events = 0
+        self._start_ns = start_ns
+        self._end_ns: int | None = None
+        self._status_code = StatusCode.UNSET
+        self._status_message: str | None = None
+        self._limits = limits
+        self._record = record
+        self._record_exception = record_exception
+        self._set_status_on_exception = set_status_on_exception
+
+    def __repr__(self) -> str:
+        return f'RecordingSpan(name="{self._name}", context={self._context})'
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def attributes(self) -> Mapping[str, Any]:
+        return self._attributes
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return self._end_ns is None
+
+    def _ended(self, what: str) -> bool:
+        if self._end_ns is None:
+            return False
+        _logger.warning("%s on an ended span (%s)", what, self._name)
+        return True
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self._end_ns is None and type(value) in _SIMPLE_TYPES and type(key) is str and key:
+            attributes = self._attributes
+            limits = self._limits
+            if limits.max_span_attribute_length is None and (
+                key in attributes
+                or limits.max_span_attributes is None
+                or len(attributes) < limits.max_span_attributes
+            ):
+                attributes[key] = value
+                return
+        if not self._ended("setting an attribute"):
+            limits = self._limits
+            self._dropped_attributes += _put_attribute(
+                self._attributes,
+                key,
+                value,
+                limits.max_span_attributes,
+                limits.max_span_attribute_length,
+            )
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def add_event(
+        self, name: str, attributes: Attributes = None, timestamp: int | None = None
+    ) -> None:
+        if self._ended("adding an event"):
+            return
+        limits = self._limits
+        cleaned, dropped = _bounded(
+            attributes, limits.max_event_attributes, limits.max_attribute_length
+        )
+        event = (name, timestamp if timestamp is not None else time.time_ns(), cleaned, dropped)
+        if self._events is None:
+            self._events = []
+        maximum = limits.max_events
+        if maximum is not None and len(self._events) >= maximum:
+            self._dropped_events += 1
+            if maximum == 0:
+                return
+            del self._events[0]
+        self._events.append(event)
+
+    def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
+        if self._ended("adding a link") or not _valid_link(context, attributes):
+            return
+        limits = self._limits
+        cleaned, dropped = _bounded(
+            attributes, limits.max_link_attributes, limits.max_attribute_length
+        )
+        if self._links is None:
+            self._links = []
+        maximum = limits.max_links
+        if maximum is not None and len(self._links) >= maximum:
+            self._dropped_links += 1
+            if maximum == 0:
+                return
+            del self._links[0]
+        self._links.append((context.trace_id, context.span_id, context.is_remote, cleaned, dropped))
+
+    def update_name(self, name: str) -> None:
+        if not self._ended("renaming"):
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._ended("setting the status"):
+            return
+        if isinstance(status, Status):
+            code, description = status.status_code, status.description
+        else:
+            code = status
+            if code is not StatusCode.ERROR:
+                description = None
+        if self._status_code is StatusCode.OK or code is StatusCode.UNSET:
+            return  # OK is final; UNSET is never set
+        self._status_code = code
+        self._status_message = description
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        module = type(exception).__module__
+        qualname = type(exception).__qualname__
+        event: dict[str, Any] = {
+            "exception.type": f"{module}.{qualname}"
+            if module and module != "builtins"
+            else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            event.update(attributes)
+        self.add_event("exception", event, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._ended("ending"):
+            return
+        self._end_ns = end_ns = end_time if end_time is not None else time.time_ns()
+        context, parent = self._context, self._parent
+        self._record(
+            (
+                self._name,
+                context.trace_id,
+                context.span_id,
+                context.trace_state.to_header() if context.trace_state else "",
+                parent.span_id if parent is not None else 0,
+                parent.is_remote if parent is not None else False,
+                self._kind.value,
+                self._start_ns,
+                end_ns,
+                self._attributes,
+                self._events,
+                self._links,
+                self._status_code.value,
+                self._status_message,
+                self._dropped_attributes,
+                self._dropped_events,
+                self._dropped_links,
+            )
+        )
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if exc_val is not None and self.is_recording():
+            if self._record_exception:
+                self.record_exception(exc_val, escaped=True)
+            if self._set_status_on_exception:
+                self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        self.end()
+
+
+def _valid_link(context: SpanContext | None, attributes: Attributes) -> bool:
+    return bool(
+        context is not None
+        and (
+            context.trace_id != INVALID_TRACE_ID
+            or context.span_id != INVALID_SPAN_ID
+            or attributes
+            or context.trace_state
+        )
+    )
+
+
+class CurrentSpan:
+    """Makes a span current for a `with` block, then ends it: `trace.use_span` as a plain
+    class (no generator per call). An `Exception` escaping the block is recorded on the span
+    and sets its status to ERROR."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+        self._token: object | None = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+        if isinstance(exc_val, Exception) and span.is_recording():
+            span.record_exception(exc_val)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        span.end()
+
+
+class LeanTracer(trace.Tracer):
+    """`opentelemetry.trace.Tracer` making `RecordingSpan`s (sampled) and
+    `NonRecordingSpan`s (not sampled), with the SDK's `ParentBased(TraceIdRatioBased(ratio))`
+    decision: a valid parent's sampled flag is kept; a new trace is sampled when its id's low
+    64 bits fall under `ratio` of their range."""
+
+    def __init__(self, sample_ratio: float, record: Recorder, limits: SpanLimits) -> None:
+        self._bound = TraceIdRatioBased(sample_ratio).bound
+        self._record = record
+        self._limits = limits
+        self._random = random.Random()
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = (),
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+        getrandbits = self._random.getrandbits
+        span_id = getrandbits(64) or 1
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+            sampled = parent.trace_flags.sampled
+            random_flag = parent.trace_flags & TraceFlags.RANDOM_TRACE_ID
+            trace_state = parent.trace_state
+        else:
+            parent = None
+            trace_id = getrandbits(128) or 1
+            sampled = (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound
+            random_flag = TraceFlags.RANDOM_TRACE_ID
+            trace_state = None
+        if not sampled:
+            return NonRecordingSpan(
+                SpanContext(trace_id, span_id, False, _FLAGS[random_flag], trace_state)
+            )
+        limits = self._limits
+        if attributes:
+            cleaned, dropped = _bounded(
+                attributes, limits.max_span_attributes, limits.max_span_attribute_length
+            )
+        else:
+            cleaned, dropped = {}, 0
+        kept_links: list[tuple[int, int, bool, dict[str, Any], int]] | None = None
+        dropped_links = 0
+        if links:
+            kept_links = []
+            for link in links:
+                link_context = link.context
+                if not _valid_link(link_context, link.attributes):
+                    continue
+                if link.attributes:
+                    link_attributes, link_dropped = _bounded(
+                        link.attributes, limits.max_link_attributes, limits.max_attribute_length
+                    )
+                else:
+                    link_attributes, link_dropped = {}, 0
+                kept_links.append(
+                    (
+                        link_context.trace_id,
+                        link_context.span_id,
+                        link_context.is_remote,
+                        link_attributes,
+                        link_dropped,
+                    )
+                )
+            maximum = limits.max_links
+            if maximum is not None and len(kept_links) > maximum:
+                dropped_links = len(kept_links) - maximum
+                kept_links = kept_links[dropped_links:]
+        return RecordingSpan(
+            name,
+            SpanContext(
+                trace_id, span_id, False, _FLAGS[random_flag | TraceFlags.SAMPLED], trace_state
+            ),
+            parent,
+            kind,
+            cleaned,
+            dropped,
+            kept_links,
+            dropped_links,
+            start_time if start_time is not None else time.time_ns(),
+            limits,
+            self._record,
+            record_exception,
+            set_status_on_exception,
+        )
+
+    @contextlib.contextmanager
+    def start_as_current_span(  # type: ignore[override]
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = (),
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> Iterator[trace.Span]:
+        span = self.start_span(
+            name,
+            context,
+            kind,
+            attributes,
+            links,
+            start_time,
+            record_exception,
+            set_status_on_exception,
+        )
+        with trace.use_span(
+            span,
+            end_on_exit=end_on_exit,
+            record_exception=record_exception,
+            set_status_on_exception=set_status_on_exception,
+        ) as current:
+            yield current
+
+    def record_span(
+        self,
+        name: str,
+        parent: SpanContext,
+        attributes: Mapping[str, Any],
+        start_ns: int,
+        end_ns: int,
+        link: SpanContext | None = None,
+        status: Status | None = None,
+    ) -> None:
+        """Record an INTERNAL span whose times are already known, child of `parent` (and
+        sampled as it is), with at most one link: what `start_span` then `end` would record,
+        without a span object (the batcher's queue and batch-request spans)."""
+        if not parent.is_valid:
+            span = self.start_span(
+                name,
+                Context(),  # a new trace
+                attributes=attributes,
+                links=[Link(link)] if link is not None else (),
+                start_time=start_ns,
+            )
+            if status is not None:
+                span.set_status(status)
+            span.end(end_ns)
+            return
+        if not parent.trace_flags.sampled:
+            return
+        limits = self._limits
+        cleaned, dropped = _bounded(
+            attributes, limits.max_span_attributes, limits.max_span_attribute_length
+        )
+        links: list[tuple[int, int, bool, dict[str, Any], int]] | None = None
+        dropped_links = 0
+        if link is not None and _valid_link(link, None):
+            if limits.max_links == 0:
+                dropped_links = 1
+            else:
+                links = [(link.trace_id, link.span_id, link.is_remote, {}, 0)]
+        code, message = StatusCode.UNSET, None
+        if status is not None and status.status_code is not StatusCode.UNSET:
+            code, message = status.status_code, status.description
+        self._record(
+            (
+                name,
+                parent.trace_id,
+                self._random.getrandbits(64) or 1,
+                parent.trace_state.to_header() if parent.trace_state else "",
+                parent.span_id,
+                parent.is_remote,
+                SpanKind.INTERNAL.value,
+                start_ns,
+                end_ns,
+                cleaned,
+                None,
+                links,
+                code.value,
+                message,
+                dropped,
+                0,
+                dropped_links,
+            )
+        )
+
+
+class SpanQueue:
+    """Finished spans waiting for the exporter process: a bounded deque filled by whichever
+    thread ends a span (append only: no lock, no wait) and drained by the sender thread.
+    Beyond `max_queued` spans, new ones are dropped and counted."""
+
+    def __init__(self, max_queued: int, batch_size: int) -> None:
+        self._spans: deque[FinishedSpan] = deque()
+        self._max_queued = max_queued
+        self._batch_size = batch_size
+        self.dropped = 0
+        """Spans dropped because the queue was full, since start-up."""
+        self.ready = threading.Event()
+        """Set when a batch is full: the sender need not wait for its timer."""
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def record(self, span: FinishedSpan) -> None:
+        spans = self._spans
+        queued = len(spans)
+        if queued >= self._max_queued:
+            self.dropped += 1
+            return
+        spans.append(span)
+        if queued + 1 == self._batch_size:
+            self.ready.set()
+
+    def take(self, count: int) -> list[FinishedSpan]:
+        """Up to `count` of the oldest spans (sender thread only)."""
+        spans = self._spans
+        popleft = spans.popleft
+        return [popleft() for _ in range(min(count, len(spans)))]

@@ -1,0 +1,209 @@
+"""The span exporter process and its OTLP encoding: the request it sends is the one the SDK's
+encoder would build, it reaches real OTLP receivers (gRPC and HTTP) and standard output, and
+a full queue drops spans rather than waiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from headrace.config import TracingSettings
+from headrace.telemetry.export import ExportProcess, OtlpEncoder, Scope, readable_spans
+from headrace.telemetry.spans import FinishedSpan
+from tests.telemetry.receiver import OtlpHttpReceiver, OtlpReceiver
+
+SCOPE = Scope({"service.name": "headrace", "service.instance.id": "i-1"}, "", "headrace", "9.9")
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+
+
+def _span(name: str, span_id: int, **fields: Any) -> FinishedSpan:
+    values: dict[str, Any] = {
+        "trace_state": "",
+        "parent_span_id": 0,
+        "parent_is_remote": False,
+        "kind": 1,
+        "start_ns": 1_700_000_000_000_000_000,
+        "end_ns": 1_700_000_000_000_500_000,
+        "attributes": {"rpc.system": "grpc", "network.peer.port": 40000},
+        "events": None,
+        "links": None,
+        "status_code": 0,
+        "status_message": None,
+        "dropped_attributes": 0,
+        "dropped_events": 0,
+        "dropped_links": 0,
+        **fields,
+    }
+    return (name, TRACE_ID, span_id, *values.values())
+
+
+SPANS = [
+    _span("server", 1),
+    _span(
+        "child",
+        2,
+        trace_state="vendor=value",
+        parent_span_id=1,
+        parent_is_remote=True,
+        kind=2,
+        attributes={
+            "s": "text",
+            "b": True,
+            "i": -7,
+            "f": 0.25,
+            "bytes": b"\x00\x01",
+            "list": ("a", "b"),
+            "none": None,
+        },
+        events=[("exception", 1_700_000_000_000_100_000, {"exception.type": "E"}, 1)],
+        links=[(0xFEED, 0xBEEF, True, {"k": "v"}, 2), (0xFEED, 0xCAFE, False, {}, 0)],
+        status_code=2,
+        status_message="ValueError: bad",
+        dropped_attributes=3,
+        dropped_events=4,
+        dropped_links=5,
+    ),
+    _span("ok", 3, kind=0, attributes={}, status_code=1),
+]
+
+
+def test_the_encoded_request_is_the_one_the_sdk_encoder_builds() -> None:
+    encoded = ExportTraceServiceRequest.FromString(OtlpEncoder(SCOPE).encode(SPANS))
+    resource = Resource(dict(SCOPE.resource_attributes))
+    scope = InstrumentationScope(SCOPE.name, SCOPE.version)
+    expected = encode_spans(readable_spans(SPANS, resource, scope))
+    assert encoded == expected
+    span = encoded.resource_spans[0].scope_spans[0].spans[1]
+    assert span.parent_span_id == (1).to_bytes(8, "big")
+    assert span.links[0].attributes[0].key == "k"
+
+
+def _settings(**fields: Any) -> TracingSettings:
+    return TracingSettings.model_validate(
+        {"exporter": "otlp_grpc", "export_delay_ms": 60_000, **fields}
+    )
+
+
+def test_spans_reach_an_otlp_grpc_receiver_by_shutdown() -> None:
+    with OtlpReceiver() as receiver:
+        export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
+        for span in SPANS:
+            export.queue.record(span)
+        export.stop()
+        export.stop()
+        received = receiver.in_trace(f"{TRACE_ID:032x}")
+    assert [span.name for span in received] == ["server", "child", "ok"]
+    assert received[1].links == [
+        (f"{0xFEED:032x}", f"{0xBEEF:016x}"),
+        (f"{0xFEED:032x}", f"{0xCAFE:016x}"),
+    ]
+    assert received[0].resource == {"service.name": "headrace", "service.instance.id": "i-1"}
+
+
+def test_spans_reach_an_otlp_http_receiver() -> None:
+    with OtlpHttpReceiver() as receiver:
+        export = ExportProcess(_settings(exporter="otlp_http", endpoint=receiver.traces_url), SCOPE)
+        for span in SPANS:
+            export.queue.record(span)
+        export.stop()
+        received = receiver.in_trace(f"{TRACE_ID:032x}")
+    assert [(span.name, span.status_code) for span in received] == [
+        ("server", 0),
+        ("child", 2),
+        ("ok", 1),
+    ]
+
+
+def test_the_console_exporter_prints_every_span(capfd: pytest.CaptureFixture[str]) -> None:
+    export = ExportProcess(_settings(exporter="console"), SCOPE)
+    for span in (SPANS[0], SPANS[2]):  # the SDK's console format has no bytes values
+        export.queue.record(span)
+    export.stop()
+    printed = capfd.readouterr().out
+    for name in ("server", "ok"):
+        assert f'"name": "{name}"' in printed
+    assert f"0x{TRACE_ID:032x}" in printed
+
+
+def test_a_full_queue_drops_new_spans_and_keeps_the_rest() -> None:
+    with OtlpReceiver() as receiver:
+        export = ExportProcess(_settings(endpoint=receiver.endpoint, max_queued_spans=2), SCOPE)
+        for span in SPANS:
+            export.queue.record(span)  # no batch fills: nothing is sent before stop
+        assert export.queue.dropped == 1
+        export.stop()
+        received = receiver.in_trace(f"{TRACE_ID:032x}")
+    assert [span.name for span in received] == ["server", "child"]
+
+
+def test_a_dead_exporter_process_is_replaced_and_the_spans_still_go_out() -> None:
+    with OtlpReceiver() as receiver:
+        export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
+        first = export.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        stat = Path(f"/proc/{first}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # its pipe end is closed
+            time.sleep(0.01)
+        for span in SPANS:
+            export.queue.record(span)
+        export.stop()
+        received = receiver.in_trace(f"{TRACE_ID:032x}")
+    assert [span.name for span in received] == ["server", "child", "ok"]
+    assert export.queue.dropped == 0
+
+
+def test_equal_values_of_other_types_are_encoded_by_type() -> None:
+    encoder = OtlpEncoder(SCOPE)
+    spans = [_span(str(value), 1, attributes={"x": value}) for value in (True, 1, 1.0, "1")]
+    decoded = ExportTraceServiceRequest.FromString(encoder.encode(spans + spans))
+    kinds = [
+        span.attributes[0].value.WhichOneof("value")
+        for span in decoded.resource_spans[0].scope_spans[0].spans
+    ]
+    assert kinds == ["bool_value", "int_value", "double_value", "string_value"] * 2
+
+
+class _SilentReceiver(OtlpReceiver):
+    """Takes exports and never answers them (until closed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Event()
+
+    def Export(
+        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ExportTraceServiceResponse:
+        self.released.wait()
+        return ExportTraceServiceResponse()
+
+
+def test_shutdown_gives_up_on_a_collector_that_does_not_answer() -> None:
+    with _SilentReceiver() as receiver:
+        try:
+            export = ExportProcess(
+                _settings(endpoint=receiver.endpoint, export_timeout_s=1, max_queued_spans=20_000),
+                SCOPE,
+            )
+            # 20 exports of 1 s each, more than stop waits; distinct spans fill the pipe.
+            for index in range(20 * 512):
+                export.queue.record(_span("s", index + 1))
+            export.stop()
+        finally:
+            receiver.released.set()
+    assert export.pid is None
+    assert export.queue.dropped > 0
