@@ -56,8 +56,16 @@ class SegmentConverter:
 
     @property
     def pid(self) -> int | None:
-        """The worker process's pid while it runs (it starts with the first segment)."""
+        """The worker process's pid while it runs (from `start`, or from the first segment
+        after a worker was stopped)."""
         return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the worker now (at start-up, before serving): it loads its modules and
+        encodes one record before its first segment, CPU that would otherwise come in one
+        burst (about 0.6 s) while serving. Idempotent."""
+        if self._connection is None:
+            self._start()
 
     def _start(self) -> Connection:
         parent, child = self._context.Pipe()
@@ -134,6 +142,12 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
     from headrace.capture.writer import CaptureFileWriter
 
     writer: Any = None
+    try:
+        writer = CaptureFileWriter(make_store(settings.store), writer_id, settings.max_file_bytes)
+    except Exception as exc:  # each segment tries again, and reports the error
+        _logger.warning("capture: the worker could not open the store yet: %s", exc)
+    else:
+        _warm_up(writer)
     while True:
         try:
             job = connection.recv()
@@ -152,6 +166,22 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
             connection.send(("error", f"{type(exc).__name__}: {exc}"))
         else:
             connection.send(("ok", counts))
+
+
+def _warm_up(writer: Any) -> None:
+    """Encode one record as Parquet (in memory, stored nowhere): what a first conversion
+    loads lazily (Arrow's compute kernels, its pandas shim, zstd) is loaded now."""
+    from headrace.protocol import grpc_service_pb2 as pb
+
+    try:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1])
+        request = pb.ModelInferRequest(
+            model_name="warm-up", inputs=[tensor], raw_input_contents=[bytes(4)]
+        )
+        record = CaptureRecord("", "warm-up", "1", 0, 0, 0, 0, "", request.SerializeToString())
+        writer.encode([record])
+    except Exception:  # only a warm-up: the first segment loads what this could not
+        _logger.exception("capture: the worker's warm-up failed")
 
 
 def _store_segment(

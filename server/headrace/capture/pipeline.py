@@ -88,6 +88,7 @@ class CapturePipeline:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="headrace-capture-spool")
         self._committer = SpoolCommitter(self.spool, self._executor)
         converter = self._converter = SegmentConverter(settings, self.writer_id, self._salt)
+        converter.start()
         rules = self._rules
 
         def store(segment: Segment, deadline: float | None) -> dict[str, int]:
