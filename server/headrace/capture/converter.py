@@ -32,6 +32,10 @@ from headrace.config import CaptureSettings, ModelCaptureSettings
 POLL_S = 0.05
 """How often a wait for the worker looks whether it died or the wait should end."""
 STOP_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 60.0
+"""Longest wait for a new worker's warm-up at start-up (spawn, imports, one encoding)."""
+_READY = "ready"
+"""The worker's first message, once it has warmed up."""
 
 RulesSettings = Mapping[tuple[str, str], ModelCaptureSettings]
 """Each served model version's capture settings; records of others get the defaults."""
@@ -60,12 +64,22 @@ class SegmentConverter:
         after a worker was stopped)."""
         return self._process.pid if self._process is not None else None
 
-    def start(self) -> None:
-        """Start the worker now (at start-up, before serving): it loads its modules and
-        encodes one record before its first segment, CPU that would otherwise come in one
-        burst (about 0.6 s) while serving. Idempotent."""
-        if self._connection is None:
-            self._start()
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start the worker now (at start-up, before serving) and wait until it is ready: it
+        loads its modules and encodes one record first, CPU (about 0.6 s) that would
+        otherwise come in one burst while serving. Idempotent.
+
+        Raises:
+            ConverterError: the worker died, or was not ready within `timeout_s` (it is then
+                stopped; the first segment starts a new one).
+        """
+        if self._connection is not None:
+            return
+        connection = self._start()
+        outcome, value = self._answer(connection, time.monotonic() + timeout_s)
+        if outcome != _READY:
+            self._discard()
+            raise ConverterError(f"the capture worker said {outcome!r} ({value}) at start-up")
 
     def _start(self) -> Connection:
         parent, child = self._context.Pipe()
@@ -92,6 +106,21 @@ class SegmentConverter:
         """
         connection = self._connection if self._connection is not None else self._start()
         connection.send((str(segment.path), segment.seq, dict(rules)))
+        while True:
+            outcome, value = self._answer(connection, deadline)
+            if outcome != _READY:  # a worker started by this call says it is ready first
+                break
+        if outcome != "ok":
+            raise ConverterError(str(value))
+        counts: dict[str, int] = value
+        return counts
+
+    def _answer(self, connection: Connection, deadline: float | None) -> tuple[str, Any]:
+        """The worker's next message, waiting until `deadline` (monotonic) at most.
+
+        Raises:
+            ConverterError: the worker died or the deadline passed (it is then stopped).
+        """
         while not connection.poll(POLL_S):
             process = self._process
             if process is None or not process.is_alive():
@@ -105,10 +134,7 @@ class SegmentConverter:
         except (EOFError, OSError) as exc:
             self._discard()
             raise ConverterError("the capture worker process died") from exc
-        if outcome != "ok":
-            raise ConverterError(str(value))
-        counts: dict[str, int] = value
-        return counts
+        return outcome, value
 
     def _discard(self) -> None:
         process, self._process = self._process, None
@@ -148,6 +174,10 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
         _logger.warning("capture: the worker could not open the store yet: %s", exc)
     else:
         _warm_up(writer)
+    try:
+        connection.send((_READY, None))
+    except OSError:
+        return  # the serving process is gone
     while True:
         try:
             job = connection.recv()
