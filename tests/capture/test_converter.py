@@ -38,6 +38,8 @@ def test_segment_is_stored_by_a_lower_priority_process(tmp_path: Path) -> None:
         pid = converter.pid
         assert pid is not None
         assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+        if hasattr(os, "SCHED_BATCH"):
+            assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     finally:
         converter.stop()
         spool.close()

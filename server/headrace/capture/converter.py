@@ -161,6 +161,11 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
     if settings.converter_niceness:
         # Background work: under CPU contention serving wins, the spool holds the backlog.
         os.nice(settings.converter_niceness)
+        # And no wake-up preemption: a segment's burst of work waits for the running
+        # serving threads' time slices to end instead of cutting into them (its share of
+        # the CPUs, set by its niceness, stays the same). Linux only.
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
