@@ -724,7 +724,8 @@ class CaptureSettings(_Frozen):
     """Scheduling niceness added to the worker process that turns spool segments into
     Parquet: when the host's CPUs are saturated, serving keeps them and the conversion waits
     (the spool absorbs the backlog, up to `spool_max_bytes`); on a host with spare CPU it
-    changes nothing. 0 competes with serving as an equal."""
+    changes nothing. Above 0 the worker also runs as SCHED_BATCH on Linux (no wake-up
+    preemption of serving threads). 0 competes with serving as an equal."""
 
 
 class Settings(_Frozen):

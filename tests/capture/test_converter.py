@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from headrace.capture.converter import SegmentConverter, _store_segment
+from headrace.capture.converter import ConverterError, SegmentConverter, _store_segment
 from headrace.capture.spool import Spool
 from headrace.capture.store import LocalStore
 from headrace.capture.writer import CaptureFileWriter
@@ -38,6 +38,8 @@ def test_segment_is_stored_by_a_lower_priority_process(tmp_path: Path) -> None:
         pid = converter.pid
         assert pid is not None
         assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+        if hasattr(os, "SCHED_BATCH"):
+            assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     finally:
         converter.stop()
         spool.close()
@@ -67,3 +69,56 @@ def test_the_collector_is_paused_only_while_a_segment_is_stored(tmp_path: Path) 
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_worker_started_before_the_first_segment_stores_only_segments(tmp_path: Path) -> None:
+    spool = Spool(
+        tmp_path / "spool", max_bytes=1 << 30, segment_max_bytes=1 << 20, segment_max_age_s=60
+    )
+    settings = CaptureSettings(
+        enabled=True,
+        spool_dir=tmp_path / "spool",
+        store=LocalStoreSettings(path=tmp_path / "store"),
+    )
+    converter = SegmentConverter(settings, "test-0", b"salt")
+    try:
+        converter.start()
+        pid = converter.pid
+        assert pid is not None
+        spool.append([record(f"n{index}").encode() for index in range(4)])
+        spool.seal()
+        (segment,) = spool.sealed()
+        assert converter.store(segment, {}) == {"identity": 4}
+        assert converter.pid == pid  # the worker started up front, warmed up, stored it
+    finally:
+        converter.stop()
+        spool.close()
+    # Its warm-up encoded a record but stored nothing.
+    assert sorted(stored_request_ids(tmp_path / "store")) == [f"n{index}" for index in range(4)]
+
+
+def test_worker_whose_store_cannot_be_opened_at_start_reports_it_per_segment(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(
+        tmp_path / "spool", max_bytes=1 << 30, segment_max_bytes=1 << 20, segment_max_age_s=60
+    )
+    spool.append([record("n0").encode()])
+    spool.seal()
+    (segment,) = spool.sealed()
+    (tmp_path / "not-a-folder").write_bytes(b"")
+    settings = CaptureSettings(
+        enabled=True,
+        spool_dir=tmp_path / "spool",
+        store=LocalStoreSettings(path=tmp_path / "not-a-folder" / "store"),
+    )
+    converter = SegmentConverter(settings, "test-0", b"salt")
+    try:
+        converter.start()
+        with pytest.raises(ConverterError):
+            converter.store(segment, {})
+        (tmp_path / "not-a-folder").unlink()  # the store can be opened now
+        assert converter.store(segment, {}) == {"identity": 1}
+    finally:
+        converter.stop()
+        spool.close()

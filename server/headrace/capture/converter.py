@@ -32,6 +32,10 @@ from headrace.config import CaptureSettings, ModelCaptureSettings
 POLL_S = 0.05
 """How often a wait for the worker looks whether it died or the wait should end."""
 STOP_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 60.0
+"""Longest wait for a new worker's warm-up at start-up (spawn, imports, one encoding)."""
+_READY = "ready"
+"""The worker's first message, once it has warmed up."""
 
 RulesSettings = Mapping[tuple[str, str], ModelCaptureSettings]
 """Each served model version's capture settings; records of others get the defaults."""
@@ -56,8 +60,26 @@ class SegmentConverter:
 
     @property
     def pid(self) -> int | None:
-        """The worker process's pid while it runs (it starts with the first segment)."""
+        """The worker process's pid while it runs (from `start`, or from the first segment
+        after a worker was stopped)."""
         return self._process.pid if self._process is not None else None
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start the worker now (at start-up, before serving) and wait until it is ready: it
+        loads its modules and encodes one record first, CPU (about 0.6 s) that would
+        otherwise come in one burst while serving. Idempotent.
+
+        Raises:
+            ConverterError: the worker died, or was not ready within `timeout_s` (it is then
+                stopped; the first segment starts a new one).
+        """
+        if self._connection is not None:
+            return
+        connection = self._start()
+        outcome, value = self._answer(connection, time.monotonic() + timeout_s)
+        if outcome != _READY:
+            self._discard()
+            raise ConverterError(f"the capture worker said {outcome!r} ({value}) at start-up")
 
     def _start(self) -> Connection:
         parent, child = self._context.Pipe()
@@ -84,6 +106,21 @@ class SegmentConverter:
         """
         connection = self._connection if self._connection is not None else self._start()
         connection.send((str(segment.path), segment.seq, dict(rules)))
+        while True:
+            outcome, value = self._answer(connection, deadline)
+            if outcome != _READY:  # a worker started by this call says it is ready first
+                break
+        if outcome != "ok":
+            raise ConverterError(str(value))
+        counts: dict[str, int] = value
+        return counts
+
+    def _answer(self, connection: Connection, deadline: float | None) -> tuple[str, Any]:
+        """The worker's next message, waiting until `deadline` (monotonic) at most.
+
+        Raises:
+            ConverterError: the worker died or the deadline passed (it is then stopped).
+        """
         while not connection.poll(POLL_S):
             process = self._process
             if process is None or not process.is_alive():
@@ -97,10 +134,7 @@ class SegmentConverter:
         except (EOFError, OSError) as exc:
             self._discard()
             raise ConverterError("the capture worker process died") from exc
-        if outcome != "ok":
-            raise ConverterError(str(value))
-        counts: dict[str, int] = value
-        return counts
+        return outcome, value
 
     def _discard(self) -> None:
         process, self._process = self._process, None
@@ -127,6 +161,11 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
     if settings.converter_niceness:
         # Background work: under CPU contention serving wins, the spool holds the backlog.
         os.nice(settings.converter_niceness)
+        # And no wake-up preemption: a segment's burst of work waits for the running
+        # serving threads' time slices to end instead of cutting into them (its share of
+        # the CPUs, set by its niceness, stays the same). Linux only.
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -134,6 +173,16 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
     from headrace.capture.writer import CaptureFileWriter
 
     writer: Any = None
+    try:
+        writer = CaptureFileWriter(make_store(settings.store), writer_id, settings.max_file_bytes)
+    except Exception as exc:  # each segment tries again, and reports the error
+        _logger.warning("capture: the worker could not open the store yet: %s", exc)
+    else:
+        _warm_up(writer)
+    try:
+        connection.send((_READY, None))
+    except OSError:
+        return  # the serving process is gone
     while True:
         try:
             job = connection.recv()
@@ -152,6 +201,22 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
             connection.send(("error", f"{type(exc).__name__}: {exc}"))
         else:
             connection.send(("ok", counts))
+
+
+def _warm_up(writer: Any) -> None:
+    """Encode one record as Parquet (in memory, stored nowhere): what a first conversion
+    loads lazily (Arrow's compute kernels, its pandas shim, zstd) is loaded now."""
+    from headrace.protocol import grpc_service_pb2 as pb
+
+    try:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1])
+        request = pb.ModelInferRequest(
+            model_name="warm-up", inputs=[tensor], raw_input_contents=[bytes(4)]
+        )
+        record = CaptureRecord("", "warm-up", "1", 0, 0, 0, 0, "", request.SerializeToString())
+        writer.encode([record])
+    except Exception:  # only a warm-up: the first segment loads what this could not
+        _logger.exception("capture: the worker's warm-up failed")
 
 
 def _store_segment(

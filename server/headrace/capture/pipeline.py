@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from headrace.capture.converter import SegmentConverter
+from headrace.capture.converter import ConverterError, SegmentConverter
 from headrace.capture.spool import Segment, Spool
 from headrace.capture.tee import ModelCapture, SpoolCommitter
 from headrace.capture.uploader import CaptureUploader
@@ -88,6 +88,11 @@ class CapturePipeline:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="headrace-capture-spool")
         self._committer = SpoolCommitter(self.spool, self._executor)
         converter = self._converter = SegmentConverter(settings, self.writer_id, self._salt)
+        try:
+            # Its warm-up before serving, not in a burst at the first segment.
+            converter.start()
+        except ConverterError as exc:
+            _logger.warning("capture: %s; the first segment starts a new worker", exc)
         rules = self._rules
 
         def store(segment: Segment, deadline: float | None) -> dict[str, int]:
