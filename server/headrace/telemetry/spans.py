@@ -387,14 +387,16 @@ class CurrentSpan:
     class (no generator per call). An `Exception` escaping the block is recorded on the span
     and sets its status to ERROR."""
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_context", "_span", "_token")
 
-    def __init__(self, span: trace.Span) -> None:
+    def __init__(self, span: trace.Span, context: Context | None = None) -> None:
+        """`context`: the context the span is made current in (None: the current one)."""
         self._span = span
+        self._context = context
         self._token: object | None = None
 
     def __enter__(self) -> trace.Span:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        self._token = otel_context.attach(trace.set_span_in_context(self._span, self._context))
         return self._span
 
     def __exit__(

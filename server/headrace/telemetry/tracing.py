@@ -146,10 +146,15 @@ class ModelTracing:
     def backend_call(self, parent: Context | None = None) -> CurrentSpan:
         """Make a CLIENT span current around a backend call (child of `parent`, else of the
         current span). An exception escaping the call sets its status to ERROR."""
+        current = otel_context.get_current()
         return CurrentSpan(
             self._tracer.start_prepared(
-                SPAN_BACKEND, parent_of(parent), SpanKind.CLIENT, self._prepared
-            )
+                SPAN_BACKEND,
+                parent_of(parent if parent is not None else current),
+                SpanKind.CLIENT,
+                self._prepared,
+            ),
+            current,
         )
 
 
