@@ -208,7 +208,7 @@ def test_a_span_recorded_from_known_times_follows_its_parents_decision() -> None
 def test_span_contexts_and_prepared_spans_match_the_apis_constructor_and_start_span() -> None:
     tracer, finished = _tracer()
     parent = _remote_parent(0x03, TraceState([("k", "v")]))
-    attributes = {"a": "b", "n": 1}
+    attributes: dict[str, str | int] = {"a": "b", "n": 1}
     with CurrentSpan(tracer.start_span("outer", context=parent)) as outer:
         prepared = tracer.start_prepared(
             "inner", parent_of(None), SpanKind.CLIENT, tracer.prepare(attributes)
