@@ -19,7 +19,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from headrace.telemetry.spans import CurrentSpan, FinishedSpan, LeanTracer, SpanQueue
+from headrace.telemetry.spans import CurrentSpan, FinishedSpan, LeanTracer, SpanQueue, parent_of
 
 NAME, TRACE_ID, SPAN_ID, TRACE_STATE, PARENT_ID, PARENT_REMOTE, KIND = range(7)
 START, END, ATTRIBUTES, EVENTS, LINKS, STATUS_CODE, STATUS_MESSAGE = range(7, 14)
@@ -203,3 +203,35 @@ def test_a_span_recorded_from_known_times_follows_its_parents_decision() -> None
     assert (part[STATUS_CODE], part[STATUS_MESSAGE]) == (StatusCode.ERROR.value, "failed")
     assert orphan[PARENT_ID] == 0
     assert orphan[TRACE_ID] not in (0, 0xABC)
+
+
+def test_span_contexts_and_prepared_spans_match_the_apis_constructor_and_start_span() -> None:
+    tracer, finished = _tracer()
+    parent = _remote_parent(0x03, TraceState([("k", "v")]))
+    attributes: dict[str, str | int] = {"a": "b", "n": 1}
+    with CurrentSpan(tracer.start_span("outer", context=parent)) as outer:
+        prepared = tracer.start_prepared(
+            "inner", parent_of(None), SpanKind.CLIENT, tracer.prepare(attributes)
+        )
+        generic = tracer.start_span("inner", kind=SpanKind.CLIENT, attributes=attributes)
+        for span in (prepared, generic):
+            context = span.get_span_context()
+            assert context == SpanContext(
+                context.trace_id,
+                context.span_id,
+                False,
+                TraceFlags(0x03),
+                TraceState([("k", "v")]),
+            )
+            assert context.is_valid
+            assert context.trace_id == outer.get_span_context().trace_id
+            span.end()
+    prepared_record, generic_record, _ = finished
+    assert prepared_record[SPAN_ID] != generic_record[SPAN_ID]
+    assert prepared_record[:SPAN_ID] + prepared_record[SPAN_ID + 1 : START] == (
+        generic_record[:SPAN_ID] + generic_record[SPAN_ID + 1 : START]
+    )
+    assert prepared_record[PARENT_ID] == outer.get_span_context().span_id
+    assert prepared_record[TRACE_STATE] == "k=v"
+    assert prepared_record[KIND] == SpanKind.CLIENT.value
+    assert prepared_record[ATTRIBUTES] == generic_record[ATTRIBUTES] == attributes

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from headrace.config import TracingSettings
 from headrace.telemetry.spans import FinishedSpan, SpanQueue
 
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 BATCH_SPANS = 512
 """Spans per batch sent to the exporter process, and per export (the SDK's default)."""
 STOP_MARGIN_S = 5.0
@@ -244,15 +245,32 @@ class _GrpcExport(_Export):
     def __init__(self, settings: TracingSettings, scope: Scope, headers: Any) -> None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
         )
 
-        class EncodedExporter(OTLPSpanExporter):
-            """The SDK's OTLP gRPC exporter (channel, TLS, headers, retries) sending requests
-            encoded elsewhere: its two per-signal hooks take `EncodedSpans`."""
+        class EncodedStub:
+            """TraceService's stub sending requests that are already serialized."""
 
-            def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
-                return ExportTraceServiceRequest.FromString(data.payload)
+            def __init__(self, channel: Any) -> None:
+                self.Export = channel.unary_unary(
+                    EXPORT_METHOD,
+                    request_serializer=None,  # the request is its bytes
+                    response_deserializer=ExportTraceServiceResponse.FromString,
+                )
+
+        class EncodedExporter(OTLPSpanExporter):
+            """The SDK's OTLP gRPC exporter (channel, TLS, compression, headers, timeout,
+            retries and reconnection) sending requests encoded elsewhere: its two per-signal
+            hooks take `EncodedSpans`, and its stub sends their bytes as they are."""
+
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                # The SDK makes its client from `_stub` (here and when it reconnects).
+                self._stub = EncodedStub
+                self._client = EncodedStub(self._channel)  # type: ignore[assignment]
+
+            def _translate_data(self, data: Any) -> Any:
+                return data.payload
 
             def _count_data(self, data: Any) -> int:
                 return int(data.spans)
@@ -390,6 +408,22 @@ _SPAN_TIMES = struct.Struct("<BQBQ")
 _TAG_START, _TAG_END = 0x39, 0x41  # Span fields 7 and 8, fixed64
 _SPAN_FLAGS_TAG = b"\x85\x01"  # Span field 16, fixed32
 _FLAGS_HAS_IS_REMOTE, _FLAGS_IS_REMOTE = 0x100, 0x200
+_IDS = struct.Struct(">2sQQ2sQ")  # Span fields 1 (16 bytes) and 2 (8 bytes), big-endian
+_PARENT = struct.Struct(">2sQ")  # Span field 4
+_MASK64 = (1 << 64) - 1
+_SPAN_FLAGS = {
+    remote: _SPAN_FLAGS_TAG
+    + _FIXED32.pack(_FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if remote else 0))
+    for remote in (False, True)
+}
+"""Span field 16 by the parent's is_remote."""
+_TAILS = {
+    (code, remote): b"\x7a" + (bytes([2, 0x18, code]) if code else b"\x00") + _SPAN_FLAGS[remote]
+    for code in range(3)
+    for remote in (False, True)
+}
+"""Span fields 15 (a status without message) and 16, by status code and the parent's
+is_remote."""
 _CACHED_VALUES = 4096
 """Encoded key-value pairs kept for reuse (model names, methods, peers repeat)."""
 
@@ -467,7 +501,7 @@ class OtlpEncoder:
         self._scope = _field(0x0A, instrumentation)
         self._pairs: dict[tuple[str, Any], bytes] = {}
         self._sets: dict[tuple[Any, ...], bytes] = {}
-        self._names: dict[str, bytes] = {}
+        self._names: dict[tuple[str, int], bytes] = {}
 
     def _attributes(self, tag: int, attributes: Mapping[str, Any]) -> bytes:
         """Repeated KeyValue fields; whole sets that repeat (a model's, a connection's) and
@@ -505,7 +539,8 @@ class OtlpEncoder:
             out.append(encoded)
         return b"".join(out)
 
-    def _span(self, span: FinishedSpan) -> bytes:
+    def _span(self, span: FinishedSpan, out: list[bytes]) -> None:
+        """Append the Span field (tag and length, then content) of `span` to `out`."""
         (
             name,
             trace_id,
@@ -525,28 +560,48 @@ class OtlpEncoder:
             dropped_events,
             dropped_links,
         ) = span
-        encoded_name = self._names.get(name)
-        if encoded_name is None:
-            encoded_name = _field(0x2A, name.encode())
-            if len(self._names) < _CACHED_VALUES:
-                self._names[name] = encoded_name
-        parts = [
-            b"\x0a\x10",
-            trace_id.to_bytes(16, "big"),
-            b"\x12\x08",
-            span_id.to_bytes(8, "big"),
-        ]
+        # Span fields in number order: ids, trace state, parent, name and kind, times, ...
+        parts = [_IDS.pack(b"\x0a\x10", trace_id >> 64, trace_id & _MASK64, b"\x12\x08", span_id)]
         if trace_state:
             parts.append(_field(0x1A, trace_state.encode()))
         if parent_span_id:
-            parts += (b"\x22\x08", parent_span_id.to_bytes(8, "big"))
-        parts += (
-            encoded_name,
-            b"\x30" + _SMALL[kind + 1],  # OTLP's SpanKind counts from UNSPECIFIED
-            _SPAN_TIMES.pack(_TAG_START, start_ns, _TAG_END, end_ns),
-        )
+            parts.append(_PARENT.pack(b"\x22\x08", parent_span_id))
+        name_and_kind = self._names.get((name, kind))
+        if name_and_kind is None:
+            # OTLP's SpanKind counts from UNSPECIFIED.
+            name_and_kind = _field(0x2A, name.encode()) + b"\x30" + _SMALL[kind + 1]
+            if len(self._names) < _CACHED_VALUES:
+                self._names[name, kind] = name_and_kind
+        parts.append(name_and_kind)
+        parts.append(_SPAN_TIMES.pack(_TAG_START, start_ns, _TAG_END, end_ns))
         if attributes:
             parts.append(self._attributes(0x4A, attributes))
+        if dropped_attributes or events or dropped_events or links or dropped_links:
+            self._rare_fields(
+                parts, dropped_attributes, events, dropped_events, links, dropped_links
+            )
+        if status_message:
+            status = _field(0x12, status_message.encode())
+            if status_code:
+                status += b"\x18" + _SMALL[status_code]
+            parts.append(_field(0x7A, status))
+            parts.append(_SPAN_FLAGS[parent_is_remote])
+        else:
+            parts.append(_TAILS[status_code, parent_is_remote])
+        span_bytes = b"".join(parts)
+        out.append(_SMALL[0x12] + _varint(len(span_bytes)))
+        out.append(span_bytes)
+
+    def _rare_fields(
+        self,
+        parts: list[bytes],
+        dropped_attributes: int,
+        events: Sequence[Any] | None,
+        dropped_events: int,
+        links: Sequence[Any] | None,
+        dropped_links: int,
+    ) -> None:
+        """Span fields 10 to 14: dropped attributes, events, links and their counts."""
         if dropped_attributes:
             parts.append(b"\x50" + _varint(dropped_attributes))
         for event_name, time_ns, event_attributes, event_dropped in events or ():
@@ -569,18 +624,12 @@ class OtlpEncoder:
             parts.append(_field(0x6A, link + b"\x35" + _FIXED32.pack(flags)))
         if dropped_links:
             parts.append(b"\x70" + _varint(dropped_links))
-        status = b""
-        if status_message:
-            status = _field(0x12, status_message.encode())
-        if status_code:
-            status += b"\x18" + _SMALL[status_code]
-        parts.append(_field(0x7A, status))
-        flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if parent_is_remote else 0)
-        parts += (_SPAN_FLAGS_TAG, _FIXED32.pack(flags))
-        return _field(0x12, b"".join(parts))
 
     def encode(self, spans: Sequence[FinishedSpan]) -> bytes:
-        encoded_span = self._span
-        scope_spans = self._scope + b"".join([encoded_span(span) for span in spans])
+        out = [self._scope]
+        encode_span = self._span
+        for span in spans:
+            encode_span(span, out)
+        scope_spans = b"".join(out)
         resource_spans = self._resource + _field(0x12, scope_spans) + self._resource_schema
         return _field(0x0A, resource_spans)

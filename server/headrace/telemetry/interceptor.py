@@ -21,11 +21,14 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from headrace.telemetry.spans import LeanTracer, Prepared, parent_of
+
 MAX_CACHED = 4096
-"""Wrapped handlers and parsed peers kept at most (then the caches start over)."""
+"""Wrapped handlers and peers' attribute sets (per method) kept at most (then the caches
+start over)."""
 _TRACE_CONTEXT_KEYS = frozenset({"traceparent", "tracestate"})
 _NO_PARENT = Context()
 """What the propagator extracts from metadata without a trace context: a new trace."""
@@ -120,6 +123,28 @@ def _peer_attributes(peer: str) -> dict[str, str | int]:
     return attributes
 
 
+class _MethodAttributes:
+    """A method's server span attributes with each peer's network.peer.*, checked against
+    the span limits once per peer (a connection makes many calls)."""
+
+    __slots__ = ("_attributes", "_by_peer", "_tracer")
+
+    def __init__(self, tracer: LeanTracer, attributes: dict[str, str]) -> None:
+        self._tracer = tracer
+        self._attributes = attributes
+        self._by_peer: dict[str, Prepared] = {}
+
+    def for_peer(self, peer: str) -> Prepared:
+        prepared = self._by_peer.get(peer)
+        if prepared is None:
+            if len(self._by_peer) >= MAX_CACHED:
+                self._by_peer.clear()
+            prepared = self._by_peer[peer] = self._tracer.prepare(
+                {**self._attributes, **_peer_attributes(peer)}
+            )
+        return prepared
+
+
 class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """A SERVER span per RPC, child of the W3C trace context in the call's metadata.
 
@@ -130,7 +155,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(
         self,
-        tracer: Tracer,
+        tracer: LeanTracer,
         propagator: TraceContextTextMapPropagator,
         traced: MethodPredicate,
     ) -> None:
@@ -142,8 +167,6 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ] = {}
         """Per method path: the handler and its traced wrapper, made once (the server's
         handlers are long-lived objects; a different one is wrapped anew)."""
-        self._peers: dict[str, dict[str, str | int]] = {}
-        """network.peer.* attributes per peer string (a connection makes many calls)."""
 
     async def intercept_service(
         self,
@@ -174,11 +197,14 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         name = handler_call_details.method.lstrip("/")
         service, _, method = name.partition("/")
-        attributes = {
-            ATTRIBUTE_RPC_SYSTEM: "grpc",
-            ATTRIBUTE_RPC_SERVICE: service,
-            ATTRIBUTE_RPC_METHOD: method,
-        }
+        attributes = _MethodAttributes(
+            self._tracer,
+            {
+                ATTRIBUTE_RPC_SYSTEM: "grpc",
+                ATTRIBUTE_RPC_SERVICE: service,
+                ATTRIBUTE_RPC_METHOD: method,
+            },
+        )
 
         def wrap(behaviour: Behaviour, response_streaming: bool) -> Behaviour:
             if response_streaming:
@@ -188,20 +214,18 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return wrap_rpc_behaviour(handler, wrap)
 
     def _start(
-        self, name: str, attributes: dict[str, str], context: grpc.aio.ServicerContext[Any, Any]
+        self, name: str, attributes: _MethodAttributes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[Span, object]:
         metadata: Iterable[tuple[str, str | bytes]] = context.invocation_metadata() or ()
         # The propagator reads only these two keys; most calls carry neither.
         carrier = {key: value for key, value in metadata if key in _TRACE_CONTEXT_KEYS}
-        parent = self._propagator.extract(carrier) if carrier else _NO_PARENT
-        peer = context.peer()
-        peer_attributes = self._peers.get(peer)
-        if peer_attributes is None:
-            if len(self._peers) >= MAX_CACHED:
-                self._peers.clear()
-            peer_attributes = self._peers[peer] = _peer_attributes(peer)
-        span = self._tracer.start_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes={**attributes, **peer_attributes}
+        if carrier:
+            parent = self._propagator.extract(carrier)
+            parent_span = parent_of(parent)
+        else:
+            parent, parent_span = _NO_PARENT, None
+        span = self._tracer.start_prepared(
+            name, parent_span, SpanKind.SERVER, attributes.for_peer(context.peer())
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
@@ -224,14 +248,14 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             else:  # grpc answers an exception escaping the handler with UNKNOWN
                 code = grpc.StatusCode.UNKNOWN
                 span.record_exception(error)
-        number = code.value[0]
+        number = code._value_[0]  # the enum's value without its descriptor
         span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, number)
         if number in _SERVER_ERROR_NUMBERS:
             details = context.details() or ""
             span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}".rstrip(": ")))
         span.end()
 
-    def _unary(self, behaviour: Behaviour, name: str, attributes: dict[str, str]) -> Behaviour:
+    def _unary(self, behaviour: Behaviour, name: str, attributes: _MethodAttributes) -> Behaviour:
         async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             span, token = self._start(name, attributes, context)
             try:
@@ -244,7 +268,9 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return traced
 
-    def _streaming(self, behaviour: Behaviour, name: str, attributes: dict[str, str]) -> Behaviour:
+    def _streaming(
+        self, behaviour: Behaviour, name: str, attributes: _MethodAttributes
+    ) -> Behaviour:
         async def traced(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:

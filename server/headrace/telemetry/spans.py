@@ -46,6 +46,7 @@ from opentelemetry.trace import (
     StatusCode,
     TraceFlags,
 )
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.util.types import Attributes, AttributeValue
 
 _logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ W3C header value ("" when empty), `kind` and `status_code` the API enums' values
 Recorder = Callable[[FinishedSpan], None]
 """Takes each finished span; called on the thread that ended it, must not block."""
 
+_INTERNAL = SpanKind.INTERNAL._value_
 _SIMPLE_VALUES = (str, int, float, bool)
 _SIMPLE_TYPES = frozenset(_SIMPLE_VALUES)
 _FLAGS = [TraceFlags(flags) for flags in range(4)]
@@ -125,6 +127,44 @@ def _bounded(
     return cleaned, dropped
 
 
+Prepared = tuple[dict[str, Any], int]
+"""Attributes checked against the span limits, and how many were dropped
+(`LeanTracer.prepare`)."""
+
+_NO_STATE = SpanContext(1, 1, False).trace_state
+"""The empty trace state every SpanContext built without one holds (the API's default)."""
+
+
+def parent_of(context: Context | None) -> SpanContext | None:
+    """The span context of the span current in `context` (None: the current context), the
+    parent `LeanTracer.start_prepared` takes; None or invalid: a new trace."""
+    span = (context if context is not None else otel_context.get_current()).get(_SPAN_KEY)
+    if type(span) is RecordingSpan:  # ours: no ABC check, no method call
+        return span._context
+    return trace.get_current_span(context).get_span_context()
+
+
+def _checked_span_context(
+    trace_id: int, span_id: int, flags: TraceFlags, state: Any
+) -> SpanContext:
+    return SpanContext(trace_id, span_id, False, flags, state)
+
+
+def _tuple_span_context(trace_id: int, span_id: int, flags: TraceFlags, state: Any) -> SpanContext:
+    # Valid ids by construction (1 to 2**128-1, 1 to 2**64-1): the API's checks are skipped.
+    return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, True))
+
+
+# A local SpanContext (ids known valid) built as the tuple it is, where that gives what the
+# API's constructor gives (checked once here); its constructor otherwise.
+_span_context = (
+    _tuple_span_context
+    if _tuple_span_context(3, 5, TraceFlags(1), _NO_STATE)
+    == _checked_span_context(3, 5, TraceFlags(1), _NO_STATE)
+    else _checked_span_context
+)
+
+
 class RecordingSpan(trace.Span):
     """A sampled span: mutable until `end`, which hands its data to the recorder once."""
 
@@ -136,46 +176,39 @@ class RecordingSpan(trace.Span):
         "_dropped_links",
         "_end_ns",
         "_events",
-        "_kind",
+        "_head",
         "_limits",
         "_links",
-        "_name",
-        "_parent",
         "_record",
         "_record_exception",
         "_set_status_on_exception",
-        "_start_ns",
         "_status_code",
         "_status_message",
     )
 
     def __init__(
         self,
-        name: str,
+        head: tuple[str, int, int, str, int, bool, int, int],
         context: SpanContext,
-        parent: SpanContext | None,
-        kind: SpanKind,
         attributes: dict[str, Any],
         dropped_attributes: int,
         links: list[tuple[int, int, bool, dict[str, Any], int]] | None,
         dropped_links: int,
-        start_ns: int,
         limits: SpanLimits,
         record: Recorder,
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> None:
-        self._name = name
+        """`head`: the first eight fields of the `FinishedSpan` it will record (name, ids,
+        trace state, parent, kind, start), fixed at the start (made by `LeanTracer`)."""
+        self._head = head
         self._context = context
-        self._parent = parent
-        self._kind = kind
         self._attributes = attributes
         self._dropped_attributes = dropped_attributes
         self._links = links
         self._dropped_links = dropped_links
         self._events: list[tuple[str, int, dict[str, Any], int]] | None = None
         self._dropped_events = 0
-        self._start_ns = start_ns
         self._end_ns: int | None = None
         self._status_code = StatusCode.UNSET
         self._status_message: str | None = None
@@ -185,11 +218,11 @@ class RecordingSpan(trace.Span):
         self._set_status_on_exception = set_status_on_exception
 
     def __repr__(self) -> str:
-        return f'RecordingSpan(name="{self._name}", context={self._context})'
+        return f'RecordingSpan(name="{self._head[0]}", context={self._context})'
 
     @property
     def name(self) -> str:
-        return self._name
+        return self._head[0]
 
     @property
     def attributes(self) -> Mapping[str, Any]:
@@ -204,7 +237,7 @@ class RecordingSpan(trace.Span):
     def _ended(self, what: str) -> bool:
         if self._end_ns is None:
             return False
-        _logger.warning("%s on an ended span (%s)", what, self._name)
+        _logger.warning("%s on an ended span (%s)", what, self._head[0])
         return True
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
@@ -271,7 +304,7 @@ class RecordingSpan(trace.Span):
 
     def update_name(self, name: str) -> None:
         if not self._ended("renaming"):
-            self._name = name
+            self._head = (name, *self._head[1:])
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self._ended("setting the status"):
@@ -309,25 +342,18 @@ class RecordingSpan(trace.Span):
         self.add_event("exception", event, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._ended("ending"):
+        if self._end_ns is not None:
+            self._ended("ending")
             return
         self._end_ns = end_ns = end_time if end_time is not None else time.time_ns()
-        context, parent = self._context, self._parent
         self._record(
             (
-                self._name,
-                context.trace_id,
-                context.span_id,
-                context.trace_state.to_header() if context.trace_state else "",
-                parent.span_id if parent is not None else 0,
-                parent.is_remote if parent is not None else False,
-                self._kind.value,
-                self._start_ns,
+                *self._head,
                 end_ns,
                 self._attributes,
                 self._events,
                 self._links,
-                self._status_code.value,
+                self._status_code._value_,  # the enum's value without its descriptor
                 self._status_message,
                 self._dropped_attributes,
                 self._dropped_events,
@@ -366,14 +392,16 @@ class CurrentSpan:
     class (no generator per call). An `Exception` escaping the block is recorded on the span
     and sets its status to ERROR."""
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_context", "_span", "_token")
 
-    def __init__(self, span: trace.Span) -> None:
+    def __init__(self, span: trace.Span, context: Context | None = None) -> None:
+        """`context`: the context the span is made current in (None: the current one)."""
         self._span = span
+        self._context = context
         self._token: object | None = None
 
     def __enter__(self) -> trace.Span:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        self._token = otel_context.attach(trace.set_span_in_context(self._span, self._context))
         return self._span
 
     def __exit__(
@@ -413,24 +441,6 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
-        getrandbits = self._random.getrandbits
-        span_id = getrandbits(64) or 1
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-            sampled = parent.trace_flags.sampled
-            random_flag = parent.trace_flags & TraceFlags.RANDOM_TRACE_ID
-            trace_state = parent.trace_state
-        else:
-            parent = None
-            trace_id = getrandbits(128) or 1
-            sampled = (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound
-            random_flag = TraceFlags.RANDOM_TRACE_ID
-            trace_state = None
-        if not sampled:
-            return NonRecordingSpan(
-                SpanContext(trace_id, span_id, False, _FLAGS[random_flag], trace_state)
-            )
         limits = self._limits
         if attributes:
             cleaned, dropped = _bounded(
@@ -465,19 +475,84 @@ class LeanTracer(trace.Tracer):
             if maximum is not None and len(kept_links) > maximum:
                 dropped_links = len(kept_links) - maximum
                 kept_links = kept_links[dropped_links:]
-        return RecordingSpan(
+        return self._new(
             name,
-            SpanContext(
-                trace_id, span_id, False, _FLAGS[random_flag | TraceFlags.SAMPLED], trace_state
-            ),
-            parent,
-            kind,
+            parent_of(context),
+            kind._value_,
             cleaned,
             dropped,
             kept_links,
             dropped_links,
-            start_time if start_time is not None else time.time_ns(),
-            limits,
+            start_time,
+            record_exception,
+            set_status_on_exception,
+        )
+
+    def prepare(self, attributes: Mapping[str, Any]) -> Prepared:
+        """`attributes` checked once against the span limits, for `start_prepared` to give
+        many spans (a model's, a method's and peer's)."""
+        limits = self._limits
+        return _bounded(attributes, limits.max_span_attributes, limits.max_span_attribute_length)
+
+    def start_prepared(
+        self, name: str, parent: SpanContext | None, kind: SpanKind, attributes: Prepared
+    ) -> trace.Span:
+        """`start_span(name, context, kind, attributes)` for a parent already read from its
+        context (`parent_of`) and attributes from `prepare` (copied, not checked again)."""
+        cleaned, dropped = attributes
+        return self._new(name, parent, kind._value_, dict(cleaned), dropped, None, 0, None)
+
+    def _new(
+        self,
+        name: str,
+        parent: SpanContext | None,
+        kind: int,
+        attributes: dict[str, Any],
+        dropped_attributes: int,
+        links: list[tuple[int, int, bool, dict[str, Any], int]] | None,
+        dropped_links: int,
+        start_time: int | None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        getrandbits = self._random.getrandbits
+        span_id = getrandbits(64) or 1
+        # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, is_valid).
+        if parent is not None and parent[5]:
+            trace_id = parent[0]
+            flags = parent[3]
+            sampled = flags & 1
+            random_flag = flags & TraceFlags.RANDOM_TRACE_ID
+            trace_state = parent[4]
+            parent_id, parent_remote = parent[1], parent[2]
+            state_header = "" if trace_state is _NO_STATE else trace_state.to_header()
+        else:
+            trace_id = getrandbits(128) or 1
+            sampled = (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound
+            random_flag = TraceFlags.RANDOM_TRACE_ID
+            trace_state = _NO_STATE
+            parent_id, parent_remote, state_header = 0, False, ""
+        if not sampled:
+            return NonRecordingSpan(
+                _span_context(trace_id, span_id, _FLAGS[random_flag], trace_state)
+            )
+        return RecordingSpan(
+            (
+                name,
+                trace_id,
+                span_id,
+                state_header,
+                parent_id,
+                parent_remote,
+                kind,
+                start_time if start_time is not None else time.time_ns(),
+            ),
+            _span_context(trace_id, span_id, _FLAGS[random_flag | 1], trace_state),
+            attributes,
+            dropped_attributes,
+            links,
+            dropped_links,
+            self._limits,
             self._record,
             record_exception,
             set_status_on_exception,
@@ -560,16 +635,16 @@ class LeanTracer(trace.Tracer):
                 name,
                 parent.trace_id,
                 self._random.getrandbits(64) or 1,
-                parent.trace_state.to_header() if parent.trace_state else "",
+                "" if parent.trace_state is _NO_STATE else parent.trace_state.to_header(),
                 parent.span_id,
                 parent.is_remote,
-                SpanKind.INTERNAL.value,
+                _INTERNAL,
                 start_ns,
                 end_ns,
                 cleaned,
                 None,
                 links,
-                code.value,
+                code._value_,
                 message,
                 dropped,
                 0,

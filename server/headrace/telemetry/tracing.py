@@ -29,7 +29,7 @@ from headrace import __version__
 from headrace.config import TracingSettings
 from headrace.spec import ModelSpec
 from headrace.telemetry.export import ExportProcess, Scope
-from headrace.telemetry.spans import CurrentSpan, LeanTracer
+from headrace.telemetry.spans import CurrentSpan, LeanTracer, parent_of
 
 INSTRUMENTATION_NAME = "headrace"
 
@@ -106,7 +106,7 @@ def _error_status(error: BaseException) -> Status:
 class ModelTracing:
     """The spans of one model version's queue, batches and backend calls."""
 
-    __slots__ = ("_attributes", "_tracer")
+    __slots__ = ("_attributes", "_prepared", "_tracer")
 
     def __init__(self, tracer: LeanTracer, spec: ModelSpec) -> None:
         self._tracer = tracer
@@ -114,6 +114,8 @@ class ModelTracing:
             ATTRIBUTE_MODEL_NAME: spec.name,
             ATTRIBUTE_MODEL_VERSION: spec.version,
         }
+        self._prepared = tracer.prepare(self._attributes)
+        """The backend span's attributes, checked against the limits once."""
 
     @staticmethod
     def current() -> Context:
@@ -144,10 +146,15 @@ class ModelTracing:
     def backend_call(self, parent: Context | None = None) -> CurrentSpan:
         """Make a CLIENT span current around a backend call (child of `parent`, else of the
         current span). An exception escaping the call sets its status to ERROR."""
+        current = otel_context.get_current()
         return CurrentSpan(
-            self._tracer.start_span(
-                SPAN_BACKEND, context=parent, kind=SpanKind.CLIENT, attributes=self._attributes
-            )
+            self._tracer.start_prepared(
+                SPAN_BACKEND,
+                parent_of(parent if parent is not None else current),
+                SpanKind.CLIENT,
+                self._prepared,
+            ),
+            current,
         )
 
 
