@@ -32,6 +32,7 @@ from bench.machine import one_line
 from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
 from bench.sweep import number
+from headrace.config import CaptureSettings
 from headrace.launchers.seaweedfs import SeaweedFS
 
 SUMMARY = "capture off / capture on (every call to SeaweedFS over S3), same load"
@@ -56,6 +57,11 @@ class CaptureOptions:
     clients: int = 2
     elements: int = 16
     """FP32 elements in INPUT0 (batch 1); raise it (e.g. 262144 = 1 MiB) to measure MB/s."""
+    segment_max_age_s: float = CaptureSettings.model_fields["segment_max_age_s"].default
+    """`capture.segment_max_age_s` of the capture side: Headrace's default (a segment, hence a
+    Parquet file and an upload, every 5 s at this load), so the cost measured is the one a
+    deployment pays. Lower it to watch storage follow spooling within a short window, at the
+    price of one file (Parquet footer, PUT) per interval."""
 
 
 _HELP = {"trials": "trials per side"}
@@ -83,7 +89,7 @@ def side_order(trials: int) -> list[str]:
     return order
 
 
-def _capture_environment(store: SeaweedFS, spool: Path) -> dict[str, str]:
+def _capture_environment(store: SeaweedFS, spool: Path, segment_max_age_s: float) -> dict[str, str]:
     # The whole store section in one variable (a YAML mapping): the embedded default's local
     # store has fields an S3 store has not.
     s3 = {
@@ -97,8 +103,7 @@ def _capture_environment(store: SeaweedFS, spool: Path) -> dict[str, str]:
     return {
         "HEADRACE_CAPTURE__ENABLED": "true",
         "HEADRACE_CAPTURE__SPOOL_DIR": str(spool),
-        # Sealed every second, so what is stored during a trial follows what is spooled.
-        "HEADRACE_CAPTURE__SEGMENT_MAX_AGE_S": "1",
+        "HEADRACE_CAPTURE__SEGMENT_MAX_AGE_S": str(segment_max_age_s),
         "HEADRACE_CAPTURE__STORE": json.dumps(s3),
         "HEADRACE_METRICS__ENABLED": "true",
         "HEADRACE_METRICS__HOST": HOST,
@@ -148,7 +153,7 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
         store = stack.enter_context(SeaweedFS())
         environments = {
             OFF: CAPTURE_OFF,
-            ON: _capture_environment(store, spool),
+            ON: _capture_environment(store, spool, options.segment_max_age_s),
         }
         servers = {
             side: ServerProcess(
