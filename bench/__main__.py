@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -33,7 +34,11 @@ from bench import (
 from bench.loadgen import LoadError
 from bench.machine import describe_machine
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(
+    os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results"
+)
+"""Where reports and server logs go: bench/results/, or `BENCH_RESULTS_DIR` (the
+harness tests point it at a temporary folder)."""
 STANDARD_SET = (
     "frontend",
     "open_loop",

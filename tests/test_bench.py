@@ -18,6 +18,12 @@ QUICK = ["--trials", "1", "--warmup-s", "0.2", "--duration-s", "0.4", "--clients
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def _results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reports and server logs of these runs go to a temporary folder, not bench/results/."""
+    monkeypatch.setenv("BENCH_RESULTS_DIR", str(tmp_path / "results"))
+
+
 def _run_keeping_files(*arguments: str) -> tuple[str, dict[str, Any], Path]:
     """stdout, the JSON report, and the results' path without suffix (SCENARIO-STAMP)."""
     result = subprocess.run(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -58,8 +59,19 @@ _SLOW_OR_FAILING = {"slow", "failing", "wrong_output"}
 """Test models that fail or stall on purpose: INTERNAL from them is their job."""
 
 
-def _settings(auth: dict[str, Any] | None = None) -> Settings:
+def _settings(auth: dict[str, Any] | None = None, captures: Path | None = None) -> Settings:
+    """The embedded default plus the test models; capture (the default's, so hostile calls go
+    through the tee and the spool too) into `captures`, else off."""
     tree = load_settings(None).model_dump(mode="json")
+    tree["capture"] = (
+        {
+            "enabled": True,
+            "spool_dir": str(captures / "spool"),
+            "store": {"kind": "local", "path": str(captures / "store"), "fsync": False},
+        }
+        if captures is not None
+        else {"enabled": False}
+    )
     if auth is not None:
         tree["server"]["auth"] = auth
     tree["server"].update(host="127.0.0.1", port=0, shutdown_grace_period_s=5)
@@ -76,8 +88,8 @@ def _settings(auth: dict[str, Any] | None = None) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def fuzzed() -> Iterator[ServerThread]:
-    with ServerThread(_settings()) as running:
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with ServerThread(_settings(captures=tmp_path_factory.mktemp("captures"))) as running:
         yield running
 
 
@@ -400,8 +412,12 @@ AUTH_ERRORS = CLIENT_ERRORS | {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.
 
 
 @pytest.fixture(scope="module")
-def guarded_channel() -> Iterator[grpc.Channel]:
-    with ServerThread(_settings(AUTH)) as running, grpc.insecure_channel(running.address) as ch:
+def guarded_channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
+    captures = tmp_path_factory.mktemp("captures")
+    with (
+        ServerThread(_settings(AUTH, captures)) as running,
+        grpc.insecure_channel(running.address) as ch,
+    ):
         yield ch
 
 
