@@ -80,6 +80,18 @@ class Supervised:
             return "".join(self.lines)
 
 
+_workdir: list[Path] = []
+"""Where the servers start (set by `_working_folder`)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _working_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The servers start in a temporary folder, so the embedded default's relative paths (its
+    capture spool and store, ./headrace-captures) land there, not in the checkout. Module
+    scope: autouse fixtures come before the module's server fixtures."""
+    _workdir[:] = [tmp_path_factory.mktemp("workers-cwd")]
+
+
 def _start(*arguments: str, metrics: bool = True, env: dict[str, str] | None = None) -> Supervised:
     environment = {**os.environ, **(env or {})}
     if metrics:
@@ -104,6 +116,7 @@ def _start(*arguments: str, metrics: bool = True, env: dict[str, str] | None = N
         stderr=subprocess.PIPE,
         text=True,
         env=environment,
+        cwd=_workdir[0],
     )
     supervised = Supervised(process, metrics)
     threading.Thread(target=supervised.follow, daemon=True).start()
