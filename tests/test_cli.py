@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import tritonclient.grpc as triton
 import yaml
 
@@ -26,6 +27,13 @@ from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 TEST_MODELS = Path(__file__).with_name("models.py")
 
 LISTENING = re.compile(r"listening on \S+:(\d+),")
+
+
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands run in a temporary folder, so the embedded default's relative paths (its
+    capture spool and store, ./headrace-captures) land there, not in the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 def _start(

@@ -405,6 +405,7 @@ def test_the_supervisor_reports_a_port_in_use_and_exits_1() -> None:
             capture_output=True,
             text=True,
             timeout=WAIT_S,
+            cwd=_workdir[0],
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
