@@ -63,6 +63,12 @@ class _Outcomes:
         if counter is not None:
             counter.inc(amount)
 
+    def spooled(self, entry: bytes) -> None:
+        """Count a record whose encoded `entry` is in the spool."""
+        self.count("spooled")
+        if self.bytes is not None:
+            self.bytes.inc(len(entry))
+
 
 _Pending = tuple[CaptureRecord | bytes, asyncio.Future[bool], _Outcomes]
 """A record waiting for its group write (encoded already unless it is large), the future its
@@ -104,9 +110,7 @@ class SpoolCommitter:
             _logger.error("capture spool write failed; 1 record dropped: %s", exc)
             outcomes.count("dropped")
             return False
-        outcomes.count("spooled")
-        if outcomes.bytes is not None:
-            outcomes.bytes.inc(len(entry))
+        outcomes.spooled(entry)
         return True
 
     def submit(
@@ -167,9 +171,7 @@ class SpoolCommitter:
     @staticmethod
     def _succeeded(group: list[_Pending], entries: list[bytes]) -> None:
         for (_, future, outcomes), entry in zip(group, entries, strict=True):
-            outcomes.count("spooled")
-            if outcomes.bytes is not None:
-                outcomes.bytes.inc(len(entry))
+            outcomes.spooled(entry)
             if not future.done():
                 future.set_result(True)
 
