@@ -44,6 +44,13 @@ GOAL_THROUGHPUT_RATIO = 0.9
 GOAL_P99_RATIO = 1.2
 METRICS_PATTERN = re.compile(r"metrics on (http://\S+/metrics)")
 PREFIX = "bench"
+METRICS_ON = {
+    "HEADRACE_METRICS__ENABLED": "true",
+    "HEADRACE_METRICS__HOST": HOST,
+    "HEADRACE_METRICS__PORT": "0",
+}
+"""Both sides serve /metrics (the capture side's counters give the pipeline's rates), so the
+two differ in capture alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +112,7 @@ def _capture_environment(store: SeaweedFS, spool: Path, segment_max_age_s: float
         "HEADRACE_CAPTURE__SPOOL_DIR": str(spool),
         "HEADRACE_CAPTURE__SEGMENT_MAX_AGE_S": str(segment_max_age_s),
         "HEADRACE_CAPTURE__STORE": json.dumps(s3),
-        "HEADRACE_METRICS__ENABLED": "true",
-        "HEADRACE_METRICS__HOST": HOST,
-        "HEADRACE_METRICS__PORT": "0",
+        **METRICS_ON,
         **store.environ(),  # credentials through the AWS chain, never in settings
     }
 
@@ -152,7 +157,7 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
         spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="headrace-spool-")))
         store = stack.enter_context(SeaweedFS())
         environments = {
-            OFF: CAPTURE_OFF,
+            OFF: {**CAPTURE_OFF, **METRICS_ON},
             ON: _capture_environment(store, spool, options.segment_max_age_s),
         }
         servers = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import grpc
 import numpy as np
@@ -77,3 +78,15 @@ async def test_port_in_use_is_reported() -> None:
         second = Application(make_settings(**{"server.port": first.port}))
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{first.port}"):
             await second.start()
+
+
+async def test_start_up_objects_are_out_of_the_collectors_sight_while_serving() -> None:
+    # A full collection while serving then walks only what serving allocated, not the
+    # modules and servers built at start-up (a pause of 40-50 ms per collection otherwise).
+    application = Application(make_settings())
+    await application.start()
+    try:
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        await application.stop(grace_s=0)
+    assert gc.get_freeze_count() == 0

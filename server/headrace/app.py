@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -144,6 +145,12 @@ class Application:
         except BaseException:
             await self.stop(grace_s=0)
             raise
+        # What start-up built (modules, models, servers) lives as long as the process: out
+        # of the cyclic collector's sight, a full collection while serving walks only what
+        # serving allocated since, instead of pausing every call for 40-50 ms (measured at
+        # 3,000 calls/s: one such pause about every 20 s, 1% of a 5 s window's calls).
+        gc.collect()
+        gc.freeze()
         self._serving = self.repository.ready
         await self._frontend.set_serving(self._serving)
         self._health_task = asyncio.create_task(
@@ -328,6 +335,8 @@ class Application:
             tracing, self.tracing = self.tracing, None
             # Blocks for at most the export timeout, after the last request: nothing waits.
             tracing.shutdown()
+        # What `start` froze can be collected again (cycles among it included).
+        gc.unfreeze()
 
     def reload_tls(self) -> None:
         """Re-read the TLS certificate files (SIGHUP); open connections are kept."""

@@ -726,6 +726,14 @@ class CaptureSettings(_Frozen):
     (the spool absorbs the backlog, up to `spool_max_bytes`); on a host with spare CPU it
     changes nothing. Above 0 the worker also runs as SCHED_BATCH on Linux (no wake-up
     preemption of serving threads). 0 competes with serving as an equal."""
+    converter_cpu_share: float = Field(default=0.2, gt=0, le=1)
+    """Most of one CPU the conversion of a segment may take while no other segment waits:
+    the worker pauses between chunks of records to stay within this share of the time since
+    the segment began, for at most half of `segment_max_age_s`, then finishes at full speed.
+    A segment's conversion is a burst of CPU (about 15 us a small record: 0.2 s for 5 s of
+    3,000 calls/s) that, on a host whose CPUs serving saturates, shows in the latency of the
+    calls it overlaps; spread out it costs the same CPU but no tail. With a backlog (the store
+    was down, a shutdown flush) there is no pausing. 1: never pause."""
 
 
 class Settings(_Frozen):

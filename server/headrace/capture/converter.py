@@ -16,7 +16,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -39,6 +39,8 @@ _READY = "ready"
 
 RulesSettings = Mapping[tuple[str, str], ModelCaptureSettings]
 """Each served model version's capture settings; records of others get the defaults."""
+PACE_RECORDS = 256
+"""Records converted between two looks of the `Pacer` at the CPU used (about 4 ms of CPU)."""
 
 _logger = logging.getLogger(__name__)
 
@@ -95,17 +97,22 @@ class SegmentConverter:
         return parent
 
     def store(
-        self, segment: Segment, rules: RulesSettings, deadline: float | None = None
+        self,
+        segment: Segment,
+        rules: RulesSettings,
+        deadline: float | None = None,
+        pace_s: float = 0.0,
     ) -> dict[str, int]:
         """Store one segment's records; returns records stored per model. Blocks until the
-        worker answers (the GIL is free meanwhile) or `deadline` (monotonic) passes.
+        worker answers (the GIL is free meanwhile) or `deadline` (monotonic) passes. For
+        the first `pace_s` seconds the worker keeps to `converter_cpu_share` of a CPU.
 
         Raises:
             ConverterError: the store failed, the worker died, or the deadline passed (the
                 worker is then stopped; the next call starts a new one).
         """
         connection = self._connection if self._connection is not None else self._start()
-        connection.send((str(segment.path), segment.seq, dict(rules)))
+        connection.send((str(segment.path), segment.seq, dict(rules), pace_s))
         while True:
             outcome, value = self._answer(connection, deadline)
             if outcome != _READY:  # a worker started by this call says it is ready first
@@ -190,13 +197,14 @@ def _serve(connection: Connection, settings: CaptureSettings, writer_id: str, sa
             return  # the serving process is gone
         if job is None:
             return
-        path, seq, rules = job
+        path, seq, rules, pace_s = job
+        pace = Pacer(settings.converter_cpu_share, time.monotonic() + pace_s)
         try:
             if writer is None:
                 writer = CaptureFileWriter(
                     make_store(settings.store), writer_id, settings.max_file_bytes
                 )
-            counts = _store_segment(writer, Path(path), seq, rules, salt)
+            counts = _store_segment(writer, Path(path), seq, rules, salt, pace)
         except Exception as exc:
             connection.send(("error", f"{type(exc).__name__}: {exc}"))
         else:
@@ -219,8 +227,56 @@ def _warm_up(writer: Any) -> None:
         _logger.exception("capture: the worker's warm-up failed")
 
 
+class Pacer:
+    """Keeps a segment's conversion within `share` of one CPU until `until` (monotonic), so
+    that its CPU comes in slices between serving's rather than in one burst. Called with the
+    number of records converted since its last call; every `PACE_RECORDS` records it sleeps
+    until the process's CPU time since the pacer began is at most `share` of the wall time
+    since. Past `until` it never sleeps. The clocks are arguments for tests.
+    """
+
+    __slots__ = ("_count", "_cpu", "_cpu_start", "_now", "_share", "_sleep", "_start", "_until")
+
+    def __init__(
+        self,
+        share: float,
+        until: float,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        cpu: Callable[[], float] = time.process_time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._share = share
+        self._until = until
+        self._now, self._cpu, self._sleep = now, cpu, sleep
+        self._start = now()
+        self._cpu_start = cpu()
+        self._count = 0
+
+    def __call__(self, records: int) -> None:
+        before = self._count
+        self._count += records
+        if self._share >= 1.0 or self._count // PACE_RECORDS == before // PACE_RECORDS:
+            return
+        now = self._now()
+        if now >= self._until:
+            return
+        ahead = (self._cpu() - self._cpu_start) / self._share - (now - self._start)
+        if ahead > 0:
+            self._sleep(min(ahead, self._until - now))
+
+
+def _unpaced(records: int) -> None:
+    """A pacer that never waits."""
+
+
 def _store_segment(
-    writer: Any, path: Path, seq: int, rules: RulesSettings, salt: bytes
+    writer: Any,
+    path: Path,
+    seq: int,
+    rules: RulesSettings,
+    salt: bytes,
+    pace: Callable[[int], None] = _unpaced,
 ) -> dict[str, int]:
     """Store one segment's records, with the cyclic garbage collector paused: the segment's
     records and the rows made of them hold no cycles and die by reference counting, but while
@@ -229,14 +285,19 @@ def _store_segment(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _store_records(writer, path, seq, rules, salt)
+        return _store_records(writer, path, seq, rules, salt, pace)
     finally:
         if collecting:
             gc.enable()
 
 
 def _store_records(
-    writer: Any, path: Path, seq: int, rules: RulesSettings, salt: bytes
+    writer: Any,
+    path: Path,
+    seq: int,
+    rules: RulesSettings,
+    salt: bytes,
+    pace: Callable[[int], None],
 ) -> dict[str, int]:
     compiled: dict[tuple[str, str], CaptureRules] = {}
     default = CaptureRules(ModelCaptureSettings(), salt)
@@ -254,8 +315,9 @@ def _store_records(
             records.append(compiled[key].apply(record))
         except (RecordFormatError, DecodeError, ValueError) as exc:
             _logger.warning("capture: skipped an unreadable record in %s: %s", path, exc)
+        pace(1)
     if records:
-        writer.write_segment(seq, records)
+        writer.write_segment(seq, records, pace)
     counts: dict[str, int] = {}
     for record in records:
         counts[record.model] = counts.get(record.model, 0) + 1

@@ -27,7 +27,7 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
@@ -666,14 +666,23 @@ def _json_or_none(value: Mapping[str, ParameterValue] | None) -> str | None:
     return json.dumps(dict(value), separators=(",", ":"))
 
 
-def records_to_table(records: Sequence[CaptureRecord]) -> pa.Table:
+def records_to_table(
+    records: Sequence[CaptureRecord], pace: Callable[[int], None] | None = None
+) -> pa.Table:
     """One row per record, for records of one model version (the writer groups them so).
+    `pace`, when given, is called once per record decoded (it may sleep between them).
 
     Never fails on a record's contents: a request or response that does not decode is kept as
     bytes (`undecoded_request` / `undecoded_response`) with the reason in `decode_error`.
     """
     decoder = _RowDecoder()
-    decoded = [decoder.row(record) for record in records]
+    if pace is None:
+        decoded = [decoder.row(record) for record in records]
+    else:
+        decoded = []
+        for record in records:
+            decoded.append(decoder.row(record))
+            pace(1)
     input_plan = _plan_columns(decoded, "input")
     output_plan = _plan_columns(decoded, "output")
     failed = [row.error is not None for row in decoded]

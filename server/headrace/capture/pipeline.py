@@ -95,8 +95,8 @@ class CapturePipeline:
             _logger.warning("capture: %s; the first segment starts a new worker", exc)
         rules = self._rules
 
-        def store(segment: Segment, deadline: float | None) -> dict[str, int]:
-            return converter.store(segment, rules, deadline)
+        def store(segment: Segment, deadline: float | None, pace_s: float) -> dict[str, int]:
+            return converter.store(segment, rules, deadline, pace_s)
 
         self.uploader = CaptureUploader(
             self.spool,

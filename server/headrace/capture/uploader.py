@@ -32,9 +32,10 @@ MAX_TICK_S = 0.5
 _logger = logging.getLogger(__name__)
 
 
-SegmentStore = Callable[[Segment, float | None], Mapping[str, int]]
-"""Stores one sealed segment's records before a deadline (monotonic; None: none) and returns
-the records stored per model (`SegmentConverter.store`); raises on any failure."""
+SegmentStore = Callable[[Segment, float | None, float], Mapping[str, int]]
+"""Stores one sealed segment's records before a deadline (monotonic; None: none), spreading
+its CPU over up to the given seconds (0: at full speed), and returns the records stored per
+model (`SegmentConverter.store`); raises on any failure."""
 
 
 class CaptureUploader:
@@ -138,16 +139,22 @@ class CaptureUploader:
             self._metrics.upload_lag.set(self.lag_s())
 
     def _store_sealed(self) -> None:
-        for segment in self._spool.sealed():
+        sealed = self._spool.sealed()
+        # A lone segment may take up to half the sealing interval (the next one is not due
+        # before then): its conversion is spread out. A backlog, or a shutdown, is not.
+        pace_s = self._segment_max_age_s / 2 if len(sealed) == 1 and not self._stopping else 0.0
+        for segment in sealed:
             # Once shutdown begins, the backlog gets until the flush deadline, no longer.
             if self._stopping and time.monotonic() >= self._flush_deadline:
                 return
-            if not self._store(segment):
+            if not self._store(segment, pace_s):
                 return
 
-    def _store(self, segment: Segment) -> bool:
+    def _store(self, segment: Segment, pace_s: float) -> bool:
         try:
-            counts = self._store_segment(segment, self._flush_deadline if self._stopping else None)
+            counts = self._store_segment(
+                segment, self._flush_deadline if self._stopping else None, pace_s
+            )
         except Exception as exc:
             self.errors += 1
             if self._metrics is not None:

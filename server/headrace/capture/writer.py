@@ -10,7 +10,7 @@ than duplicating rows. Blocking: the pipeline calls it from a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -76,17 +76,27 @@ class CaptureFileWriter:
         self._compression_level = compression_level
         self._row_group_rows = row_group_rows
 
-    def write_segment(self, segment_seq: int, records: Sequence[CaptureRecord]) -> list[str]:
+    def write_segment(
+        self,
+        segment_seq: int,
+        records: Sequence[CaptureRecord],
+        pace: Callable[[int], None] | None = None,
+    ) -> list[str]:
         """Store `records` (spool segment `segment_seq`) as Parquet files; their paths.
+        `pace`, when given, is called with the number of records each step has converted
+        (it may sleep: the converter's `Pacer`).
 
         Raises:
             ObjectStoreError: a file could not be stored after the store's retries; keep the
                 segment and call again later (files already stored are simply replaced).
         """
-        return [written.path for written in self.write_segment_files(segment_seq, records)]
+        return [written.path for written in self.write_segment_files(segment_seq, records, pace)]
 
     def write_segment_files(
-        self, segment_seq: int, records: Sequence[CaptureRecord]
+        self,
+        segment_seq: int,
+        records: Sequence[CaptureRecord],
+        pace: Callable[[int], None] | None = None,
     ) -> list[WrittenFile]:
         """`write_segment`, saying how many rows and bytes each file holds (for metrics)."""
         if segment_seq < 0:
@@ -109,9 +119,11 @@ class CaptureFileWriter:
         for partition in sorted(groups):
             for part, chunk in enumerate(self._parts(groups[partition])):
                 path = CaptureFile(partition, self.writer_id, segment_seq, part).path
-                data = self.encode(chunk)
+                data = self.encode(chunk, pace)
                 self.store.put(path, data)
                 written.append(WrittenFile(path, len(chunk), len(data)))
+                if pace is not None:
+                    pace(len(chunk))
         return written
 
     def _parts(self, records: list[CaptureRecord]) -> list[list[CaptureRecord]]:
@@ -129,9 +141,11 @@ class CaptureFileWriter:
             parts.append(current)
         return parts
 
-    def encode(self, records: Sequence[CaptureRecord]) -> bytes:
-        """One Parquet file of `records` (one model version)."""
-        table = records_to_table(records)
+    def encode(
+        self, records: Sequence[CaptureRecord], pace: Callable[[int], None] | None = None
+    ) -> bytes:
+        """One Parquet file of `records` (one model version); `pace` as `write_segment`'s."""
+        table = records_to_table(records, pace)
         sink = pa.BufferOutputStream()
         pq.write_table(
             table,
