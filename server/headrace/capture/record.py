@@ -155,10 +155,22 @@ class CaptureRecord:
             raise RecordFormatError(f"capture record has unknown flags {flags:#04x}")
         offset = _HEADER.size
         try:
+            strings_end = offset + sum(sizes[:_STRINGS])
+            text = bytes(view[offset:strings_end])
             strings: list[str] = []
-            for size in sizes[:_STRINGS]:
-                strings.append(str(view[offset : offset + size], "utf-8"))
-                offset += size
+            if text.isascii():
+                # One decoding for the nine strings (ids and names are ASCII as a rule): in
+                # ASCII a character is a byte, so the byte lengths cut the text.
+                whole = text.decode("ascii")
+                start = 0
+                for size in sizes[:_STRINGS]:
+                    strings.append(whole[start : start + size])
+                    start += size
+            else:
+                for size in sizes[:_STRINGS]:
+                    strings.append(str(view[offset : offset + size], "utf-8"))
+                    offset += size
+            offset = strings_end
             headers_size, parameters_size, request_size, _ = sizes[_STRINGS:]
             headers = _json_object(view[offset : offset + headers_size], "headers")
             offset += headers_size
