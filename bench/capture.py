@@ -26,7 +26,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import h2load
 from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.gpu_sim import METRICS_ENVIRONMENT
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
 from bench.options import add_options, check_load, options_of
@@ -44,13 +46,6 @@ GOAL_THROUGHPUT_RATIO = 0.9
 GOAL_P99_RATIO = 1.2
 METRICS_PATTERN = re.compile(r"metrics on (http://\S+/metrics)")
 PREFIX = "bench"
-METRICS_ON = {
-    "HEADRACE_METRICS__ENABLED": "true",
-    "HEADRACE_METRICS__HOST": HOST,
-    "HEADRACE_METRICS__PORT": "0",
-}
-"""Both sides serve /metrics (the capture side's counters give the pipeline's rates), so the
-two differ in capture alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +64,17 @@ class CaptureOptions:
     Parquet file and an upload, every 5 s at this load), so the cost measured is the one a
     deployment pays. Lower it to watch storage follow spooling within a short window, at the
     price of one file (Parquet footer, PUT) per interval."""
+    client: str = h2load.PYTHON
+    """Load generator: python (bench.loadgen's grpc.aio clients, as in every earlier run and
+    the `telemetry` scenario: about 220 us of CPU per call, 0.7 of a core at this load, on the
+    cores the capture pipeline and SeaweedFS need too), h2load (C++: about 45 us per call, so
+    the server itself is the bottleneck), or auto (h2load when installed)."""
 
 
-_HELP = {"trials": "trials per side"}
+_HELP = {
+    "trials": "trials per side",
+    "client": "load generator: python, h2load or auto (h2load when installed)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +88,12 @@ def options_from(arguments: argparse.Namespace) -> CaptureOptions:
     Raises:
         ValueError: a count below 1, a negative warm-up or an empty window.
     """
-    return check_load(options_of(CaptureOptions, arguments))
+    options = check_load(options_of(CaptureOptions, arguments))
+    if options.client not in h2load.CLIENTS:
+        raise ValueError(
+            f"--client must be one of {', '.join(h2load.CLIENTS)}, got {options.client!r}"
+        )
+    return options
 
 
 def side_order(trials: int) -> list[str]:
@@ -112,7 +120,7 @@ def _capture_environment(store: SeaweedFS, spool: Path, segment_max_age_s: float
         "HEADRACE_CAPTURE__SPOOL_DIR": str(spool),
         "HEADRACE_CAPTURE__SEGMENT_MAX_AGE_S": str(segment_max_age_s),
         "HEADRACE_CAPTURE__STORE": json.dumps(s3),
-        **METRICS_ON,
+        **METRICS_ENVIRONMENT,
         **store.environ(),  # credentials through the AWS chain, never in settings
     }
 
@@ -150,14 +158,19 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
         RuntimeError: a server or the store did not start.
         LoadError: a client failed (a wrong reply included).
     """
+    client = h2load.load_generator(options.client)
     request = identity_request(options.elements)
+    if client == h2load.H2LOAD:
+        h2load.layout(_spec(options, "", request))
     argv = [sys.executable, "-m", "headrace", "serve", "--host", HOST, "--port", "0"]
     trials: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="headrace-spool-")))
         store = stack.enter_context(SeaweedFS())
         environments = {
-            OFF: {**CAPTURE_OFF, **METRICS_ON},
+            # Both sides serve /metrics (the capture side's counters give the pipeline's
+            # rates; h2load's calls are checked against them), so they differ in capture alone.
+            OFF: {**CAPTURE_OFF, **METRICS_ENVIRONMENT},
             ON: _capture_environment(store, spool, options.segment_max_age_s),
         }
         servers = {
@@ -168,22 +181,17 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
         }
         for server in servers.values():
             stack.enter_context(server)
-        metrics_url = _metrics_url(servers[ON])
+        metrics_urls = {side: _metrics_url(server) for side, server in servers.items()}
+        metrics_url = metrics_urls[ON]
         for index, side in enumerate(side_order(options.trials)):
             server = servers[side]
-            spec = LoadSpec(
-                target=f"{HOST}:{server.port}",
-                method=METHOD,
-                request=request,
-                check=check_identity_reply,
-                concurrency=options.concurrency,
-                clients=options.clients,
-                warmup_s=options.warmup_s,
-                duration_s=options.duration_s,
-            )
+            spec = _spec(options, f"{HOST}:{server.port}", request)
             before = scrape(metrics_url) if side == ON else {}
             started = time.monotonic()
-            load = run_load(spec, meter=server.cpu_seconds)
+            if client == h2load.H2LOAD:
+                load = h2load.run_h2load(spec, server.cpu_seconds, metrics_urls[side])
+            else:
+                load = run_load(spec, meter=server.cpu_seconds)
             elapsed = time.monotonic() - started
             trial: dict[str, Any] = {"index": index, "side": side, "load": asdict(load)}
             trial["server_cpu_ms"] = (
@@ -227,12 +235,26 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
     on["stored_mb_per_s"] = _median([t["capture"]["stored_mb_per_s"] for t in on_trials])
     return {
         "options": asdict(options),
+        "load_generator": client,
         "request_bytes": len(request),
         "note": "client processes, both servers and SeaweedFS share the cores",
         "trials": trials,
         "summary": summary,
         "objects_stored": store_objects,
     }
+
+
+def _spec(options: CaptureOptions, target: str, request: bytes) -> LoadSpec:
+    return LoadSpec(
+        target=target,
+        method=METHOD,
+        request=request,
+        check=check_identity_reply,
+        concurrency=options.concurrency,
+        clients=options.clients,
+        warmup_s=options.warmup_s,
+        duration_s=options.duration_s,
+    )
 
 
 def _capture_rates(
@@ -264,6 +286,12 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
+_LOAD_GENERATORS = {
+    h2load.H2LOAD: "h2load (threads as clients)",
+    h2load.PYTHON: "the grpc.aio client processes of bench.loadgen",
+}
+
+
 def render(report: dict[str, Any]) -> str:
     """The report as Markdown: medians per side, capture against off, and the pipeline's
     rates."""
@@ -276,7 +304,8 @@ def render(report: dict[str, Any]) -> str:
         f"`identity` (no batcher), 1x{options['elements']} FP32 ({report['request_bytes']} B "
         f"request), concurrency {options['concurrency']} over {options['clients']} client "
         f"processes, {options['trials']} trials per side (alternating), "
-        f"{options['warmup_s']:g} s warm-up + {options['duration_s']:g} s window; medians.",
+        f"{options['warmup_s']:g} s warm-up + {options['duration_s']:g} s window; medians. "
+        f"Load from {_LOAD_GENERATORS.get(report.get('load_generator', ''), 'Python clients')}.",
         f"Machine: {one_line(report['machine'])}; clients, servers and SeaweedFS share its cores.",
         "",
         "| side | requests/s | p50 ms | p99 ms | server CPU ms/request | errors |",

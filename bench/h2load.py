@@ -74,6 +74,29 @@ def find_tool(name: str) -> str:
     return path
 
 
+AUTO = "auto"
+PYTHON = "python"
+CLIENTS = (AUTO, H2LOAD, PYTHON)
+"""A scenario's `--client` choices: h2load, python (bench.loadgen's grpc.aio clients), or
+auto (h2load when it is installed, else python)."""
+
+
+def load_generator(choice: str) -> str:
+    """H2LOAD or PYTHON for `--client` `choice`; auto is h2load when it is installed.
+
+    Raises:
+        ToolMissingError: h2load asked for and not installed.
+        ValueError: not one of `CLIENTS`.
+    """
+    if choice not in CLIENTS:
+        raise ValueError(f"--client must be one of {', '.join(CLIENTS)}, got {choice!r}")
+    if choice == H2LOAD or (choice == AUTO and shutil.which(H2LOAD)):
+        find_tool(H2LOAD)
+        find_tool(NGHTTP)
+        return H2LOAD
+    return PYTHON
+
+
 def grpc_frame(message: bytes) -> bytes:
     """`message` in gRPC's length-prefixed framing, uncompressed: an HTTP/2 request body."""
     return b"\x00" + len(message).to_bytes(4, "big") + message

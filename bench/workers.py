@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -47,10 +46,8 @@ MULTI = "multi"
 SIDES = (SINGLE, MULTI)
 GOAL_RATIO = 1.6
 """Requests/s of 2 workers over 1 on 2 cores (issue #11)."""
-AUTO = "auto"
-H2LOAD = "h2load"
-PYTHON = "python"
-CLIENTS = (AUTO, H2LOAD, PYTHON)
+AUTO, H2LOAD, PYTHON, CLIENTS = h2load.AUTO, h2load.H2LOAD, h2load.PYTHON, h2load.CLIENTS
+load_generator = h2load.load_generator
 
 
 def cpu_list(text: str) -> tuple[int, ...]:
@@ -134,19 +131,6 @@ def _spec(options: WorkersOptions, target: str, request: bytes) -> LoadSpec:
         connections=options.connections,
         client_cpus=options.client_cpus,
     )
-
-
-def load_generator(choice: str) -> str:
-    """H2LOAD or PYTHON for `--client` `choice`; auto is h2load when it is installed.
-
-    Raises:
-        h2load.ToolMissingError: h2load asked for and not installed.
-    """
-    if choice == H2LOAD or (choice == AUTO and shutil.which(h2load.H2LOAD)):
-        h2load.find_tool(h2load.H2LOAD)
-        h2load.find_tool(h2load.NGHTTP)
-        return H2LOAD
-    return PYTHON
 
 
 def trial_order(trials: int) -> list[str]:

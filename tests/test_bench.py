@@ -143,6 +143,17 @@ def test_capture_scenario_runs() -> None:
 
 
 @pytest.mark.timeout(240)
+def test_capture_scenario_runs_with_h2load() -> None:
+    # h2load's calls are checked against the server's own counters on both sides.
+    output, report = _run("capture", *QUICK, "--concurrency", "2", "--client", "h2load")
+    assert "Load from h2load" in output
+    assert report["load_generator"] == "h2load"
+    for trial in report["trials"]:
+        assert trial["load"]["completed"] > 0
+        assert not trial["load"]["errors"]
+
+
+@pytest.mark.timeout(240)
 def test_triton_scenario_runs() -> None:
     output, report = _run("triton", *QUICK, "--concurrencies", "2")
     assert "Headrace / direct unbatched" in output
