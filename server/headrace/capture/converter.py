@@ -24,9 +24,10 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from headrace.capture.columns import SegmentColumns
 from headrace.capture.record import SHADOW_OF_PARAMETER, CaptureRecord, RecordFormatError
 from headrace.capture.rules import CaptureRules
-from headrace.capture.spool import Segment, read_entries
+from headrace.capture.spool import Segment, entry_spans
 from headrace.config import CaptureSettings, ModelCaptureSettings
 
 POLL_S = 0.05
@@ -299,20 +300,33 @@ def _store_records(
     salt: bytes,
     pace: Callable[[int], None],
 ) -> dict[str, int]:
-    compiled: dict[tuple[str, str], CaptureRules] = {}
+    data = path.read_bytes()
+    spans = entry_spans(data, path)
     default = CaptureRules(ModelCaptureSettings(), salt)
+    compiled: dict[tuple[str, str], CaptureRules] = {}
+
+    def rules_of(key: tuple[str, str]) -> CaptureRules:
+        found = compiled.get(key)
+        if found is None:
+            settings = rules.get(key)
+            found = compiled[key] = CaptureRules(settings, salt) if settings else default
+        return found
+
+    columns = SegmentColumns.decode(data, spans)
+    if columns is not None and not any(
+        rules_of(key).changes_anything for key in columns.model_versions()
+    ):
+        writer.write_columns(seq, columns, pace)
+        return columns.counts()
+    view = memoryview(data)
     records: list[CaptureRecord] = []
-    for entry in read_entries(path):
+    for start, length in spans:
         try:
-            record = CaptureRecord.decode(entry)
+            record = CaptureRecord.decode(view[start : start + length])
             # A shadow call's record holds the primary's request: the primary's rules apply.
             shadow_of = record.parameters.get(SHADOW_OF_PARAMETER)
             version = str(shadow_of) if shadow_of is not None else record.version
-            key = (record.model, version)
-            if key not in compiled:
-                settings = rules.get(key)
-                compiled[key] = CaptureRules(settings, salt) if settings else default
-            records.append(compiled[key].apply(record))
+            records.append(rules_of((record.model, version)).apply(record))
         except (RecordFormatError, DecodeError, ValueError) as exc:
             _logger.warning("capture: skipped an unreadable record in %s: %s", path, exc)
         pace(1)

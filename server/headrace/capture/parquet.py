@@ -190,16 +190,16 @@ class _Decoded:
     error: str | None = None
 
 
-def _decode(record: CaptureRecord) -> _Decoded:
+def _decode(request_bytes: bytes, response_bytes: bytes) -> _Decoded:
     decoded = _Decoded()
     try:
-        if record.request:
-            request = converters.request_from_proto(pb.ModelInferRequest.FromString(record.request))
+        if request_bytes:
+            request = converters.request_from_proto(pb.ModelInferRequest.FromString(request_bytes))
             decoded.inputs = request.inputs
             decoded.requested_outputs = request.requested_outputs
-        if record.response:
+        if response_bytes:
             response = converters.response_from_proto(
-                pb.ModelInferResponse.FromString(record.response)
+                pb.ModelInferResponse.FromString(response_bytes)
             )
             decoded.outputs = response.outputs
             decoded.response_parameters = dict(response.parameters)
@@ -379,11 +379,12 @@ class _RowDecoder:
         self._requests: dict[bytes, _Layout | None] = {}
         self._responses: dict[bytes, _Layout | None] = {}
 
-    def row(self, record: CaptureRecord) -> _Row:
-        row = self._raw_row(record)
+    def row(self, request: bytes, response: bytes) -> _Row:
+        """The row of a record with these request and response bytes."""
+        row = self._raw_row(request, response)
         if row is not None:
             return row
-        decoded = _decode(record)
+        decoded = _decode(request, response)
         if decoded.error is not None:
             return _Row(error=decoded.error)
         return _Row(
@@ -393,13 +394,13 @@ class _RowDecoder:
             decoded.response_parameters,
         )
 
-    def _raw_row(self, record: CaptureRecord) -> _Row | None:
+    def _raw_row(self, request_bytes: bytes, response_bytes: bytes) -> _Row | None:
         inputs = outputs = _NO_TENSORS
         requested = None
         parameters = None
         try:
-            if record.request:
-                request = _parse_request(record.request)
+            if request_bytes:
+                request = _parse_request(request_bytes)
                 contents = request.raw_input_contents[:]
                 request.ClearField("raw_input_contents")
                 request.ClearField("id")
@@ -410,8 +411,8 @@ class _RowDecoder:
                 if found is None or layout is None:
                     return None
                 inputs, requested = found, layout.requested
-            if record.response:
-                response = _parse_response(record.response)
+            if response_bytes:
+                response = _parse_response(response_bytes)
                 contents = response.raw_output_contents[:]
                 parameters = {}
                 if response.parameters:
@@ -675,18 +676,9 @@ def records_to_table(
     Never fails on a record's contents: a request or response that does not decode is kept as
     bytes (`undecoded_request` / `undecoded_response`) with the reason in `decode_error`.
     """
-    decoder = _RowDecoder()
-    if pace is None:
-        decoded = [decoder.row(record) for record in records]
-    else:
-        decoded = []
-        for record in records:
-            decoded.append(decoder.row(record))
-            pace(1)
-    input_plan = _plan_columns(decoded, "input")
-    output_plan = _plan_columns(decoded, "output")
-    failed = [row.error is not None for row in decoded]
-    columns: dict[str, list[Any]] = {
+    requests = [record.request for record in records]
+    responses = [record.response for record in records]
+    columns: dict[str, list[Any] | pa.Array] = {
         "request_id": [r.request_id for r in records],
         "model_name": [r.model for r in records],
         "model_version": [r.version for r in records],
@@ -704,6 +696,44 @@ def records_to_table(
         "identity": [r.identity for r in records],
         "headers": [list(r.headers.items()) for r in records],
         "parameters": [_json_or_none(r.parameters) for r in records],
+        "truncated": [r.truncated for r in records],
+    }
+    return assemble_table(columns, requests, responses, pace)
+
+
+def status_names(codes: np.ndarray) -> pa.Array:
+    """The `status` column of these status codes (the grpc name, else the number)."""
+    unique, inverse = np.unique(codes, return_inverse=True)
+    names = pa.array([_STATUS_NAMES.get(int(code), str(int(code))) for code in unique])
+    return names.take(pa.array(inverse.astype(np.int64)))
+
+
+def assemble_table(
+    columns: Mapping[str, list[Any] | pa.Array],
+    requests: Sequence[bytes],
+    responses: Sequence[bytes],
+    pace: Callable[[int], None] | None = None,
+) -> pa.Table:
+    """The table of records whose metadata columns (every `METADATA_COLUMNS` field but those
+    the tensors give: response_parameters, requested_outputs, decode_error, undecoded_request
+    and undecoded_response) are `columns`, as lists or as Arrow arrays of the field's type,
+    and whose request and response bytes are `requests` and `responses`: the tensors are
+    decoded here. `pace` as `records_to_table`'s."""
+    decoder = _RowDecoder()
+    if pace is None:
+        decoded = [
+            decoder.row(request, response)
+            for request, response in zip(requests, responses, strict=True)
+        ]
+    else:
+        decoded = []
+        for request, response in zip(requests, responses, strict=True):
+            decoded.append(decoder.row(request, response))
+            pace(1)
+    input_plan = _plan_columns(decoded, "input")
+    output_plan = _plan_columns(decoded, "output")
+    failed = [row.error is not None for row in decoded]
+    derived: dict[str, list[Any]] = {
         "response_parameters": [
             None if bad else _json_or_none(row.response_parameters)
             for row, bad in zip(decoded, failed, strict=True)
@@ -712,17 +742,20 @@ def records_to_table(
             None if bad or not row.requested_outputs else list(row.requested_outputs)
             for row, bad in zip(decoded, failed, strict=True)
         ],
-        "truncated": [r.truncated for r in records],
         "decode_error": [row.error for row in decoded],
         "undecoded_request": [
-            r.request if bad else None for r, bad in zip(records, failed, strict=True)
+            request if bad else None for request, bad in zip(requests, failed, strict=True)
         ],
         "undecoded_response": [
-            (r.response or None) if bad else None for r, bad in zip(records, failed, strict=True)
+            (response or None) if bad else None
+            for response, bad in zip(responses, failed, strict=True)
         ],
     }
     fields = list(METADATA_COLUMNS)
-    arrays = [pa.array(columns[f.name], type=f.type) for f in fields]
+    arrays: list[pa.Array] = []
+    for f in fields:
+        values = derived[f.name] if f.name in derived else columns[f.name]
+        arrays.append(values if isinstance(values, pa.Array) else pa.array(values, type=f.type))
     for side, plan in (("input", input_plan), ("output", output_plan)):
         tensors = _side_columns(decoded, plan, side)
         for name, datatype in plan.items():
@@ -789,8 +822,7 @@ def _parameters(text: str | None) -> dict[str, ParameterValue]:
 
 
 def _redecode(request: bytes | None, response: bytes | None) -> _Decoded:
-    record = CaptureRecord("", "", "", 0, 0, 0, 0, "", request or b"", response or b"")
-    return _decode(record)
+    return _decode(request or b"", response or b"")
 
 
 def rows_from_table(table: pa.Table | pa.RecordBatch) -> Iterator[CaptureRow]:

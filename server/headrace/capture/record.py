@@ -30,6 +30,10 @@ _STRINGS = 9
 """Variable fields after the header that are UTF-8 strings (request_id .. identity)."""
 _TRUNCATED = 0x01
 _KNOWN_FLAGS = _TRUNCATED
+HEADER = _HEADER
+"""The fixed header of a format-2 record (for decoders of many records at once)."""
+STRING_FIELDS = _STRINGS
+TRUNCATED_FLAG = _TRUNCATED
 _FORMAT_1 = 1
 _HEADER_1 = struct.Struct("<BIII")
 """Format 1: format version, metadata (JSON) length, request length, response length."""

@@ -90,19 +90,28 @@ def read_entries(path: Path) -> Iterator[memoryview]:
     """The whole entries of a segment file, in order; a torn or corrupt tail (a length past
     the end, a CRC mismatch) ends the segment and is logged."""
     data = memoryview(path.read_bytes())
+    for start, length in entry_spans(data, path):
+        yield data[start : start + length]
+
+
+def entry_spans(data: bytes | memoryview, path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of each whole entry in a segment file's bytes `data`, in order; a torn
+    or corrupt tail (a length past the end, a CRC mismatch) ends the segment and is logged
+    (naming `path`)."""
+    view = memoryview(data)
+    spans: list[tuple[int, int]] = []
     offset = 0
-    end = len(data)
+    end = len(view)
     while offset < end:
         if end - offset < _FRAME.size:
             break
-        length, crc = _FRAME.unpack_from(data, offset)
+        length, crc = _FRAME.unpack_from(view, offset)
         start = offset + _FRAME.size
         if start + length > end:
             break
-        payload = data[start : start + length]
-        if zlib.crc32(payload) != crc:
+        if zlib.crc32(view[start : start + length]) != crc:
             break
-        yield payload
+        spans.append((start, length))
         offset = start + length
     if offset < end:
         _logger.warning(
@@ -112,6 +121,7 @@ def read_entries(path: Path) -> Iterator[memoryview]:
             end - offset,
             offset,
         )
+    return spans
 
 
 class Spool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from headrace.capture.columns import SegmentColumns
 from headrace.capture.layout import CaptureFile, Partition, check_writer_id
 from headrace.capture.parquet import DICTIONARY_COLUMNS, records_to_table
 from headrace.capture.record import CaptureRecord
@@ -126,6 +127,27 @@ class CaptureFileWriter:
                     pace(len(chunk))
         return written
 
+    def write_columns(
+        self,
+        segment_seq: int,
+        segment: SegmentColumns,
+        pace: Callable[[int], None] | None = None,
+    ) -> list[WrittenFile]:
+        """`write_segment_files` for a segment decoded column-wise: the same files (names,
+        partitions, parts, tables)."""
+        if segment_seq < 0:
+            raise ValueError("segment sequence number must be >= 0")
+        written = []
+        for partition, indices in segment.partitions():
+            for part, chunk in enumerate(segment.parts(indices, self.max_file_bytes)):
+                path = CaptureFile(partition, self.writer_id, segment_seq, part).path
+                data = self._encoded(segment.table(chunk, pace))
+                self.store.put(path, data)
+                written.append(WrittenFile(path, len(chunk), len(data)))
+                if pace is not None:
+                    pace(len(chunk))
+        return written
+
     def _parts(self, records: list[CaptureRecord]) -> list[list[CaptureRecord]]:
         parts: list[list[CaptureRecord]] = []
         current: list[CaptureRecord] = []
@@ -145,7 +167,9 @@ class CaptureFileWriter:
         self, records: Sequence[CaptureRecord], pace: Callable[[int], None] | None = None
     ) -> bytes:
         """One Parquet file of `records` (one model version); `pace` as `write_segment`'s."""
-        table = records_to_table(records, pace)
+        return self._encoded(records_to_table(records, pace))
+
+    def _encoded(self, table: pa.Table) -> bytes:
         sink = pa.BufferOutputStream()
         pq.write_table(
             table,
