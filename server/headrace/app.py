@@ -203,7 +203,9 @@ class Application:
         if not self.settings.capture.enabled:
             return
         self.capture = CapturePipeline(
-            self.settings.capture, self.metrics.capture if self.metrics is not None else None
+            self.settings.capture,
+            self.metrics.capture if self.metrics is not None else None,
+            traced=self.tracing is not None,
         )
         try:
             self.capture.start()

@@ -87,9 +87,16 @@ def test_metrics_follow_records_into_the_store(tmp_path: Path) -> None:
             10,
             "the spool gauges to be set",
         )
-        spooled_bytes = metric(server, "headrace_capture_bytes_total", model="identity")
         framing = 5 * len(frame(b""))
-        assert spooled_bytes + framing == metric(server, "headrace_capture_spool_bytes")
+        # The records' counts reach the metrics within COUNTS_FLUSH_S of their writes.
+        wait_for(
+            lambda: (
+                metric(server, "headrace_capture_bytes_total", model="identity") + framing
+                == metric(server, "headrace_capture_spool_bytes")
+            ),
+            10,
+            "the spooled bytes to be counted",
+        )
     assert (
         metric(server, "headrace_capture_records_total", model="identity", outcome="written") == 5
     )

@@ -22,14 +22,14 @@ from prometheus_client import CollectorRegistry
 
 from headrace.capture.record import CaptureRecord
 from headrace.capture.spool import Spool, read_entries
-from headrace.capture.tee import ModelCapture, SpoolCommitter
+from headrace.capture.tee import COUNTS_FLUSH_S, ModelCapture, SpoolCommitter
 from headrace.config import ModelCaptureSettings
 from headrace.frontend.auth import hash_token, new_token
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
 from headrace.spec import ModelSpec
 from headrace.telemetry.metrics import CaptureMetrics
-from tests.capture.conftest import capturing_server, fp32_request, metric, spooled
+from tests.capture.conftest import capturing_server, fp32_request, metric, spooled, wait_for
 from tests.conftest import ServerThread
 from tests.telemetry.conftest import exporting_to, traceparent
 from tests.telemetry.receiver import OtlpReceiver
@@ -81,11 +81,17 @@ def test_each_answer_leaves_after_its_record_is_spooled(server: ServerThread) ->
             assert record.received_ns <= record.responded_ns
             assert record.latency_ns > 0
     assert len(spooled(server)) == 20
-    assert (
-        metric(server, "headrace_capture_records_total", model="identity", outcome="spooled") == 20
-    )
-    assert (
-        metric(server, "headrace_capture_records_total", model="identity", outcome="queued") == 20
+    # Counts of records written at once reach the metrics within COUNTS_FLUSH_S.
+    wait_for(
+        lambda: (
+            [
+                metric(server, "headrace_capture_records_total", model="identity", outcome=outcome)
+                for outcome in ("queued", "spooled")
+            ]
+            == [20, 20]
+        ),
+        5,
+        "20 records counted as queued and spooled",
     )
 
 
@@ -235,13 +241,23 @@ def test_full_spool_drop_counts_exactly_and_refuse_answers_unavailable(tmp_path:
             kept = [record.request_id for record in spooled(server)]
             assert 0 < len(kept) < len(sent)
             assert kept == sent[: len(kept)]
-            counted = {
-                outcome: metric(
-                    server, "headrace_capture_records_total", model="identity", outcome=outcome
-                )
-                for outcome in ("spooled", "dropped")
-            }
-            assert counted == {"spooled": len(kept), "dropped": len(sent) - len(kept)}
+            expected = {"spooled": len(kept), "dropped": len(sent) - len(kept)}
+            wait_for(
+                lambda: (
+                    {
+                        outcome: metric(
+                            server,
+                            "headrace_capture_records_total",
+                            model="identity",
+                            outcome=outcome,
+                        )
+                        for outcome in expected
+                    }
+                    == expected
+                ),
+                5,
+                f"the counts {expected}",
+            )
             with pytest.raises(grpc.RpcError) as refused:
                 client.ModelInfer(fp32_request("echo_fp32", np.ones((1, 4), np.float32)))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -357,11 +373,20 @@ def test_records_of_every_size_are_in_before_their_answer_and_counted_exactly(
     assert sorted(record.request_id for record in records) == sorted(requests)
     for record in records:
         assert record.request == requests[record.request_id].SerializeToString()
-    counted = {
-        outcome: metric(server, "headrace_capture_records_total", model="identity", outcome=outcome)
-        for outcome in ("queued", "spooled", "dropped")
-    }
-    assert counted == {"queued": len(requests), "spooled": len(requests), "dropped": 0}
+    expected = {"queued": len(requests), "spooled": len(requests), "dropped": 0}
+    wait_for(
+        lambda: (
+            {
+                outcome: metric(
+                    server, "headrace_capture_records_total", model="identity", outcome=outcome
+                )
+                for outcome in expected
+            }
+            == expected
+        ),
+        5,
+        f"the counts {expected}",
+    )
     assert metric(server, "headrace_capture_bytes_total", model="identity") == sum(
         len(record.encode()) for record in records
     )
@@ -486,6 +511,7 @@ def _record_past_the_file_size_limit(
                 ("fits-again", 100),
             ):
                 said.append(await _call(capture, request_id, size))
+            await asyncio.sleep(2 * COUNTS_FLUSH_S)  # the counts of records written at once
 
     asyncio.run(scenario())
     counts = {

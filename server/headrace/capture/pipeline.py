@@ -50,10 +50,14 @@ class CapturePipeline:
         settings: CaptureSettings,
         metrics: CaptureMetrics | None = None,
         environ: Mapping[str, str] | None = None,
+        *,
+        traced: bool = True,
     ) -> None:
-        """`environ` (default os.environ) supplies HEADRACE_WORKER_ID and the hash salt."""
+        """`environ` (default os.environ) supplies HEADRACE_WORKER_ID and the hash salt.
+        `traced`: whether calls may have spans (tracing is on), whose ids records carry."""
         environ = os.environ if environ is None else environ
         self.settings = settings
+        self._traced = traced
         self.writer_id = writer_id(settings, environ)
         self._salt = environ.get(ENV_CAPTURE_HASH_SALT, "").encode()
         self._metrics = metrics
@@ -132,6 +136,7 @@ class CapturePipeline:
             self.spool,
             self._committer,
             self._metrics,
+            traced=self._traced,
         )
 
     async def drain(self) -> None:
