@@ -30,8 +30,10 @@ from headrace.capture.rules import CaptureRules
 from headrace.capture.spool import Segment, entry_spans
 from headrace.config import CaptureSettings, ModelCaptureSettings
 
-POLL_S = 0.05
-"""How often a wait for the worker looks whether it died or the wait should end."""
+POLL_S = 1.0
+"""Longest a wait for the worker's answer sleeps between looks at its process (a worker that
+dies closes the pipe, which ends the wait at once; the wait's deadline ends it too). Each look
+takes the serving process's GIL, from the event loop, so they are rare."""
 STOP_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 60.0
 """Longest wait for a new worker's warm-up at start-up (spawn, imports, one encoding)."""
@@ -129,7 +131,9 @@ class SegmentConverter:
         Raises:
             ConverterError: the worker died or the deadline passed (it is then stopped).
         """
-        while not connection.poll(POLL_S):
+        while not connection.poll(
+            POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+        ):
             process = self._process
             if process is None or not process.is_alive():
                 self._discard()
