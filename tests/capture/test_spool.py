@@ -4,6 +4,7 @@ sealing by size and age, the disk cap."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def test_sequence_numbers_survive_deleting_every_segment(tmp_path: Path) -> None
     restarted = make_spool(tmp_path)
     restarted.append([b"c"])
     restarted.seal()
-    assert [s.seq for s in restarted.sealed()] == [3]
+    (segment,) = restarted.sealed()
+    # Never a number used before (the segment `seal` opened ahead, empty, took 3).
+    assert segment.seq == 4
 
 
 def test_a_segment_is_sealed_once_it_reaches_its_size(tmp_path: Path) -> None:
@@ -159,4 +162,54 @@ def test_empty_files_left_by_a_crash_are_removed(tmp_path: Path) -> None:
     spool.append([b"next"])
     spool.seal()
     assert [s.seq for s in spool.sealed()] == [8]
+    spool.close()  # (and so the empty segment `seal` opened ahead goes too)
     assert not any(p.stat().st_size == 0 for p in tmp_path.iterdir() if p.stem.isdigit())
+
+
+def test_seal_opens_the_next_segment_so_appends_never_make_files(tmp_path: Path) -> None:
+    # Making, closing and renaming files takes milliseconds on a busy disk: the capture
+    # stage's `seal` does it, outside the lock the serving thread's appends take.
+    spool = make_spool(tmp_path)
+    spool.append([b"a"])
+    spool.seal()
+    opened = sorted(p.name for p in spool.directory.iterdir() if p.suffix == ".open")
+    assert opened == ["0000000000000002.open"]
+    spool.append([b"b"])
+    spool.append([b"c"])
+    spool.seal()
+    assert [s.seq for s in spool.sealed()] == [1, 2]
+    assert [list(read_entries(s.path)) for s in spool.sealed()] == [[b"a"], [b"b", b"c"]]
+    spool.seal()  # the open segment is empty: nothing to seal
+    assert [s.seq for s in spool.sealed()] == [1, 2]
+    spool.close()
+    assert not [p for p in spool.directory.iterdir() if p.suffix == ".open"]
+
+
+def test_appends_and_seals_from_two_threads_keep_every_entry_once_in_order(
+    tmp_path: Path,
+) -> None:
+    # The serving thread appends (sealing full segments itself) while the capture stage
+    # seals by age and opens the next segment outside the lock.
+    spool = make_spool(tmp_path, segment_max_bytes=600)
+    entries = [f"e{index:05d}".encode() for index in range(3000)]
+    done = threading.Event()
+
+    def seal_often() -> None:
+        while not done.is_set():
+            spool.seal()
+
+    sealer = threading.Thread(target=seal_often)
+    sealer.start()
+    try:
+        for entry in entries:
+            spool.append([entry])
+    finally:
+        done.set()
+        sealer.join()
+    spool.seal()
+    segments = spool.sealed()
+    seqs = [segment.seq for segment in segments]
+    assert seqs == sorted(set(seqs))
+    assert [e for segment in segments for e in read_entries(segment.path)] == entries
+    assert spool.size_bytes == sum(segment.size for segment in segments)
+    spool.close()
