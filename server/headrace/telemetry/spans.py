@@ -33,6 +33,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.trace import SpanLimits
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import (
@@ -63,6 +64,38 @@ W3C header value ("" when empty), `kind` and `status_code` the API enums' values
 
 Recorder = Callable[[FinishedSpan], None]
 """Takes each finished span; called on the thread that ended it, must not block."""
+
+
+def _runtime_context() -> tuple[
+    Callable[[], Context], Callable[[Context], Any], Callable[[Any], None]
+]:
+    """(get, attach, detach) of OpenTelemetry's current context: its ContextVar's own methods
+    when the runtime context is the default contextvars one (what `otel_context.get_current`,
+    `attach` and `detach` end in, two Python calls deeper), else the API's functions."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if type(runtime) is not ContextVarsRuntimeContext or variable is None:
+        return otel_context.get_current, otel_context.attach, otel_context.detach
+    reset = variable.reset
+
+    def detach(token: Any) -> None:
+        try:
+            reset(token)
+        except Exception:  # as the API's detach: a token of another context is logged
+            _logger.exception("Failed to detach context")
+
+    return variable.get, variable.set, detach
+
+
+current_context, attach_context, detach_context = _runtime_context()
+"""OpenTelemetry's `context.get_current`, `attach` and `detach`, without their indirection:
+`trace.get_current_span()` sees what `attach_context` makes current."""
+
+
+def context_with_span(span: trace.Span, context: Context) -> Context:
+    """`trace.set_span_in_context(span, context)` with one dict copy instead of two."""
+    return Context({**context, _SPAN_KEY: span})
+
 
 _INTERNAL = SpanKind.INTERNAL._value_
 _SIMPLE_VALUES = (str, int, float, bool)
@@ -138,7 +171,7 @@ _NO_STATE = SpanContext(1, 1, False).trace_state
 def parent_of(context: Context | None) -> SpanContext | None:
     """The span context of the span current in `context` (None: the current context), the
     parent `LeanTracer.start_prepared` takes; None or invalid: a new trace."""
-    span = (context if context is not None else otel_context.get_current()).get(_SPAN_KEY)
+    span = (context if context is not None else current_context()).get(_SPAN_KEY)
     if type(span) is RecordingSpan:  # ours: no ABC check, no method call
         return span._context
     return trace.get_current_span(context).get_span_context()
@@ -401,7 +434,10 @@ class CurrentSpan:
         self._token: object | None = None
 
     def __enter__(self) -> trace.Span:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span, self._context))
+        context = self._context
+        self._token = attach_context(
+            context_with_span(self._span, context if context is not None else current_context())
+        )
         return self._span
 
     def __exit__(
@@ -411,8 +447,8 @@ class CurrentSpan:
         exc_tb: TracebackType | None,
     ) -> None:
         span = self._span
-        otel_context.detach(self._token)  # type: ignore[arg-type]
-        if isinstance(exc_val, Exception) and span.is_recording():
+        detach_context(self._token)
+        if exc_val is not None and isinstance(exc_val, Exception) and span.is_recording():
             span.record_exception(exc_val)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
         span.end()
