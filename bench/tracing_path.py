@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def _run(
     concurrency: int,
     traceparent: bool,
     callgrind: Path | None,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     """One measurement in a fresh process; with `callgrind` (a folder), that process runs
     under valgrind and the instructions of the measured window are counted per thread."""
@@ -207,6 +209,8 @@ def _run(
             total += count
             if dump.name.endswith("-01"):  # thread 1: the event loop's
                 loop += count
+            if keep is not None:
+                shutil.copy(dump, keep / f"{'on' if tracing else 'off'}-{dump.name}")
         result["loop_us"] = loop / requests / 1000  # thousands of instructions per call
         result["process_us"] = total / requests / 1000
     return result
@@ -229,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--callgrind",
         action="store_true",
         help="count instructions (valgrind) instead of CPU time: thousands per call",
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="with --callgrind: copy the dumps (last round) to this folder"
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tracing", action="store_true", help=argparse.SUPPRESS)
@@ -272,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         load = (arguments.requests, arguments.concurrency, traceparent)
         for _ in range(arguments.rounds):
             for side, server_dir in sides.items():
-                off = _run(server_dir, False, receiver_port, *load, callgrind)
-                on = _run(server_dir, True, receiver_port, *load, callgrind)
+                off = _run(server_dir, False, receiver_port, *load, callgrind, arguments.keep)
+                on = _run(server_dir, True, receiver_port, *load, callgrind, arguments.keep)
                 samples[side].append(
                     {
                         "loop_off": off["loop_us"],

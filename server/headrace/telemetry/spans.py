@@ -26,6 +26,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from time import time_ns
 from types import TracebackType
 from typing import Any
 
@@ -172,8 +173,8 @@ def parent_of(context: Context | None) -> SpanContext | None:
     """The span context of the span current in `context` (None: the current context), the
     parent `LeanTracer.start_prepared` takes; None or invalid: a new trace."""
     span = (context if context is not None else current_context()).get(_SPAN_KEY)
-    if type(span) is RecordingSpan:  # ours: no ABC check, no method call
-        return span._context
+    if type(span) is RecordingSpan:  # ours: no ABC check
+        return span.get_span_context()
     return trace.get_current_span(context).get_span_context()
 
 
@@ -190,12 +191,25 @@ def _tuple_span_context(trace_id: int, span_id: int, flags: TraceFlags, state: A
 
 # A local SpanContext (ids known valid) built as the tuple it is, where that gives what the
 # API's constructor gives (checked once here); its constructor otherwise.
-_span_context = (
-    _tuple_span_context
-    if _tuple_span_context(3, 5, TraceFlags(1), _NO_STATE)
-    == _checked_span_context(3, 5, TraceFlags(1), _NO_STATE)
-    else _checked_span_context
+_TUPLE_IS_SPAN_CONTEXT = _tuple_span_context(3, 5, TraceFlags(1), _NO_STATE) == (
+    _checked_span_context(3, 5, TraceFlags(1), _NO_STATE)
 )
+_span_context = _tuple_span_context if _TUPLE_IS_SPAN_CONTEXT else _checked_span_context
+
+RawContext = tuple[int, int, bool, TraceFlags, Any, bool]
+"""A span's context as the plain tuple a `SpanContext` is, made into one when first asked
+for (most spans' contexts are never read: a local backend's, a span without children)."""
+
+
+def _as_span_context(raw: RawContext) -> SpanContext:
+    if _TUPLE_IS_SPAN_CONTEXT:
+        return tuple.__new__(SpanContext, raw)
+    return SpanContext(raw[0], raw[1], raw[2], raw[3], raw[4])
+
+
+_SAMPLED_RANDOM = _FLAGS[TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID]
+_RANDOM_TRACE_ID = int(TraceFlags.RANDOM_TRACE_ID)
+_LOW_64_BITS = 0xFFFFFFFFFFFFFFFF
 
 
 class RecordingSpan(trace.Span):
@@ -222,13 +236,13 @@ class RecordingSpan(trace.Span):
     def __init__(
         self,
         head: tuple[str, int, int, str, int, bool, int, int],
-        context: SpanContext,
+        context: SpanContext | RawContext,
         attributes: dict[str, Any],
         dropped_attributes: int,
-        links: list[tuple[int, int, bool, dict[str, Any], int]] | None,
-        dropped_links: int,
         limits: SpanLimits,
         record: Recorder,
+        links: list[tuple[int, int, bool, dict[str, Any], int]] | None = None,
+        dropped_links: int = 0,
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> None:
@@ -251,7 +265,7 @@ class RecordingSpan(trace.Span):
         self._set_status_on_exception = set_status_on_exception
 
     def __repr__(self) -> str:
-        return f'RecordingSpan(name="{self._head[0]}", context={self._context})'
+        return f'RecordingSpan(name="{self._head[0]}", context={self.get_span_context()})'
 
     @property
     def name(self) -> str:
@@ -262,7 +276,10 @@ class RecordingSpan(trace.Span):
         return self._attributes
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        context = self._context
+        if type(context) is tuple:
+            context = self._context = _as_span_context(context)
+        return context  # type: ignore[return-value]
 
     def is_recording(self) -> bool:
         return self._end_ns is None
@@ -465,6 +482,7 @@ class LeanTracer(trace.Tracer):
         self._record = record
         self._limits = limits
         self._random = random.Random()
+        self._getrandbits = self._random.getrandbits
 
     def start_span(
         self,
@@ -536,7 +554,7 @@ class LeanTracer(trace.Tracer):
         """`start_span(name, context, kind, attributes)` for a parent already read from its
         context (`parent_of`) and attributes from `prepare` (copied, not checked again)."""
         cleaned, dropped = attributes
-        return self._new(name, parent, kind._value_, dict(cleaned), dropped, None, 0, None)
+        return self._new(name, parent, kind._value_, dict(cleaned), dropped)
 
     def _new(
         self,
@@ -545,51 +563,67 @@ class LeanTracer(trace.Tracer):
         kind: int,
         attributes: dict[str, Any],
         dropped_attributes: int,
-        links: list[tuple[int, int, bool, dict[str, Any], int]] | None,
-        dropped_links: int,
-        start_time: int | None,
+        links: list[tuple[int, int, bool, dict[str, Any], int]] | None = None,
+        dropped_links: int = 0,
+        start_time: int | None = None,
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        getrandbits = self._random.getrandbits
+        getrandbits = self._getrandbits
         span_id = getrandbits(64) or 1
         # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, is_valid).
         if parent is not None and parent[5]:
             trace_id = parent[0]
             flags = parent[3]
-            sampled = flags & 1
-            random_flag = flags & TraceFlags.RANDOM_TRACE_ID
             trace_state = parent[4]
-            parent_id, parent_remote = parent[1], parent[2]
-            state_header = "" if trace_state is _NO_STATE else trace_state.to_header()
-        else:
-            trace_id = getrandbits(128) or 1
-            sampled = (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound
-            random_flag = TraceFlags.RANDOM_TRACE_ID
-            trace_state = _NO_STATE
-            parent_id, parent_remote, state_header = 0, False, ""
-        if not sampled:
-            return NonRecordingSpan(
-                _span_context(trace_id, span_id, _FLAGS[random_flag], trace_state)
-            )
-        return RecordingSpan(
-            (
+            if not flags & 1:
+                return NonRecordingSpan(
+                    _span_context(trace_id, span_id, _FLAGS[flags & _RANDOM_TRACE_ID], trace_state)
+                )
+            head = (
                 name,
                 trace_id,
                 span_id,
-                state_header,
-                parent_id,
-                parent_remote,
+                "" if trace_state is _NO_STATE else trace_state.to_header(),
+                parent[1],
+                parent[2],
                 kind,
-                start_time if start_time is not None else time.time_ns(),
-            ),
-            _span_context(trace_id, span_id, _FLAGS[random_flag | 1], trace_state),
+                start_time if start_time is not None else time_ns(),
+            )
+            context = (
+                trace_id,
+                span_id,
+                False,
+                _FLAGS[(flags & _RANDOM_TRACE_ID) | 1],
+                trace_state,
+                True,
+            )
+        else:
+            trace_id = getrandbits(128) or 1
+            if (trace_id & _LOW_64_BITS) >= self._bound:
+                return NonRecordingSpan(
+                    _span_context(trace_id, span_id, _FLAGS[_RANDOM_TRACE_ID], _NO_STATE)
+                )
+            head = (
+                name,
+                trace_id,
+                span_id,
+                "",
+                0,
+                False,
+                kind,
+                start_time if start_time is not None else time_ns(),
+            )
+            context = (trace_id, span_id, False, _SAMPLED_RANDOM, _NO_STATE, True)
+        return RecordingSpan(
+            head,
+            context,
             attributes,
             dropped_attributes,
-            links,
-            dropped_links,
             self._limits,
             self._record,
+            links,
+            dropped_links,
             record_exception,
             set_status_on_exception,
         )
