@@ -36,7 +36,7 @@ from headrace.telemetry.spans import (
 MAX_CACHED = 4096
 """Wrapped handlers and peers' attribute sets (per method) kept at most (then the caches
 start over)."""
-_TRACE_CONTEXT_KEYS = frozenset({"traceparent", "tracestate"})
+_TRACE_CONTEXT_KEYS = ("traceparent", "tracestate")
 _NO_PARENT = Context()
 """What the propagator extracts from metadata without a trace context: a new trace."""
 
@@ -248,13 +248,14 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         by_peer = attributes.by_peer
 
         def start(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Span, object]:
-            # The propagator reads only two keys; most calls carry neither.
+            # The propagator reads only two keys; most calls carry neither. (A tuple, not a
+            # set: the keys are new strings each call, compared rather than hashed.)
             carrier: dict[str, str | bytes] | None = None
-            for item in context.invocation_metadata() or ():
-                if item[0] in _TRACE_CONTEXT_KEYS:
+            for key, value in context.invocation_metadata() or ():
+                if key in _TRACE_CONTEXT_KEYS:
                     if carrier is None:
                         carrier = {}
-                    carrier[item[0]] = item[1]
+                    carrier[key] = value
             if carrier is None:
                 parent, parent_span = _NO_PARENT, None
             else:

@@ -397,8 +397,8 @@ class RecordingSpan(trace.Span):
             return
         self._end_ns = end_ns = end_time if end_time is not None else time.time_ns()
         self._record(
-            (
-                *self._head,
+            self._head  # noqa: RUF005 (a tuple joined to a tuple: no list built on the way)
+            + (
                 end_ns,
                 self._attributes,
                 self._events,
