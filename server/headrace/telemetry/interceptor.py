@@ -22,13 +22,13 @@ from urllib.parse import unquote
 import grpc
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace.telemetry.spans import (
     LeanTracer,
     Prepared,
     attach_context,
-    context_with_span,
     detach_context,
     parent_of,
 )
@@ -266,7 +266,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if prepared is None:
                 prepared = for_peer(peer)
             span = start_prepared(name, parent_span, _SERVER, prepared)
-            return span, attach_context(context_with_span(span, parent))
+            return span, attach_context(Context({**parent, _SPAN_KEY: span}))
 
         return start
 

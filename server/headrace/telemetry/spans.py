@@ -169,12 +169,12 @@ _NO_STATE = SpanContext(1, 1, False).trace_state
 """The empty trace state every SpanContext built without one holds (the API's default)."""
 
 
-def parent_of(context: Context | None) -> SpanContext | None:
+def parent_of(context: Context | None) -> Parent | None:
     """The span context of the span current in `context` (None: the current context), the
     parent `LeanTracer.start_prepared` takes; None or invalid: a new trace."""
     span = (context if context is not None else current_context()).get(_SPAN_KEY)
-    if type(span) is RecordingSpan:  # ours: no ABC check
-        return span.get_span_context()
+    if type(span) is RecordingSpan:  # ours: no ABC check, its context as it is
+        return span._context
     return trace.get_current_span(context).get_span_context()
 
 
@@ -199,6 +199,10 @@ _span_context = _tuple_span_context if _TUPLE_IS_SPAN_CONTEXT else _checked_span
 RawContext = tuple[int, int, bool, TraceFlags, Any, bool]
 """A span's context as the plain tuple a `SpanContext` is, made into one when first asked
 for (most spans' contexts are never read: a local backend's, a span without children)."""
+
+
+Parent = SpanContext | RawContext
+"""A parent span's context, as `parent_of` gives it: what is read of it is the same."""
 
 
 def _as_span_context(raw: RawContext) -> SpanContext:
@@ -451,11 +455,12 @@ class CurrentSpan:
         self._token: object | None = None
 
     def __enter__(self) -> trace.Span:
+        span = self._span
         context = self._context
         self._token = attach_context(
-            context_with_span(self._span, context if context is not None else current_context())
+            Context({**(context if context is not None else current_context()), _SPAN_KEY: span})
         )
-        return self._span
+        return span
 
     def __exit__(
         self,
@@ -529,18 +534,13 @@ class LeanTracer(trace.Tracer):
             if maximum is not None and len(kept_links) > maximum:
                 dropped_links = len(kept_links) - maximum
                 kept_links = kept_links[dropped_links:]
-        return self._new(
-            name,
-            parent_of(context),
-            kind._value_,
-            cleaned,
-            dropped,
-            kept_links,
-            dropped_links,
-            start_time,
-            record_exception,
-            set_status_on_exception,
-        )
+        span = self.start_prepared(name, parent_of(context), kind, (cleaned, dropped), start_time)
+        if type(span) is RecordingSpan:
+            span._links = kept_links
+            span._dropped_links = dropped_links
+            span._record_exception = record_exception
+            span._set_status_on_exception = set_status_on_exception
+        return span
 
     def prepare(self, attributes: Mapping[str, Any]) -> Prepared:
         """`attributes` checked once against the span limits, for `start_prepared` to give
@@ -549,26 +549,16 @@ class LeanTracer(trace.Tracer):
         return _bounded(attributes, limits.max_span_attributes, limits.max_span_attribute_length)
 
     def start_prepared(
-        self, name: str, parent: SpanContext | None, kind: SpanKind, attributes: Prepared
-    ) -> trace.Span:
-        """`start_span(name, context, kind, attributes)` for a parent already read from its
-        context (`parent_of`) and attributes from `prepare` (copied, not checked again)."""
-        cleaned, dropped = attributes
-        return self._new(name, parent, kind._value_, dict(cleaned), dropped)
-
-    def _new(
         self,
         name: str,
-        parent: SpanContext | None,
-        kind: int,
-        attributes: dict[str, Any],
-        dropped_attributes: int,
-        links: list[tuple[int, int, bool, dict[str, Any], int]] | None = None,
-        dropped_links: int = 0,
+        parent: Parent | None,
+        kind: SpanKind,
+        attributes: Prepared,
         start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
     ) -> trace.Span:
+        """`start_span(name, context, kind, attributes, start_time=start_time)` for a parent
+        already read from its context (`parent_of`) and attributes from `prepare` (copied,
+        not checked again)."""
         getrandbits = self._getrandbits
         span_id = getrandbits(64) or 1
         # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, is_valid).
@@ -587,7 +577,7 @@ class LeanTracer(trace.Tracer):
                 "" if trace_state is _NO_STATE else trace_state.to_header(),
                 parent[1],
                 parent[2],
-                kind,
+                kind._value_,
                 start_time if start_time is not None else time_ns(),
             )
             context = (
@@ -611,22 +601,12 @@ class LeanTracer(trace.Tracer):
                 "",
                 0,
                 False,
-                kind,
+                kind._value_,
                 start_time if start_time is not None else time_ns(),
             )
             context = (trace_id, span_id, False, _SAMPLED_RANDOM, _NO_STATE, True)
-        return RecordingSpan(
-            head,
-            context,
-            attributes,
-            dropped_attributes,
-            self._limits,
-            self._record,
-            links,
-            dropped_links,
-            record_exception,
-            set_status_on_exception,
-        )
+        cleaned, dropped = attributes
+        return RecordingSpan(head, context, dict(cleaned), dropped, self._limits, self._record)
 
     @contextlib.contextmanager
     def start_as_current_span(  # type: ignore[override]
