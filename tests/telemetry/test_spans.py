@@ -25,7 +25,6 @@ from headrace.telemetry.spans import (
     LeanTracer,
     SpanQueue,
     attach_context,
-    context_with_span,
     current_context,
     detach_context,
     parent_of,
@@ -253,7 +252,7 @@ def test_an_attached_context_is_what_the_api_sees_until_detached(
     tracer, _ = _tracer()
     span = tracer.start_span("current")
     before = otel_context.get_current()
-    token = attach_context(context_with_span(span, before))
+    token = attach_context(trace.set_span_in_context(span, before))
     assert trace.get_current_span() is span
     assert current_context() is otel_context.get_current()
     assert parent_of(None) == span.get_span_context()
