@@ -121,16 +121,17 @@ class Application:
                 self.shared_memory,
                 limits=self.settings.server.limits,
             )
-            # Tracing first: its span is current when auth names the caller on it.
+            # Tracing goes first: its span is current when auth names the caller on it.
             interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
-            if self.tracing is not None:
-                interceptors.append(
-                    TracingInterceptor(
-                        self.tracing.tracer,
-                        self.tracing.propagator,
-                        traced_methods(self.settings.tracing.trace_health),
-                    )
+            tracing = (
+                TracingInterceptor(
+                    self.tracing.tracer,
+                    self.tracing.propagator,
+                    traced_methods(self.settings.tracing.trace_health),
                 )
+                if self.tracing is not None
+                else None
+            )
             auth = self.settings.server.auth
             if auth.enabled:
                 self.tokens = TokenStore(auth)
@@ -139,6 +140,7 @@ class Application:
                 self.settings.server,
                 servicer,
                 interceptors,
+                tracing=tracing,
                 reuse_port=self.worker_id is not None,
             )
             self.port = await self._frontend.start()

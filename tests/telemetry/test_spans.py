@@ -19,7 +19,16 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from headrace.telemetry.spans import CurrentSpan, FinishedSpan, LeanTracer, SpanQueue, parent_of
+from headrace.telemetry.spans import (
+    CurrentSpan,
+    FinishedSpan,
+    LeanTracer,
+    SpanQueue,
+    attach_context,
+    current_context,
+    detach_context,
+    parent_of,
+)
 
 NAME, TRACE_ID, SPAN_ID, TRACE_STATE, PARENT_ID, PARENT_REMOTE, KIND = range(7)
 START, END, ATTRIBUTES, EVENTS, LINKS, STATUS_CODE, STATUS_MESSAGE = range(7, 14)
@@ -235,3 +244,29 @@ def test_span_contexts_and_prepared_spans_match_the_apis_constructor_and_start_s
     assert prepared_record[TRACE_STATE] == "k=v"
     assert prepared_record[KIND] == SpanKind.CLIENT.value
     assert prepared_record[ATTRIBUTES] == generic_record[ATTRIBUTES] == attributes
+
+
+def test_an_attached_context_is_what_the_api_sees_until_detached(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracer, _ = _tracer()
+    span = tracer.start_span("current")
+    before = otel_context.get_current()
+    token = attach_context(trace.set_span_in_context(span, before))
+    assert trace.get_current_span() is span
+    assert current_context() is otel_context.get_current()
+    assert parent_of(None) == span.get_span_context()
+    detach_context(token)
+    assert otel_context.get_current() is before
+    assert trace.get_current_span() is not span
+    detach_context(token)  # used twice: logged as the API's detach does, not raised
+    assert "Failed to detach context" in caplog.text
+
+
+def test_a_span_context_made_when_first_read_is_the_same_object_after() -> None:
+    tracer, _ = _tracer()
+    span = tracer.start_span("lazy")
+    context = span.get_span_context()
+    assert isinstance(context, SpanContext)
+    assert span.get_span_context() is context
+    assert repr(context) in repr(span)

@@ -18,6 +18,7 @@ from headrace.frontend.status import serialized, tolerant_deserializer, wire_des
 from headrace.frontend.tls import ServerTls
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.descriptor_pool import POOL
+from headrace.telemetry.interceptor import REFLECTION_SERVICES, TracingInterceptor
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -25,6 +26,9 @@ LIVENESS_SERVICE = "liveness"
 """grpc.health.v1 service name that is SERVING from start-up until shutdown begins, whatever
 the models' readiness: for liveness probes, which must not restart a gateway because the
 Triton behind it is down (readiness, service "", does follow the models)."""
+
+_OTHER_SERVICES = (HEALTH_SERVICE_NAME, *REFLECTION_SERVICES)
+"""The services the server registers beside the inference service."""
 
 _logger = logging.getLogger(__name__)
 
@@ -96,15 +100,28 @@ class FrontendServer:
         servicer: InferenceServicer,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         *,
+        tracing: TracingInterceptor | None = None,
         reuse_port: bool = False,
     ) -> None:
-        """`reuse_port`: share the port with other processes that set it too (the workers of
+        """`tracing`: a span per call, current in the `interceptors` that follow it. With no
+        other interceptor and health and reflection untraced (the default), it wraps the
+        inference service's handlers here, once, instead of intercepting each call.
+        `reuse_port`: share the port with other processes that set it too (the workers of
         `headrace serve --workers N`; the kernel spreads connections over them)."""
         self._settings = settings
-        self._server = grpc.aio.server(
-            interceptors=interceptors, options=server_options(settings, reuse_port=reuse_port)
-        )
+        chain = list(interceptors)
         handlers = _method_handlers(servicer)
+        if tracing is not None:
+            if chain or any(tracing.traces(f"/{service}/") for service in _OTHER_SERVICES):
+                chain.insert(0, tracing)
+            else:
+                handlers = {
+                    name: tracing.wrap_handler(f"/{SERVICE_NAME}/{name}", handler)
+                    for name, handler in handlers.items()
+                }
+        self._server = grpc.aio.server(
+            interceptors=chain, options=server_options(settings, reuse_port=reuse_port)
+        )
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )

@@ -8,28 +8,35 @@ tells the code (`context.code()`), so a thin interceptor needs no proxy.
 
 One helper (`wrap_rpc_behaviour`) wraps all four call kinds; predicates choose the methods.
 The span is made current with a contextvars token, reset when the call ends, so everything the
-handler starts (batcher submissions, logs, stream tasks) sees it.
+handler starts (batcher submissions, logs, stream tasks) sees it. Where no other interceptor
+runs, the server applies it to the service's handlers once (`wrap_handler`) rather than as an
+interceptor, whose per-call coroutines cost more than the span itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
 import grpc
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from headrace.telemetry.spans import LeanTracer, Prepared, parent_of
+from headrace.telemetry.spans import (
+    LeanTracer,
+    Prepared,
+    attach_context,
+    detach_context,
+    parent_of,
+)
 
 MAX_CACHED = 4096
 """Wrapped handlers and peers' attribute sets (per method) kept at most (then the caches
 start over)."""
-_TRACE_CONTEXT_KEYS = frozenset({"traceparent", "tracestate"})
+_TRACE_CONTEXT_KEYS = ("traceparent", "tracestate")
 _NO_PARENT = Context()
 """What the propagator extracts from metadata without a trace context: a new trace."""
 
@@ -127,22 +134,31 @@ class _MethodAttributes:
     """A method's server span attributes with each peer's network.peer.*, checked against
     the span limits once per peer (a connection makes many calls)."""
 
-    __slots__ = ("_attributes", "_by_peer", "_tracer")
+    __slots__ = ("_attributes", "_tracer", "by_peer")
 
     def __init__(self, tracer: LeanTracer, attributes: dict[str, str]) -> None:
         self._tracer = tracer
         self._attributes = attributes
-        self._by_peer: dict[str, Prepared] = {}
+        self.by_peer: dict[str, Prepared] = {}
+        """What `for_peer` gave each peer so far (read it first: no call when known)."""
 
     def for_peer(self, peer: str) -> Prepared:
-        prepared = self._by_peer.get(peer)
+        prepared = self.by_peer.get(peer)
         if prepared is None:
-            if len(self._by_peer) >= MAX_CACHED:
-                self._by_peer.clear()
-            prepared = self._by_peer[peer] = self._tracer.prepare(
+            if len(self.by_peer) >= MAX_CACHED:
+                self.by_peer.clear()
+            prepared = self.by_peer[peer] = self._tracer.prepare(
                 {**self._attributes, **_peer_attributes(peer)}
             )
         return prepared
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    """A method path as the predicates see a call's (no metadata: they read only the path)."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
 
 
 class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -151,6 +167,10 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     Name `package.Service/Method`; attributes `rpc.system` (grpc), `rpc.service`,
     `rpc.method`, `rpc.grpc.status_code` (the code's number), `network.peer.address` and
     `network.peer.port`; status ERROR (with the details) for server-side failure codes.
+
+    An interceptor, or (`wrap_handler`) a wrapper applied to a service's handlers once, where
+    no other interceptor must run inside its span: grpc.aio runs two more coroutines and a
+    handler lookup per call for every interceptor.
     """
 
     def __init__(
@@ -168,6 +188,10 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """Per method path: the handler and its traced wrapper, made once (the server's
         handlers are long-lived objects; a different one is wrapped anew)."""
 
+    def traces(self, method_path: str) -> bool:
+        """Whether calls of `method_path` (`/package.Service/Method`) get a span."""
+        return self._traced(_CallDetails(method_path))
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -182,110 +206,135 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         cached = self._wrapped.get(method_path)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler, handler_call_details)
+        wrapped = self.wrap_handler(method_path, handler)
         if len(self._wrapped) >= MAX_CACHED:
             self._wrapped.clear()
         self._wrapped[method_path] = (handler, wrapped)
         return wrapped
 
-    def _wrap(
-        self,
-        handler: grpc.RpcMethodHandler[Any, Any],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap_handler(
+        self, method_path: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        if not self._traced(handler_call_details):
+        """`handler` of `method_path` (`/package.Service/Method`) with a span per call, or
+        itself where the method is not traced."""
+        if not self.traces(method_path):
             return handler
-        name = handler_call_details.method.lstrip("/")
+        name = method_path.lstrip("/")
         service, _, method = name.partition("/")
-        attributes = _MethodAttributes(
-            self._tracer,
-            {
-                ATTRIBUTE_RPC_SYSTEM: "grpc",
-                ATTRIBUTE_RPC_SERVICE: service,
-                ATTRIBUTE_RPC_METHOD: method,
-            },
+        start = self._starter(
+            name,
+            _MethodAttributes(
+                self._tracer,
+                {
+                    ATTRIBUTE_RPC_SYSTEM: "grpc",
+                    ATTRIBUTE_RPC_SERVICE: service,
+                    ATTRIBUTE_RPC_METHOD: method,
+                },
+            ),
         )
 
         def wrap(behaviour: Behaviour, response_streaming: bool) -> Behaviour:
             if response_streaming:
-                return self._streaming(behaviour, name, attributes)
-            return self._unary(behaviour, name, attributes)
+                return _streaming(behaviour, start)
+            return _unary(behaviour, start)
 
         return wrap_rpc_behaviour(handler, wrap)
 
-    def _start(
-        self, name: str, attributes: _MethodAttributes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> tuple[Span, object]:
-        metadata: Iterable[tuple[str, str | bytes]] = context.invocation_metadata() or ()
-        # The propagator reads only these two keys; most calls carry neither.
-        carrier = {key: value for key, value in metadata if key in _TRACE_CONTEXT_KEYS}
-        if carrier:
-            parent = self._propagator.extract(carrier)
-            parent_span = parent_of(parent)
-        else:
-            parent, parent_span = _NO_PARENT, None
-        span = self._tracer.start_prepared(
-            name, parent_span, SpanKind.SERVER, attributes.for_peer(context.peer())
-        )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return span, token
+    def _starter(self, name: str, attributes: _MethodAttributes) -> _Start:
+        """What starts a call's span and makes it current, for one method."""
+        extract = self._propagator.extract
+        start_prepared = self._tracer.start_prepared
+        for_peer = attributes.for_peer
+        by_peer = attributes.by_peer
 
-    @staticmethod
-    def _finish(
-        span: Span,
-        token: object | None,
-        context: grpc.aio.ServicerContext[Any, Any],
-        error: BaseException | None,
-    ) -> None:
-        if token is not None:
-            otel_context.detach(token)  # type: ignore[arg-type]
-        code = context.code()
-        if not isinstance(code, grpc.StatusCode):  # None until the handler sets one
-            if error is None:
-                code = grpc.StatusCode.OK
-            elif not isinstance(error, Exception):  # cancelled, or the generator closed
-                code = grpc.StatusCode.CANCELLED
-            else:  # grpc answers an exception escaping the handler with UNKNOWN
-                code = grpc.StatusCode.UNKNOWN
-                span.record_exception(error)
-        number = code._value_[0]  # the enum's value without its descriptor
-        span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, number)
-        if number in _SERVER_ERROR_NUMBERS:
-            details = context.details() or ""
-            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}".rstrip(": ")))
-        span.end()
+        def start(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Span, object]:
+            # The propagator reads only two keys; most calls carry neither. (A tuple, not a
+            # set: the keys are new strings each call, compared rather than hashed.)
+            carrier: dict[str, str | bytes] | None = None
+            for key, value in context.invocation_metadata() or ():
+                if key in _TRACE_CONTEXT_KEYS:
+                    if carrier is None:
+                        carrier = {}
+                    carrier[key] = value
+            if carrier is None:
+                parent, parent_span = _NO_PARENT, None
+            else:
+                parent = extract(carrier)
+                parent_span = parent_of(parent)
+            peer = context.peer()
+            prepared = by_peer.get(peer)
+            if prepared is None:
+                prepared = for_peer(peer)
+            span = start_prepared(name, parent_span, _SERVER, prepared)
+            return span, attach_context(Context({**parent, _SPAN_KEY: span}))
 
-    def _unary(self, behaviour: Behaviour, name: str, attributes: _MethodAttributes) -> Behaviour:
-        async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            span, token = self._start(name, attributes, context)
-            try:
-                response = await behaviour(request, context)
-            except BaseException as exc:
-                self._finish(span, token, context, exc)
-                raise
-            self._finish(span, token, context, None)
-            return response
+        return start
 
-        return traced
 
-    def _streaming(
-        self, behaviour: Behaviour, name: str, attributes: _MethodAttributes
-    ) -> Behaviour:
-        async def traced(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            span, token = self._start(name, attributes, context)
-            try:
-                async for response in behaviour(request, context):
-                    yield response
-            except GeneratorExit:
-                # Closed while suspended, possibly by the garbage collector in another
-                # context, where the token cannot be reset (the call's context ends anyway).
-                self._finish(span, None, context, GeneratorExit())
-                raise
-            except BaseException as exc:
-                self._finish(span, token, context, exc)
-                raise
-            self._finish(span, token, context, None)
+_SERVER = SpanKind.SERVER
+_Start = Callable[[grpc.aio.ServicerContext[Any, Any]], tuple[Span, object]]
+"""Starts a call's span, made current: (span, token to reset the context with)."""
+_OK = grpc.StatusCode.OK
+_CANCELLED = grpc.StatusCode.CANCELLED
+_UNKNOWN = grpc.StatusCode.UNKNOWN
+_STATUS_CODE = grpc.StatusCode
 
-        return traced
+
+def _finish(
+    span: Span,
+    token: object | None,
+    context: grpc.aio.ServicerContext[Any, Any],
+    error: BaseException | None,
+) -> None:
+    if token is not None:
+        detach_context(token)
+    code = context.code()
+    if type(code) is not _STATUS_CODE:  # None until the handler sets one
+        if error is None:
+            code = _OK
+        elif not isinstance(error, Exception):  # cancelled, or the generator closed
+            code = _CANCELLED
+        else:  # grpc answers an exception escaping the handler with UNKNOWN
+            code = _UNKNOWN
+            span.record_exception(error)
+    number = code._value_[0]  # the enum's value without its descriptor
+    span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, number)
+    if number in _SERVER_ERROR_NUMBERS:
+        details = context.details() or ""
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}".rstrip(": ")))
+    span.end()
+
+
+def _unary(behaviour: Behaviour, start: _Start) -> Behaviour:
+    async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        span, token = start(context)
+        try:
+            response = await behaviour(request, context)
+        except BaseException as exc:
+            _finish(span, token, context, exc)
+            raise
+        _finish(span, token, context, None)
+        return response
+
+    return traced
+
+
+def _streaming(behaviour: Behaviour, start: _Start) -> Behaviour:
+    async def traced(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        span, token = start(context)
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except GeneratorExit:
+            # Closed while suspended, possibly by the garbage collector in another
+            # context, where the token cannot be reset (the call's context ends anyway).
+            _finish(span, None, context, GeneratorExit())
+            raise
+        except BaseException as exc:
+            _finish(span, token, context, exc)
+            raise
+        _finish(span, token, context, None)
+
+    return traced

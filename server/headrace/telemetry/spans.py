@@ -26,6 +26,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from time import time_ns
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +34,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.trace import SpanLimits
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import (
@@ -63,6 +65,33 @@ W3C header value ("" when empty), `kind` and `status_code` the API enums' values
 
 Recorder = Callable[[FinishedSpan], None]
 """Takes each finished span; called on the thread that ended it, must not block."""
+
+
+def _runtime_context() -> tuple[
+    Callable[[], Context], Callable[[Context], Any], Callable[[Any], None]
+]:
+    """(get, attach, detach) of OpenTelemetry's current context: its ContextVar's own methods
+    when the runtime context is the default contextvars one (what `otel_context.get_current`,
+    `attach` and `detach` end in, two Python calls deeper), else the API's functions."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if type(runtime) is not ContextVarsRuntimeContext or variable is None:
+        return otel_context.get_current, otel_context.attach, otel_context.detach
+    reset = variable.reset
+
+    def detach(token: Any) -> None:
+        try:
+            reset(token)
+        except Exception:  # as the API's detach: a token of another context is logged
+            _logger.exception("Failed to detach context")
+
+    return variable.get, variable.set, detach
+
+
+current_context, attach_context, detach_context = _runtime_context()
+"""OpenTelemetry's `context.get_current`, `attach` and `detach`, without their indirection:
+`trace.get_current_span()` sees what `attach_context` makes current."""
+
 
 _INTERNAL = SpanKind.INTERNAL._value_
 _SIMPLE_VALUES = (str, int, float, bool)
@@ -135,11 +164,11 @@ _NO_STATE = SpanContext(1, 1, False).trace_state
 """The empty trace state every SpanContext built without one holds (the API's default)."""
 
 
-def parent_of(context: Context | None) -> SpanContext | None:
+def parent_of(context: Context | None) -> Parent | None:
     """The span context of the span current in `context` (None: the current context), the
     parent `LeanTracer.start_prepared` takes; None or invalid: a new trace."""
-    span = (context if context is not None else otel_context.get_current()).get(_SPAN_KEY)
-    if type(span) is RecordingSpan:  # ours: no ABC check, no method call
+    span = (context if context is not None else current_context()).get(_SPAN_KEY)
+    if type(span) is RecordingSpan:  # ours: no ABC check, its context as it is
         return span._context
     return trace.get_current_span(context).get_span_context()
 
@@ -157,12 +186,29 @@ def _tuple_span_context(trace_id: int, span_id: int, flags: TraceFlags, state: A
 
 # A local SpanContext (ids known valid) built as the tuple it is, where that gives what the
 # API's constructor gives (checked once here); its constructor otherwise.
-_span_context = (
-    _tuple_span_context
-    if _tuple_span_context(3, 5, TraceFlags(1), _NO_STATE)
-    == _checked_span_context(3, 5, TraceFlags(1), _NO_STATE)
-    else _checked_span_context
+_TUPLE_IS_SPAN_CONTEXT = _tuple_span_context(3, 5, TraceFlags(1), _NO_STATE) == (
+    _checked_span_context(3, 5, TraceFlags(1), _NO_STATE)
 )
+_span_context = _tuple_span_context if _TUPLE_IS_SPAN_CONTEXT else _checked_span_context
+
+RawContext = tuple[int, int, bool, TraceFlags, Any, bool]
+"""A span's context as the plain tuple a `SpanContext` is, made into one when first asked
+for (most spans' contexts are never read: a local backend's, a span without children)."""
+
+
+Parent = SpanContext | RawContext
+"""A parent span's context, as `parent_of` gives it: what is read of it is the same."""
+
+
+def _as_span_context(raw: RawContext) -> SpanContext:
+    if _TUPLE_IS_SPAN_CONTEXT:
+        return tuple.__new__(SpanContext, raw)
+    return SpanContext(raw[0], raw[1], raw[2], raw[3], raw[4])
+
+
+_SAMPLED_RANDOM = _FLAGS[TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID]
+_RANDOM_TRACE_ID = int(TraceFlags.RANDOM_TRACE_ID)
+_LOW_64_BITS = 0xFFFFFFFFFFFFFFFF
 
 
 class RecordingSpan(trace.Span):
@@ -189,13 +235,13 @@ class RecordingSpan(trace.Span):
     def __init__(
         self,
         head: tuple[str, int, int, str, int, bool, int, int],
-        context: SpanContext,
+        context: SpanContext | RawContext,
         attributes: dict[str, Any],
         dropped_attributes: int,
-        links: list[tuple[int, int, bool, dict[str, Any], int]] | None,
-        dropped_links: int,
         limits: SpanLimits,
         record: Recorder,
+        links: list[tuple[int, int, bool, dict[str, Any], int]] | None = None,
+        dropped_links: int = 0,
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> None:
@@ -218,7 +264,7 @@ class RecordingSpan(trace.Span):
         self._set_status_on_exception = set_status_on_exception
 
     def __repr__(self) -> str:
-        return f'RecordingSpan(name="{self._head[0]}", context={self._context})'
+        return f'RecordingSpan(name="{self._head[0]}", context={self.get_span_context()})'
 
     @property
     def name(self) -> str:
@@ -229,7 +275,10 @@ class RecordingSpan(trace.Span):
         return self._attributes
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        context = self._context
+        if type(context) is tuple:
+            context = self._context = _as_span_context(context)
+        return context  # type: ignore[return-value]
 
     def is_recording(self) -> bool:
         return self._end_ns is None
@@ -347,8 +396,8 @@ class RecordingSpan(trace.Span):
             return
         self._end_ns = end_ns = end_time if end_time is not None else time.time_ns()
         self._record(
-            (
-                *self._head,
+            self._head  # noqa: RUF005 (a tuple joined to a tuple: no list built on the way)
+            + (
                 end_ns,
                 self._attributes,
                 self._events,
@@ -401,8 +450,12 @@ class CurrentSpan:
         self._token: object | None = None
 
     def __enter__(self) -> trace.Span:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span, self._context))
-        return self._span
+        span = self._span
+        context = self._context
+        self._token = attach_context(
+            Context({**(context if context is not None else current_context()), _SPAN_KEY: span})
+        )
+        return span
 
     def __exit__(
         self,
@@ -411,8 +464,8 @@ class CurrentSpan:
         exc_tb: TracebackType | None,
     ) -> None:
         span = self._span
-        otel_context.detach(self._token)  # type: ignore[arg-type]
-        if isinstance(exc_val, Exception) and span.is_recording():
+        detach_context(self._token)
+        if exc_val is not None and isinstance(exc_val, Exception) and span.is_recording():
             span.record_exception(exc_val)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
         span.end()
@@ -429,6 +482,7 @@ class LeanTracer(trace.Tracer):
         self._record = record
         self._limits = limits
         self._random = random.Random()
+        self._getrandbits = self._random.getrandbits
 
     def start_span(
         self,
@@ -475,18 +529,13 @@ class LeanTracer(trace.Tracer):
             if maximum is not None and len(kept_links) > maximum:
                 dropped_links = len(kept_links) - maximum
                 kept_links = kept_links[dropped_links:]
-        return self._new(
-            name,
-            parent_of(context),
-            kind._value_,
-            cleaned,
-            dropped,
-            kept_links,
-            dropped_links,
-            start_time,
-            record_exception,
-            set_status_on_exception,
-        )
+        span = self.start_prepared(name, parent_of(context), kind, (cleaned, dropped), start_time)
+        if type(span) is RecordingSpan:
+            span._links = kept_links
+            span._dropped_links = dropped_links
+            span._record_exception = record_exception
+            span._set_status_on_exception = set_status_on_exception
+        return span
 
     def prepare(self, attributes: Mapping[str, Any]) -> Prepared:
         """`attributes` checked once against the span limits, for `start_prepared` to give
@@ -495,68 +544,64 @@ class LeanTracer(trace.Tracer):
         return _bounded(attributes, limits.max_span_attributes, limits.max_span_attribute_length)
 
     def start_prepared(
-        self, name: str, parent: SpanContext | None, kind: SpanKind, attributes: Prepared
-    ) -> trace.Span:
-        """`start_span(name, context, kind, attributes)` for a parent already read from its
-        context (`parent_of`) and attributes from `prepare` (copied, not checked again)."""
-        cleaned, dropped = attributes
-        return self._new(name, parent, kind._value_, dict(cleaned), dropped, None, 0, None)
-
-    def _new(
         self,
         name: str,
-        parent: SpanContext | None,
-        kind: int,
-        attributes: dict[str, Any],
-        dropped_attributes: int,
-        links: list[tuple[int, int, bool, dict[str, Any], int]] | None,
-        dropped_links: int,
-        start_time: int | None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
+        parent: Parent | None,
+        kind: SpanKind,
+        attributes: Prepared,
+        start_time: int | None = None,
     ) -> trace.Span:
-        getrandbits = self._random.getrandbits
+        """`start_span(name, context, kind, attributes, start_time=start_time)` for a parent
+        already read from its context (`parent_of`) and attributes from `prepare` (copied,
+        not checked again)."""
+        getrandbits = self._getrandbits
         span_id = getrandbits(64) or 1
         # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, is_valid).
         if parent is not None and parent[5]:
             trace_id = parent[0]
             flags = parent[3]
-            sampled = flags & 1
-            random_flag = flags & TraceFlags.RANDOM_TRACE_ID
             trace_state = parent[4]
-            parent_id, parent_remote = parent[1], parent[2]
-            state_header = "" if trace_state is _NO_STATE else trace_state.to_header()
-        else:
-            trace_id = getrandbits(128) or 1
-            sampled = (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound
-            random_flag = TraceFlags.RANDOM_TRACE_ID
-            trace_state = _NO_STATE
-            parent_id, parent_remote, state_header = 0, False, ""
-        if not sampled:
-            return NonRecordingSpan(
-                _span_context(trace_id, span_id, _FLAGS[random_flag], trace_state)
-            )
-        return RecordingSpan(
-            (
+            if not flags & 1:
+                return NonRecordingSpan(
+                    _span_context(trace_id, span_id, _FLAGS[flags & _RANDOM_TRACE_ID], trace_state)
+                )
+            head = (
                 name,
                 trace_id,
                 span_id,
-                state_header,
-                parent_id,
-                parent_remote,
-                kind,
-                start_time if start_time is not None else time.time_ns(),
-            ),
-            _span_context(trace_id, span_id, _FLAGS[random_flag | 1], trace_state),
-            attributes,
-            dropped_attributes,
-            links,
-            dropped_links,
-            self._limits,
-            self._record,
-            record_exception,
-            set_status_on_exception,
-        )
+                "" if trace_state is _NO_STATE else trace_state.to_header(),
+                parent[1],
+                parent[2],
+                kind._value_,
+                start_time if start_time is not None else time_ns(),
+            )
+            context = (
+                trace_id,
+                span_id,
+                False,
+                _FLAGS[(flags & _RANDOM_TRACE_ID) | 1],
+                trace_state,
+                True,
+            )
+        else:
+            trace_id = getrandbits(128) or 1
+            if (trace_id & _LOW_64_BITS) >= self._bound:
+                return NonRecordingSpan(
+                    _span_context(trace_id, span_id, _FLAGS[_RANDOM_TRACE_ID], _NO_STATE)
+                )
+            head = (
+                name,
+                trace_id,
+                span_id,
+                "",
+                0,
+                False,
+                kind._value_,
+                start_time if start_time is not None else time_ns(),
+            )
+            context = (trace_id, span_id, False, _SAMPLED_RANDOM, _NO_STATE, True)
+        cleaned, dropped = attributes
+        return RecordingSpan(head, context, dict(cleaned), dropped, self._limits, self._record)
 
     @contextlib.contextmanager
     def start_as_current_span(  # type: ignore[override]

@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
@@ -29,7 +28,7 @@ from headrace import __version__
 from headrace.config import TracingSettings
 from headrace.spec import ModelSpec
 from headrace.telemetry.export import ExportProcess, Scope
-from headrace.telemetry.spans import CurrentSpan, LeanTracer, parent_of
+from headrace.telemetry.spans import CurrentSpan, LeanTracer, current_context, parent_of
 
 INSTRUMENTATION_NAME = "headrace"
 
@@ -103,6 +102,9 @@ def _error_status(error: BaseException) -> Status:
     return Status(StatusCode.ERROR, f"{type(error).__name__}: {message}")
 
 
+_CLIENT = SpanKind.CLIENT
+
+
 class ModelTracing:
     """The spans of one model version's queue, batches and backend calls."""
 
@@ -120,7 +122,7 @@ class ModelTracing:
     @staticmethod
     def current() -> Context:
         """The caller's trace context, to keep with a request that another task will run."""
-        return otel_context.get_current()
+        return current_context()
 
     def left_queue_undispatched(
         self, parent: Context, waited_s: float, items: int, error: BaseException | None
@@ -146,12 +148,12 @@ class ModelTracing:
     def backend_call(self, parent: Context | None = None) -> CurrentSpan:
         """Make a CLIENT span current around a backend call (child of `parent`, else of the
         current span). An exception escaping the call sets its status to ERROR."""
-        current = otel_context.get_current()
+        current = current_context()
         return CurrentSpan(
             self._tracer.start_prepared(
                 SPAN_BACKEND,
                 parent_of(parent if parent is not None else current),
-                SpanKind.CLIENT,
+                _CLIENT,
                 self._prepared,
             ),
             current,
