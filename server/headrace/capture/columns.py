@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from headrace.capture.layout import Partition
+from headrace.capture.layout import NANOSECONDS_PER_HOUR, Partition
 from headrace.capture.parquet import METADATA_COLUMNS, assemble_table, status_names
 from headrace.capture.record import FORMAT_VERSION, HEADER, STRING_FIELDS, TRUNCATED_FLAG
 
@@ -49,9 +49,6 @@ _STRING_COLUMNS = (
 )
 """The string fields after the header, in their order (`CaptureRecord`'s first nine)."""
 _HEADERS, _PARAMETERS, _REQUEST, _RESPONSE = range(STRING_FIELDS, STRING_FIELDS + 4)
-_NANOSECONDS_PER_HOUR = 3600 * 1_000_000_000
-_RECORD_OVERHEAD_BYTES = 256
-"""As `writer.record_size_bytes`: per row beyond the request and response bytes."""
 _INT32 = np.iinfo(np.int32)
 _FIELD_TYPES = {field.name: field.type for field in METADATA_COLUMNS}
 
@@ -137,7 +134,7 @@ class SegmentColumns:
     def partitions(self) -> Iterator[tuple[Partition, np.ndarray]]:
         """Each partition (model, version, UTC hour) with the indices of its records, in
         spool order; partitions in sorted order."""
-        hours = self.received_ns // _NANOSECONDS_PER_HOUR
+        hours = self.received_ns // NANOSECONDS_PER_HOUR
         models = self.columns["model_name"].to_pylist()
         versions = self.columns["model_version"].to_pylist()
         if (
@@ -152,27 +149,17 @@ class SegmentColumns:
         for index, key in enumerate(zip(models, versions, hours.tolist(), strict=True)):
             groups.setdefault(key, []).append(index)
         found = {
-            Partition.of(model, version, hour * _NANOSECONDS_PER_HOUR): indices
+            Partition.of(model, version, hour * NANOSECONDS_PER_HOUR): indices
             for (model, version, hour), indices in groups.items()
         }
         for partition in sorted(found):
             yield partition, np.array(found[partition], dtype=np.int64)
 
-    def parts(self, indices: np.ndarray, max_bytes: int) -> list[np.ndarray]:
-        """`indices` cut into files of at most `max_bytes` (the writer's rule: a record that
-        would pass it starts the next part; a larger record gets one of its own)."""
-        sizes = [
-            len(self.requests[index]) + len(self.responses[index]) + _RECORD_OVERHEAD_BYTES
-            for index in indices.tolist()
+    def tensor_bytes(self, indices: np.ndarray) -> list[int]:
+        """Request plus response bytes of each record at `indices` (for cutting files)."""
+        return [
+            len(self.requests[index]) + len(self.responses[index]) for index in indices.tolist()
         ]
-        cuts: list[int] = []
-        total = 0
-        for position, size in enumerate(sizes):
-            if position and total + size > max_bytes:
-                cuts.append(position)
-                total = 0
-            total += size
-        return np.split(indices, cuts) if cuts else [indices]
 
     def table(self, indices: np.ndarray, pace: Callable[[int], None] | None = None) -> pa.Table:
         """The Parquet table of the records at `indices` (one model version)."""

@@ -24,6 +24,8 @@ EMPTY_PARTITION_VALUE = "__HIVE_DEFAULT_PARTITION__"
 null."""
 WRITER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]*$")
 _NANOSECONDS_PER_SECOND = 1_000_000_000
+NANOSECONDS_PER_HOUR = 3600 * _NANOSECONDS_PER_SECOND
+"""Unix time has no leap seconds: every UTC hour is this long, starting at a multiple of it."""
 _FILE_NAME = re.compile(r"^(?P<writer>.+)-(?P<seq>\d+)-(?P<part>\d+)\.parquet$")
 _PARTITION_KEYS = ("model", "version", "date", "hour")
 

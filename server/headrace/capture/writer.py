@@ -17,14 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from headrace.capture.columns import SegmentColumns
-from headrace.capture.layout import CaptureFile, Partition, check_writer_id
+from headrace.capture.layout import NANOSECONDS_PER_HOUR, CaptureFile, Partition, check_writer_id
 from headrace.capture.parquet import DICTIONARY_COLUMNS, records_to_table
 from headrace.capture.record import CaptureRecord
 from headrace.capture.store import ObjectStore
 
 DEFAULT_MAX_FILE_BYTES = 128 * 1024 * 1024
-_NANOSECONDS_PER_HOUR = 3600 * 1_000_000_000
-"""Unix time has no leap seconds: every UTC hour is this long, starting at a multiple of it."""
 _RECORD_OVERHEAD_BYTES = 256
 """Per row beyond the request and response bytes (metadata, offsets), for sizing files."""
 
@@ -37,11 +35,6 @@ class WrittenFile:
     rows: int
     size_bytes: int
     """Encoded (compressed) size as stored."""
-
-
-def record_size_bytes(record: CaptureRecord) -> int:
-    """About how much a record adds to a file before compression."""
-    return len(record.request) + len(record.response) + _RECORD_OVERHEAD_BYTES
 
 
 class CaptureFileWriter:
@@ -106,19 +99,22 @@ class CaptureFileWriter:
         # datetime and a dataclass) cost more than the rest of the grouping.
         hours: dict[tuple[str, str, int], list[CaptureRecord]] = {}
         for record in records:
-            key = (record.model, record.version, record.received_ns // _NANOSECONDS_PER_HOUR)
+            key = (record.model, record.version, record.received_ns // NANOSECONDS_PER_HOUR)
             group = hours.get(key)
             if group is None:
                 hours[key] = [record]
             else:
                 group.append(record)
         groups = {
-            Partition.of(model, version, hour * _NANOSECONDS_PER_HOUR): group
+            Partition.of(model, version, hour * NANOSECONDS_PER_HOUR): group
             for (model, version, hour), group in hours.items()
         }
         written = []
         for partition in sorted(groups):
-            for part, chunk in enumerate(self._parts(groups[partition])):
+            group = groups[partition]
+            sizes = [len(record.request) + len(record.response) for record in group]
+            for part, (start, end) in enumerate(self._parts(sizes)):
+                chunk = group[start:end]
                 path = CaptureFile(partition, self.writer_id, segment_seq, part).path
                 data = self.encode(chunk, pace)
                 self.store.put(path, data)
@@ -139,7 +135,8 @@ class CaptureFileWriter:
             raise ValueError("segment sequence number must be >= 0")
         written = []
         for partition, indices in segment.partitions():
-            for part, chunk in enumerate(segment.parts(indices, self.max_file_bytes)):
+            for part, (start, end) in enumerate(self._parts(segment.tensor_bytes(indices))):
+                chunk = indices[start:end]
                 path = CaptureFile(partition, self.writer_id, segment_seq, part).path
                 data = self._encoded(segment.table(chunk, pace))
                 self.store.put(path, data)
@@ -148,19 +145,20 @@ class CaptureFileWriter:
                     pace(len(chunk))
         return written
 
-    def _parts(self, records: list[CaptureRecord]) -> list[list[CaptureRecord]]:
-        parts: list[list[CaptureRecord]] = []
-        current: list[CaptureRecord] = []
-        current_bytes = 0
-        for record in records:
-            size = record_size_bytes(record)
-            if current and current_bytes + size > self.max_file_bytes:
-                parts.append(current)
-                current, current_bytes = [], 0
-            current.append(record)
-            current_bytes += size
-        if current:
-            parts.append(current)
+    def _parts(self, tensor_bytes: list[int]) -> list[tuple[int, int]]:
+        """(start, end) of each file's records, given each record's request and response
+        bytes: a record that would take a file past `max_file_bytes` starts the next one (a
+        larger record gets one of its own)."""
+        parts: list[tuple[int, int]] = []
+        start = total = 0
+        for index, size in enumerate(tensor_bytes):
+            size += _RECORD_OVERHEAD_BYTES
+            if index > start and total + size > self.max_file_bytes:
+                parts.append((start, index))
+                start, total = index, 0
+            total += size
+        if start < len(tensor_bytes):
+            parts.append((start, len(tensor_bytes)))
         return parts
 
     def encode(
