@@ -92,6 +92,42 @@ def test_the_encoded_request_is_the_one_the_sdk_encoder_builds() -> None:
     assert span.links[0].attributes[0].key == "k"
 
 
+def test_spans_of_repeated_shapes_and_shared_attribute_sets_encode_as_the_sdks() -> None:
+    shared = {"headrace.model.name": "identity", "headrace.model.version": "1"}
+    spans = [
+        _span(
+            name,
+            10 + index,
+            parent_span_id=parent,
+            parent_is_remote=remote,
+            kind=kind,
+            attributes=attributes,
+            status_code=status,
+            start_ns=1_700_000_000_000_000_000 + index,
+            end_ns=1_700_000_000_000_000_000 + 1_000 * index,
+        )
+        for index, (name, parent, remote, kind, attributes, status) in enumerate(
+            [
+                ("backend", 0xABCDEF, False, 2, shared, 0),
+                ("backend", 0xABCDEF + 1, False, 2, shared, 0),  # the same shape again
+                ("backend", 0, False, 2, shared, 0),  # no parent
+                ("backend", 0x1234, True, 2, shared, 2),  # remote parent, ERROR
+                ("server", 0, False, 1, shared, 1),  # the same set under another name
+                ("server", 0, False, 1, dict(shared), 1),  # an equal set, another object
+                ("server", 0, False, 1, {**shared, "n": 7}, 0),
+                ("server", 2**64 - 1, True, 1, {}, 0),
+            ]
+        )
+    ]
+    spans.insert(3, SPANS[1])  # a span of the rare fields between them
+    encoder = OtlpEncoder(SCOPE)
+    resource = Resource(dict(SCOPE.resource_attributes))
+    scope = InstrumentationScope(SCOPE.name, SCOPE.version)
+    expected = encode_spans(readable_spans(spans, resource, scope))
+    for _ in range(2):  # shapes made, then reused
+        assert ExportTraceServiceRequest.FromString(encoder.encode(spans)) == expected
+
+
 def _settings(**fields: Any) -> TracingSettings:
     return TracingSettings.model_validate(
         {"exporter": "otlp_grpc", "export_delay_ms": 60_000, **fields}

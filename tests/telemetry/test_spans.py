@@ -270,3 +270,30 @@ def test_a_span_context_made_when_first_read_is_the_same_object_after() -> None:
     assert isinstance(context, SpanContext)
     assert span.get_span_context() is context
     assert repr(context) in repr(span)
+
+
+def test_prepared_attributes_are_shared_until_a_span_changes_them() -> None:
+    tracer, finished = _tracer(limits=SpanLimits(max_span_attributes=3))
+    prepared = tracer.prepare({"a": 1, "b": "x"})
+    snapshot = dict(prepared[0])
+    variants: dict[object, tuple[dict[str, object], int]] = {}
+    spans = [tracer.start_prepared("s", None, SpanKind.SERVER, prepared) for _ in range(4)]
+    for span in spans[:2]:  # unchanged: the same set with the code, shared
+        span.set_prepared_attribute(prepared, "code", 0, variants)  # type: ignore[attr-defined]
+    spans[2].set_attribute("c", True)  # changed first: its own copy
+    spans[2].set_prepared_attribute(prepared, "code", 0, variants)  # type: ignore[attr-defined]
+    spans[3].set_prepared_attribute(prepared, "code", 5, variants)  # type: ignore[attr-defined]
+    spans[3].set_attribute("d", 1.5)  # after sharing a variant: copied, at the limit
+    for span in spans:
+        span.end()
+    assert prepared[0] == snapshot  # never written through
+    first, second, changed, other = (span[ATTRIBUTES] for span in finished)
+    assert first is second == {"a": 1, "b": "x", "code": 0}
+    assert first is not prepared[0]
+    assert changed == {"b": "x", "c": True, "code": 0}  # the oldest evicted at the limit
+    assert finished[2][DROPPED_ATTRIBUTES] == 1
+    assert other == {"b": "x", "code": 5, "d": 1.5}
+    assert finished[3][DROPPED_ATTRIBUTES] == 1
+    assert variants[5][0] == {"a": 1, "b": "x", "code": 5}
+    with pytest.raises(TypeError):
+        spans[0].attributes["a"] = 2  # type: ignore[index]

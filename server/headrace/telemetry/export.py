@@ -23,7 +23,7 @@ import pickle
 import signal
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, NamedTuple
@@ -410,6 +410,8 @@ _SPAN_FLAGS_TAG = b"\x85\x01"  # Span field 16, fixed32
 _FLAGS_HAS_IS_REMOTE, _FLAGS_IS_REMOTE = 0x100, 0x200
 _IDS = struct.Struct(">2sQQ2sQ")  # Span fields 1 (16 bytes) and 2 (8 bytes), big-endian
 _PARENT = struct.Struct(">2sQ")  # Span field 4
+_IDS_AND_PARENT = struct.Struct(">2sQQ2sQ2sQ")  # Span fields 1, 2 and 4
+_TRACE_ID, _SPAN_ID, _PARENT_ID = b"\x0a\x10", b"\x12\x08", b"\x22\x08"
 _MASK64 = (1 << 64) - 1
 _SPAN_FLAGS = {
     remote: _SPAN_FLAGS_TAG
@@ -426,6 +428,9 @@ _TAILS = {
 is_remote."""
 _CACHED_VALUES = 4096
 """Encoded key-value pairs kept for reuse (model names, methods, peers repeat)."""
+_Template = tuple[bytes, Callable[..., bytes], bytes, bytes]
+"""A span shape's bytes: the Span field's tag and length, the packer of its ids, its name
+and kind, and what follows its times (attributes, status, flags)."""
 
 
 def _varint(value: int) -> bytes:
@@ -502,6 +507,7 @@ class OtlpEncoder:
         self._pairs: dict[tuple[str, Any], bytes] = {}
         self._sets: dict[tuple[Any, ...], bytes] = {}
         self._names: dict[tuple[str, int], bytes] = {}
+        self._templates: dict[tuple[Any, ...], _Template] = {}
 
     def _attributes(self, tag: int, attributes: Mapping[str, Any]) -> bytes:
         """Repeated KeyValue fields; whole sets that repeat (a model's, a connection's) and
@@ -625,11 +631,95 @@ class OtlpEncoder:
         if dropped_links:
             parts.append(b"\x70" + _varint(dropped_links))
 
+    def _template(
+        self, name: str, kind: int, attributes: bytes, status_code: int, parent: bool, remote: bool
+    ) -> _Template:
+        """What the spans of one shape share: everything but their ids and times."""
+        key = (name, kind, attributes, status_code, parent, remote)
+        template = self._templates.get(key)
+        if template is None:
+            name_and_kind = _field(0x2A, name.encode()) + b"\x30" + _SMALL[kind + 1]
+            tail = attributes + _TAILS[status_code, remote]
+            ids = _IDS_AND_PARENT if parent else _IDS
+            length = ids.size + len(name_and_kind) + _SPAN_TIMES.size + len(tail)
+            template = (_SMALL[0x12] + _varint(length), ids.pack, name_and_kind, tail)
+            if len(self._templates) >= _CACHED_VALUES:
+                self._templates.clear()
+            self._templates[key] = template
+        return template
+
     def encode(self, spans: Sequence[FinishedSpan]) -> bytes:
+        """The request for `spans`. Most spans come in few shapes (name, kind, attribute
+        set, status, parent or not): each shape's bytes are made once, and a span adds only
+        its ids and times. An attribute set is encoded once per batch: spans that share one
+        (prepared sets: a model's, a peer's) arrive as one object."""
         out = [self._scope]
+        append = out.append
         encode_span = self._span
+        template_of = self._template
+        templates = self._templates
+        by_object: dict[int, bytes] = {}
+        """Encoded attribute sets by the id of their dict, alive in `spans` meanwhile."""
+        times = _SPAN_TIMES.pack
         for span in spans:
-            encode_span(span, out)
+            (
+                name,
+                trace_id,
+                span_id,
+                trace_state,
+                parent_span_id,
+                parent_is_remote,
+                kind,
+                start_ns,
+                end_ns,
+                attributes,
+                events,
+                links,
+                status_code,
+                status_message,
+                dropped_attributes,
+                dropped_events,
+                dropped_links,
+            ) = span
+            if (
+                trace_state
+                or events
+                or links
+                or status_message
+                or dropped_attributes
+                or dropped_events
+                or dropped_links
+            ):
+                encode_span(span, out)
+                continue
+            encoded = by_object.get(id(attributes))
+            if encoded is None:
+                encoded = by_object[id(attributes)] = (
+                    self._attributes(0x4A, attributes) if attributes else b""
+                )
+            parent = parent_span_id != 0
+            template = templates.get(
+                (name, kind, encoded, status_code, parent, parent_is_remote)
+            ) or template_of(name, kind, encoded, status_code, parent, parent_is_remote)
+            head, pack_ids, name_and_kind, tail = template
+            append(head)
+            if parent:
+                append(
+                    pack_ids(
+                        _TRACE_ID,
+                        trace_id >> 64,
+                        trace_id & _MASK64,
+                        _SPAN_ID,
+                        span_id,
+                        _PARENT_ID,
+                        parent_span_id,
+                    )
+                )
+            else:
+                append(pack_ids(_TRACE_ID, trace_id >> 64, trace_id & _MASK64, _SPAN_ID, span_id))
+            append(name_and_kind)
+            append(times(_TAG_START, start_ns, _TAG_END, end_ns))
+            append(tail)
         scope_spans = b"".join(out)
         resource_spans = self._resource + _field(0x12, scope_spans) + self._resource_schema
         return _field(0x0A, resource_spans)

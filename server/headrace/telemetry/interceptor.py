@@ -28,6 +28,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from headrace.telemetry.spans import (
     LeanTracer,
     Prepared,
+    RecordingSpan,
     attach_context,
     detach_context,
     parent_of,
@@ -132,23 +133,25 @@ def _peer_attributes(peer: str) -> dict[str, str | int]:
 
 class _MethodAttributes:
     """A method's server span attributes with each peer's network.peer.*, checked against
-    the span limits once per peer (a connection makes many calls)."""
+    the span limits once per peer (a connection makes many calls), and each of those with
+    the status codes its calls ended with: the sets spans share (`PeerAttributes`)."""
 
     __slots__ = ("_attributes", "_tracer", "by_peer")
 
     def __init__(self, tracer: LeanTracer, attributes: dict[str, str]) -> None:
         self._tracer = tracer
         self._attributes = attributes
-        self.by_peer: dict[str, Prepared] = {}
+        self.by_peer: dict[str, PeerAttributes] = {}
         """What `for_peer` gave each peer so far (read it first: no call when known)."""
 
-    def for_peer(self, peer: str) -> Prepared:
+    def for_peer(self, peer: str) -> PeerAttributes:
         prepared = self.by_peer.get(peer)
         if prepared is None:
             if len(self.by_peer) >= MAX_CACHED:
                 self.by_peer.clear()
-            prepared = self.by_peer[peer] = self._tracer.prepare(
-                {**self._attributes, **_peer_attributes(peer)}
+            prepared = self.by_peer[peer] = (
+                self._tracer.prepare({**self._attributes, **_peer_attributes(peer)}),
+                {},
             )
         return prepared
 
@@ -247,7 +250,9 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         for_peer = attributes.for_peer
         by_peer = attributes.by_peer
 
-        def start(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Span, object]:
+        def start(
+            context: grpc.aio.ServicerContext[Any, Any],
+        ) -> tuple[Span, object, PeerAttributes]:
             # The propagator reads only two keys; most calls carry neither. (A tuple, not a
             # set: the keys are new strings each call, compared rather than hashed.)
             carrier: dict[str, str | bytes] | None = None
@@ -262,18 +267,21 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 parent = extract(carrier)
                 parent_span = parent_of(parent)
             peer = context.peer()
-            prepared = by_peer.get(peer)
-            if prepared is None:
-                prepared = for_peer(peer)
-            span = start_prepared(name, parent_span, _SERVER, prepared)
-            return span, attach_context(Context({**parent, _SPAN_KEY: span}))
+            attributes = by_peer.get(peer)
+            if attributes is None:
+                attributes = for_peer(peer)
+            span = start_prepared(name, parent_span, _SERVER, attributes[0])
+            return span, attach_context(Context({**parent, _SPAN_KEY: span})), attributes
 
         return start
 
 
 _SERVER = SpanKind.SERVER
-_Start = Callable[[grpc.aio.ServicerContext[Any, Any]], tuple[Span, object]]
-"""Starts a call's span, made current: (span, token to reset the context with)."""
+PeerAttributes = tuple[Prepared, dict[Any, Prepared]]
+"""A method's and peer's server span attributes, and those with each status code added."""
+_Start = Callable[[grpc.aio.ServicerContext[Any, Any]], tuple[Span, object, PeerAttributes]]
+"""Starts a call's span, made current: (span, token to reset the context with, the
+attributes it was started with)."""
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED
 _UNKNOWN = grpc.StatusCode.UNKNOWN
@@ -283,6 +291,7 @@ _STATUS_CODE = grpc.StatusCode
 def _finish(
     span: Span,
     token: object | None,
+    attributes: PeerAttributes,
     context: grpc.aio.ServicerContext[Any, Any],
     error: BaseException | None,
 ) -> None:
@@ -298,7 +307,12 @@ def _finish(
             code = _UNKNOWN
             span.record_exception(error)
     number = code._value_[0]  # the enum's value without its descriptor
-    span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, number)
+    if type(span) is RecordingSpan:
+        span.set_prepared_attribute(
+            attributes[0], ATTRIBUTE_RPC_GRPC_STATUS_CODE, number, attributes[1]
+        )
+    else:
+        span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, number)
     if number in _SERVER_ERROR_NUMBERS:
         details = context.details() or ""
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}".rstrip(": ")))
@@ -307,13 +321,13 @@ def _finish(
 
 def _unary(behaviour: Behaviour, start: _Start) -> Behaviour:
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        span, token = start(context)
+        span, token, attributes = start(context)
         try:
             response = await behaviour(request, context)
         except BaseException as exc:
-            _finish(span, token, context, exc)
+            _finish(span, token, attributes, context, exc)
             raise
-        _finish(span, token, context, None)
+        _finish(span, token, attributes, context, None)
         return response
 
     return traced
@@ -323,18 +337,18 @@ def _streaming(behaviour: Behaviour, start: _Start) -> Behaviour:
     async def traced(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        span, token = start(context)
+        span, token, attributes = start(context)
         try:
             async for response in behaviour(request, context):
                 yield response
         except GeneratorExit:
             # Closed while suspended, possibly by the garbage collector in another
             # context, where the token cannot be reset (the call's context ends anyway).
-            _finish(span, None, context, GeneratorExit())
+            _finish(span, None, attributes, context, GeneratorExit())
             raise
         except BaseException as exc:
-            _finish(span, token, context, exc)
+            _finish(span, token, attributes, context, exc)
             raise
-        _finish(span, token, context, None)
+        _finish(span, token, attributes, context, None)
 
     return traced

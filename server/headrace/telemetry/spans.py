@@ -27,7 +27,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from time import time_ns
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -228,6 +228,7 @@ class RecordingSpan(trace.Span):
         "_record",
         "_record_exception",
         "_set_status_on_exception",
+        "_shared",
         "_status_code",
         "_status_message",
     )
@@ -244,12 +245,16 @@ class RecordingSpan(trace.Span):
         dropped_links: int = 0,
         record_exception: bool = True,
         set_status_on_exception: bool = True,
+        shared: bool = False,
     ) -> None:
         """`head`: the first eight fields of the `FinishedSpan` it will record (name, ids,
-        trace state, parent, kind, start), fixed at the start (made by `LeanTracer`)."""
+        trace state, parent, kind, start), fixed at the start (made by `LeanTracer`).
+        `shared`: `attributes` is a prepared set other spans hold too: copied before the
+        first change, recorded as it is otherwise (the exporter then sees one object)."""
         self._head = head
         self._context = context
         self._attributes = attributes
+        self._shared = shared
         self._dropped_attributes = dropped_attributes
         self._links = links
         self._dropped_links = dropped_links
@@ -272,7 +277,7 @@ class RecordingSpan(trace.Span):
 
     @property
     def attributes(self) -> Mapping[str, Any]:
-        return self._attributes
+        return MappingProxyType(self._attributes)
 
     def get_span_context(self) -> SpanContext:
         context = self._context
@@ -290,6 +295,9 @@ class RecordingSpan(trace.Span):
         return True
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self._shared:
+            self._attributes = dict(self._attributes)
+            self._shared = False
         if self._end_ns is None and type(value) in _SIMPLE_TYPES and type(key) is str and key:
             attributes = self._attributes
             limits = self._limits
@@ -309,6 +317,30 @@ class RecordingSpan(trace.Span):
                 limits.max_span_attributes,
                 limits.max_span_attribute_length,
             )
+
+    def set_prepared_attribute(
+        self, base: Prepared, key: str, value: Any, variants: dict[Any, Prepared]
+    ) -> None:
+        """`set_attribute(key, value)` on a span started with `base` (`start_prepared`) and
+        unchanged since: the resulting set comes from `variants` (by value; made and kept
+        there the first time), shared with every span that ended the same way. Otherwise
+        (changed, or `base` is not its set), `set_attribute`."""
+        if self._shared and self._attributes is base[0] and self._end_ns is None:
+            variant = variants.get(value)
+            if variant is None:
+                attributes = dict(base[0])
+                limits = self._limits
+                dropped = base[1] + _put_attribute(
+                    attributes,
+                    key,
+                    value,
+                    limits.max_span_attributes,
+                    limits.max_span_attribute_length,
+                )
+                variant = variants[value] = (attributes, dropped)
+            self._attributes, self._dropped_attributes = variant
+            return
+        self.set_attribute(key, value)
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         for key, value in attributes.items():
@@ -529,7 +561,9 @@ class LeanTracer(trace.Tracer):
             if maximum is not None and len(kept_links) > maximum:
                 dropped_links = len(kept_links) - maximum
                 kept_links = kept_links[dropped_links:]
-        span = self.start_prepared(name, parent_of(context), kind, (cleaned, dropped), start_time)
+        span = self.start_prepared(
+            name, parent_of(context), kind, (cleaned, dropped), start_time, shared=False
+        )
         if type(span) is RecordingSpan:
             span._links = kept_links
             span._dropped_links = dropped_links
@@ -550,10 +584,12 @@ class LeanTracer(trace.Tracer):
         kind: SpanKind,
         attributes: Prepared,
         start_time: int | None = None,
+        shared: bool = True,
     ) -> trace.Span:
         """`start_span(name, context, kind, attributes, start_time=start_time)` for a parent
-        already read from its context (`parent_of`) and attributes from `prepare` (copied,
-        not checked again)."""
+        already read from its context (`parent_of`) and attributes from `prepare` (not
+        checked again; shared by the spans given them, copied by a span before it changes
+        them). `shared` False: the span may keep the dict as its own."""
         getrandbits = self._getrandbits
         span_id = getrandbits(64) or 1
         # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, is_valid).
@@ -601,7 +637,9 @@ class LeanTracer(trace.Tracer):
             )
             context = (trace_id, span_id, False, _SAMPLED_RANDOM, _NO_STATE, True)
         cleaned, dropped = attributes
-        return RecordingSpan(head, context, dict(cleaned), dropped, self._limits, self._record)
+        return RecordingSpan(
+            head, context, cleaned, dropped, self._limits, self._record, shared=shared
+        )
 
     @contextlib.contextmanager
     def start_as_current_span(  # type: ignore[override]
