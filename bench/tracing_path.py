@@ -1,6 +1,6 @@
 """Micro-benchmark: CPU that tracing adds on the serving event loop, per traced call.
 
-`python -m bench.tracing_path [--base OTHER_CHECKOUT/server] [--requests N] [--rounds R]`
+`python -m bench.tracing_path [--base OTHER/server] [--requests N] [--rounds R] [--batched]`
 
 A real Headrace (`Application`, the embedded default config, capture off) serves `identity`
 in a fresh process, with tracing off or on (sample ratio 1.0, OTLP gRPC to a receiver in this
@@ -9,6 +9,7 @@ calls of the `telemetry` scenario's request (1x16 FP32, concurrency 16, one chan
 warm-up. The number is the CPU time of the server's event-loop thread (`time.thread_time`,
 read on that thread: the thread that saturates first) per call, tracing on minus tracing off,
 also the whole process's CPU (`time.process_time`: grpc's threads and the span sender too).
+With `--batched`, `identity` runs behind a batcher (the queue, batch, batch-request spans).
 With `--with-traceparent`, every call carries a W3C `traceparent` (the server span's parent
 is then remote, as behind a traced client).
 
@@ -74,13 +75,20 @@ async def _handshake(line: bytes) -> None:
 
 
 async def _serve(
-    tracing: bool, receiver_port: int, requests: int, concurrency: int, traceparent: bool
+    tracing: bool,
+    receiver_port: int,
+    requests: int,
+    concurrency: int,
+    traceparent: bool,
+    batched: bool,
 ) -> Any:
     import headrace
     from headrace.app import Application
     from headrace.config import load_settings
 
     environ = {"HEADRACE_CAPTURE__ENABLED": "false"}
+    if batched:  # the embedded default's first model: identity
+        environ["HEADRACE_MODELS__0__BATCHING__ENABLED"] = "true"
     if tracing:
         environ |= {
             "HEADRACE_TRACING__EXPORTER": "otlp_grpc",
@@ -136,6 +144,7 @@ def _run(
     requests: int,
     concurrency: int,
     traceparent: bool,
+    batched: bool,
     callgrind: Path | None,
     keep: Path | None = None,
 ) -> dict[str, Any]:
@@ -153,6 +162,8 @@ def _run(
         arguments.append("--tracing")
     if traceparent:
         arguments.append("--with-traceparent")
+    if batched:
+        arguments.append("--batched")
     command = [sys.executable, "-m", "bench.tracing_path", *arguments]
     if callgrind is not None:
         for old in callgrind.glob("callgrind.out*"):
@@ -230,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
     parser.add_argument("--with-traceparent", action="store_true", help="calls carry one")
     parser.add_argument(
+        "--batched", action="store_true", help="identity behind a batcher (queue, batch spans)"
+    )
+    parser.add_argument(
         "--callgrind",
         action="store_true",
         help="count instructions (valgrind) instead of CPU time: thousands per call",
@@ -256,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 arguments.requests,
                 arguments.concurrency,
                 traceparent,
+                arguments.batched,
             )
         )
         print(json.dumps(result))
@@ -276,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tempfile.TemporaryDirectory(prefix="tracing-path-") as directory,
     ):
         callgrind = Path(directory) if arguments.callgrind else None
-        load = (arguments.requests, arguments.concurrency, traceparent)
+        load = (arguments.requests, arguments.concurrency, traceparent, arguments.batched)
         for _ in range(arguments.rounds):
             for side, server_dir in sides.items():
                 off = _run(server_dir, False, receiver_port, *load, callgrind, arguments.keep)
@@ -291,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         spans = counter.spans
     print(
         f"{unit} per call, {arguments.requests} calls at concurrency {arguments.concurrency}"
-        f"{' with a traceparent' if traceparent else ''} (median of {arguments.rounds};"
+        f"{' with a traceparent' if traceparent else ''}"
+        f"{', identity behind a batcher' if arguments.batched else ''}"
+        f" (median of {arguments.rounds};"
         f" {spans} spans received)"
     )
     print("| code | event loop, tracing off | added by tracing: event loop | whole process |")

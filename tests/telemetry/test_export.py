@@ -119,6 +119,13 @@ def test_spans_of_repeated_shapes_and_shared_attribute_sets_encode_as_the_sdks()
             ]
         )
     ]
+    plain_links = [(0xFEED, 0xBEEF, True, {}, 0), (2**128 - 1, 2**64 - 1, False, {}, 0)]
+    spans += [  # links without attributes: part of the shape, by count
+        _span("batch", 30, links=plain_links[:1], attributes=shared),
+        _span("batch", 31, links=plain_links, attributes=shared, status_code=2),
+        _span("batch", 32, links=plain_links, attributes=shared, parent_span_id=5),
+        _span("batch", 33, links=[(1, 2, False, {"k": 1}, 0)], attributes=shared),
+    ]
     spans.insert(3, SPANS[1])  # a span of the rare fields between them
     encoder = OtlpEncoder(SCOPE)
     resource = Resource(dict(SCOPE.resource_attributes))

@@ -297,3 +297,39 @@ def test_prepared_attributes_are_shared_until_a_span_changes_them() -> None:
     assert variants[5][0] == {"a": 1, "b": "x", "code": 5}
     with pytest.raises(TypeError):
         spans[0].attributes["a"] = 2  # type: ignore[index]
+
+
+def test_prepared_records_and_linked_spans_follow_the_parent_and_the_link_limits() -> None:
+    tracer, finished = _tracer(limits=SpanLimits(max_links=2))
+    prepared = tracer.prepare({"n": 1})
+    local = tracer.start_prepared("local", None, SpanKind.SERVER, prepared)
+    remote = SpanContext(0xABC, 0xDEF, True, TraceFlags(1), TraceState([("k", "v")]))
+    unsampled = SpanContext(0xABC, 0xDEF, True, TraceFlags(0))
+    link = parent_of(trace.set_span_in_context(local))
+    tracer.record_prepared("a", link, prepared, 10, 20, link=remote)
+    tracer.record_prepared("b", remote, prepared, 10, 20, status=Status(StatusCode.ERROR, "x"))
+    tracer.record_prepared("c", unsampled, prepared, 10, 20)  # not recorded
+    tracer.record_prepared("d", trace.INVALID_SPAN_CONTEXT, prepared, 10, 20, link=link)
+    linked = tracer.start_linked("e", link, prepared, [remote, link, unsampled], 30)
+    linked.end(40)
+    a, b, d, e = finished
+    assert (a[TRACE_ID], a[PARENT_ID], a[PARENT_REMOTE]) == (
+        local.get_span_context().trace_id,
+        local.get_span_context().span_id,
+        False,
+    )
+    assert a[ATTRIBUTES] is prepared[0]
+    assert a[LINKS] == [(0xABC, 0xDEF, True, {}, 0)]
+    assert (b[TRACE_ID], b[TRACE_STATE], b[PARENT_REMOTE]) == (0xABC, "k=v", True)
+    assert (b[STATUS_CODE], b[STATUS_MESSAGE]) == (StatusCode.ERROR.value, "x")
+    assert d[PARENT_ID] == 0
+    assert d[TRACE_ID] != local.get_span_context().trace_id
+    assert d[LINKS][0][:2] == (local.get_span_context().trace_id, local.get_span_context().span_id)
+    assert [link[:2] for link in e[LINKS]] == [
+        (local.get_span_context().trace_id, local.get_span_context().span_id),
+        (0xABC, 0xDEF),
+    ]  # the oldest of three dropped at the limit of two
+    assert e[DROPPED_LINKS] == 1
+    tracer, finished = _tracer(limits=SpanLimits(max_links=0))
+    tracer.record_prepared("f", remote, prepared, 10, 20, link=remote)
+    assert (finished[0][LINKS], finished[0][DROPPED_LINKS]) == (None, 1)

@@ -412,6 +412,8 @@ _IDS = struct.Struct(">2sQQ2sQ")  # Span fields 1 (16 bytes) and 2 (8 bytes), bi
 _PARENT = struct.Struct(">2sQ")  # Span field 4
 _IDS_AND_PARENT = struct.Struct(">2sQQ2sQ2sQ")  # Span fields 1, 2 and 4
 _TRACE_ID, _SPAN_ID, _PARENT_ID = b"\x0a\x10", b"\x12\x08", b"\x22\x08"
+_LINK = struct.Struct(">4sQQ2sQ5s")  # Span field 13: a Link of trace id, span id and flags
+_LINK_HEAD = b"\x6a\x21\x0a\x10"  # field 13, 33 bytes; Link field 1, 16 bytes
 _MASK64 = (1 << 64) - 1
 _SPAN_FLAGS = {
     remote: _SPAN_FLAGS_TAG
@@ -419,6 +421,11 @@ _SPAN_FLAGS = {
     for remote in (False, True)
 }
 """Span field 16 by the parent's is_remote."""
+_LINK_FLAGS = {
+    remote: b"\x35" + _FIXED32.pack(_FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if remote else 0))
+    for remote in (False, True)
+}
+"""Link field 6 (fixed32 flags) by the linked span's is_remote."""
 _TAILS = {
     (code, remote): b"\x7a" + (bytes([2, 0x18, code]) if code else b"\x00") + _SPAN_FLAGS[remote]
     for code in range(3)
@@ -428,9 +435,15 @@ _TAILS = {
 is_remote."""
 _CACHED_VALUES = 4096
 """Encoded key-value pairs kept for reuse (model names, methods, peers repeat)."""
-_Template = tuple[bytes, Callable[..., bytes], bytes, bytes]
+_Template = tuple[bytes, Callable[..., bytes], bytes, bytes, bytes]
 """A span shape's bytes: the Span field's tag and length, the packer of its ids, its name
-and kind, and what follows its times (attributes, status, flags)."""
+and kind, what follows its times (attributes; status and flags too for a span without links),
+and, for a span with links, its status and flags (after the links)."""
+
+
+def _plain_links(links: Sequence[Any]) -> bool:
+    """Whether no link has attributes or dropped any: each then has a fixed encoding."""
+    return not any(link[3] or link[4] for link in links)
 
 
 def _varint(value: int) -> bytes:
@@ -632,17 +645,36 @@ class OtlpEncoder:
             parts.append(b"\x70" + _varint(dropped_links))
 
     def _template(
-        self, name: str, kind: int, attributes: bytes, status_code: int, parent: bool, remote: bool
+        self,
+        name: str,
+        kind: int,
+        attributes: bytes,
+        status_code: int,
+        parent: bool,
+        remote: bool,
+        links: int,
     ) -> _Template:
-        """What the spans of one shape share: everything but their ids and times."""
-        key = (name, kind, attributes, status_code, parent, remote)
+        """What the spans of one shape share: everything but their ids, times and links
+        (`links` of them, each with no attributes)."""
+        key = (name, kind, attributes, status_code, parent, remote, links)
         template = self._templates.get(key)
         if template is None:
             name_and_kind = _field(0x2A, name.encode()) + b"\x30" + _SMALL[kind + 1]
-            tail = attributes + _TAILS[status_code, remote]
+            status = _TAILS[status_code, remote]
             ids = _IDS_AND_PARENT if parent else _IDS
-            length = ids.size + len(name_and_kind) + _SPAN_TIMES.size + len(tail)
-            template = (_SMALL[0x12] + _varint(length), ids.pack, name_and_kind, tail)
+            length = (
+                ids.size
+                + len(name_and_kind)
+                + _SPAN_TIMES.size
+                + len(attributes)
+                + links * _LINK.size
+                + len(status)
+            )
+            head = _SMALL[0x12] + _varint(length)
+            if links:
+                template = (head, ids.pack, name_and_kind, attributes, status)
+            else:  # what follows the times in one piece
+                template = (head, ids.pack, name_and_kind, attributes + status, b"")
             if len(self._templates) >= _CACHED_VALUES:
                 self._templates.clear()
             self._templates[key] = template
@@ -684,14 +716,15 @@ class OtlpEncoder:
             if (
                 trace_state
                 or events
-                or links
                 or status_message
                 or dropped_attributes
                 or dropped_events
                 or dropped_links
+                or (links and not _plain_links(links))
             ):
                 encode_span(span, out)
                 continue
+            count = len(links) if links else 0
             encoded = by_object.get(id(attributes))
             if encoded is None:
                 encoded = by_object[id(attributes)] = (
@@ -699,9 +732,9 @@ class OtlpEncoder:
                 )
             parent = parent_span_id != 0
             template = templates.get(
-                (name, kind, encoded, status_code, parent, parent_is_remote)
-            ) or template_of(name, kind, encoded, status_code, parent, parent_is_remote)
-            head, pack_ids, name_and_kind, tail = template
+                (name, kind, encoded, status_code, parent, parent_is_remote, count)
+            ) or template_of(name, kind, encoded, status_code, parent, parent_is_remote, count)
+            head, pack_ids, name_and_kind, after_times, status = template
             append(head)
             if parent:
                 append(
@@ -719,7 +752,20 @@ class OtlpEncoder:
                 append(pack_ids(_TRACE_ID, trace_id >> 64, trace_id & _MASK64, _SPAN_ID, span_id))
             append(name_and_kind)
             append(times(_TAG_START, start_ns, _TAG_END, end_ns))
-            append(tail)
+            append(after_times)
+            if count:
+                for link_trace, link_span, link_remote, _, _ in links:
+                    append(
+                        _LINK.pack(
+                            _LINK_HEAD,
+                            link_trace >> 64,
+                            link_trace & _MASK64,
+                            _SPAN_ID,
+                            link_span,
+                            _LINK_FLAGS[link_remote],
+                        )
+                    )
+                append(status)
         scope_spans = b"".join(out)
         resource_spans = self._resource + _field(0x12, scope_spans) + self._resource_schema
         return _field(0x0A, resource_spans)

@@ -164,7 +164,7 @@ _NO_STATE = SpanContext(1, 1, False).trace_state
 """The empty trace state every SpanContext built without one holds (the API's default)."""
 
 
-def parent_of(context: Context | None) -> Parent | None:
+def parent_of(context: Context | None) -> Parent:
     """The span context of the span current in `context` (None: the current context), the
     parent `LeanTracer.start_prepared` takes; None or invalid: a new trace."""
     span = (context if context is not None else current_context()).get(_SPAN_KEY)
@@ -734,6 +734,94 @@ class LeanTracer(trace.Tracer):
                 dropped_links,
             )
         )
+
+    def record_prepared(
+        self,
+        name: str,
+        parent: Parent,
+        attributes: Prepared,
+        start_ns: int,
+        end_ns: int,
+        link: Parent | None = None,
+        status: Status | None = None,
+    ) -> None:
+        """`record_span` for a valid parent as `parent_of` gives it, attributes from
+        `prepare` (shared, not checked again) and a link to a span in this process (its
+        context as `parent_of` gives it): the batcher's spans, one per request per batch."""
+        if not parent[5]:  # no valid parent: a new trace, as record_span makes it
+            self.record_span(
+                name,
+                trace.INVALID_SPAN_CONTEXT,
+                attributes[0],
+                start_ns,
+                end_ns,
+                _as_span_context(link) if type(link) is tuple else link,  # type: ignore[arg-type]
+                status,
+            )
+            return
+        if not parent[3] & 1:  # not sampled
+            return
+        links = None
+        dropped_links = 0
+        if link is not None:
+            if self._limits.max_links == 0:
+                dropped_links = 1
+            elif link[0] or link[1]:
+                links = [(link[0], link[1], link[2], _NO_ATTRIBUTES, 0)]
+        code, message = 0, None
+        if status is not None and status.status_code is not StatusCode.UNSET:
+            code, message = status.status_code._value_, status.description
+        state = parent[4]
+        # A SpanContext is the tuple a RawContext is: read alike.
+        self._record(
+            (
+                name,
+                parent[0],
+                self._getrandbits(64) or 1,
+                "" if state is _NO_STATE else state.to_header(),
+                parent[1],
+                parent[2],
+                _INTERNAL,
+                start_ns,
+                end_ns,
+                attributes[0],
+                None,
+                links,
+                code,
+                message,
+                attributes[1],
+                0,
+                dropped_links,
+            )
+        )
+
+    def start_linked(
+        self,
+        name: str,
+        parent: Parent | None,
+        attributes: Prepared,
+        links: Sequence[Parent],
+        start_time: int,
+    ) -> trace.Span:
+        """An INTERNAL span (`start_prepared`) linked to `links` (span contexts as
+        `parent_of` gives them; invalid ones skipped, the oldest dropped beyond the limit)."""
+        span = self.start_prepared(name, parent, SpanKind.INTERNAL, attributes, start_time)
+        if type(span) is RecordingSpan:
+            kept = [
+                (link[0], link[1], link[2], _NO_ATTRIBUTES, 0)
+                for link in links
+                if link[0] or link[1] or link[4]
+            ]
+            maximum = self._limits.max_links
+            if maximum is not None and len(kept) > maximum:
+                span._dropped_links = len(kept) - maximum
+                kept = kept[span._dropped_links :]
+            span._links = kept or None
+        return span
+
+
+_NO_ATTRIBUTES: dict[str, Any] = {}
+"""The attributes of links made here (never changed)."""
 
 
 class SpanQueue:

@@ -21,14 +21,22 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanLimits
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace import __version__
 from headrace.config import TracingSettings
 from headrace.spec import ModelSpec
 from headrace.telemetry.export import ExportProcess, Scope
-from headrace.telemetry.spans import CurrentSpan, LeanTracer, current_context, parent_of
+from headrace.telemetry.spans import (
+    CurrentSpan,
+    LeanTracer,
+    Parent,
+    Prepared,
+    current_context,
+    parent_of,
+)
 
 INSTRUMENTATION_NAME = "headrace"
 
@@ -54,6 +62,8 @@ ATTRIBUTE_BATCH_ITEMS = "headrace.batch.items"
 """Items in the batch: the backend call's batch size."""
 ATTRIBUTE_BATCH_REQUESTS = "headrace.batch.requests"
 """Requests merged into the batch."""
+MAX_ATTRIBUTE_SETS = 4096
+"""A model's queue, batch-request and batch attribute sets kept at most (then started over)."""
 
 
 class Tracing:
@@ -108,7 +118,7 @@ _CLIENT = SpanKind.CLIENT
 class ModelTracing:
     """The spans of one model version's queue, batches and backend calls."""
 
-    __slots__ = ("_attributes", "_prepared", "_tracer")
+    __slots__ = ("_attributes", "_prepared", "_sets", "_tracer")
 
     def __init__(self, tracer: LeanTracer, spec: ModelSpec) -> None:
         self._tracer = tracer
@@ -118,6 +128,33 @@ class ModelTracing:
         }
         self._prepared = tracer.prepare(self._attributes)
         """The backend span's attributes, checked against the limits once."""
+        self._sets: dict[tuple[str, int, int], Prepared] = {}
+        """The queue, batch-request and batch spans' attribute sets by span name and item
+        (and request) counts, checked once and shared by the spans that have them."""
+
+    def attribute_set(self, name: str, items: int, requests: int = 0) -> Prepared:
+        """The attributes of a `name` span (queue, batch request or batch) of `items` items
+        (and, for a batch, `requests` requests)."""
+        key = (name, items, requests)
+        prepared = self._sets.get(key)
+        if prepared is None:
+            if name == SPAN_QUEUE:
+                attributes: dict[str, str | int] = {
+                    **self._attributes,
+                    ATTRIBUTE_REQUEST_ITEMS: items,
+                }
+            elif name == SPAN_BATCH_REQUEST:
+                attributes = {ATTRIBUTE_REQUEST_ITEMS: items}
+            else:
+                attributes = {
+                    **self._attributes,
+                    ATTRIBUTE_BATCH_ITEMS: items,
+                    ATTRIBUTE_BATCH_REQUESTS: requests,
+                }
+            if len(self._sets) >= MAX_ATTRIBUTE_SETS:
+                self._sets.clear()
+            prepared = self._sets[key] = self._tracer.prepare(attributes)
+        return prepared
 
     @staticmethod
     def current() -> Context:
@@ -143,7 +180,7 @@ class ModelTracing:
         """Start the spans of a batch being dispatched now, made of `members`: each request's
         trace context, time waited in the queue (seconds) and items. Records their queue
         spans, which end now."""
-        return BatchTrace(self._tracer, self._attributes, members)
+        return BatchTrace(self, self._tracer, self._prepared, members)
 
     def backend_call(self, parent: Context | None = None) -> CurrentSpan:
         """Make a CLIENT span current around a backend call (child of `parent`, else of the
@@ -165,67 +202,61 @@ class BatchTrace:
     batch-request span per request, and the backend call's span."""
 
     __slots__ = (
-        "_attributes",
         "_batch_context",
         "_dispatched_ns",
         "_members",
+        "_model",
+        "_prepared",
         "_span",
         "_tracer",
     )
 
     def __init__(
         self,
+        model: ModelTracing,
         tracer: LeanTracer,
-        attributes: Mapping[str, str],
+        prepared: Prepared,
         members: Sequence[tuple[Context | None, float, int]],
     ) -> None:
+        self._model = model
         self._tracer = tracer
-        self._attributes = attributes
+        self._prepared = prepared
         self._dispatched_ns = now_ns = time.time_ns()
-        self._members = [
-            (context, trace.get_current_span(context).get_span_context(), items)
-            for context, _, items in members
-        ]
-        for (_, span_context, items), (_, waited_s, _) in zip(self._members, members, strict=True):
-            tracer.record_span(
+        attribute_set = model.attribute_set
+        record = tracer.record_prepared
+        self._members: list[tuple[Parent, int]] = []
+        spans = self._members
+        parent: Parent | None = None  # the batch span's: the first sampled request's span
+        items_in_batch = 0
+        for context, waited_s, items in members:
+            span_context = parent_of(context)
+            spans.append((span_context, items))
+            items_in_batch += items
+            if parent is None and span_context[5] and span_context[3] & 1:
+                parent = span_context
+            record(
                 SPAN_QUEUE,
                 span_context,
-                {**attributes, ATTRIBUTE_REQUEST_ITEMS: items},
+                attribute_set(SPAN_QUEUE, items),
                 now_ns - int(waited_s * 1e9),
                 now_ns,
             )
-        parent = next(
-            (
-                context
-                for context, span_context, _ in self._members
-                if span_context.is_valid and span_context.trace_flags.sampled
-            ),
-            self._members[0][0],
-        )
-        self._span = tracer.start_span(
+        self._span = tracer.start_linked(
             SPAN_BATCH,
-            context=parent,
-            start_time=now_ns,
-            links=[
-                Link(span_context) for _, span_context, _ in self._members if span_context.is_valid
-            ],
-            attributes={
-                **attributes,
-                ATTRIBUTE_BATCH_ITEMS: sum(items for _, _, items in self._members),
-                ATTRIBUTE_BATCH_REQUESTS: len(self._members),
-            },
+            parent if parent is not None else spans[0][0],
+            attribute_set(SPAN_BATCH, items_in_batch, len(spans)),
+            [span_context for span_context, _ in spans],
+            now_ns,
         )
-        self._batch_context = trace.set_span_in_context(self._span)
+        self._batch_context = Context({**current_context(), _SPAN_KEY: self._span})
 
     def backend_call(self) -> CurrentSpan:
         """The backend call's CLIENT span, current while the call runs."""
         return CurrentSpan(
-            self._tracer.start_span(
-                SPAN_BACKEND,
-                context=self._batch_context,
-                kind=SpanKind.CLIENT,
-                attributes=self._attributes,
-            )
+            self._tracer.start_prepared(
+                SPAN_BACKEND, parent_of(self._batch_context), _CLIENT, self._prepared
+            ),
+            self._batch_context,
         )
 
     def end(self, error: BaseException | None) -> None:
@@ -233,16 +264,19 @@ class BatchTrace:
         the batch, if anything did."""
         now_ns = time.time_ns()
         status = _error_status(error) if error is not None else None
-        batch = self._span.get_span_context()
-        for _, span_context, items in self._members:
-            self._tracer.record_span(
+        batch = parent_of(self._batch_context)
+        attribute_set = self._model.attribute_set
+        record = self._tracer.record_prepared
+        dispatched_ns = self._dispatched_ns
+        for span_context, items in self._members:
+            record(
                 SPAN_BATCH_REQUEST,
                 span_context,
-                {ATTRIBUTE_REQUEST_ITEMS: items},
-                self._dispatched_ns,
+                attribute_set(SPAN_BATCH_REQUEST, items),
+                dispatched_ns,
                 now_ns,
-                link=batch,
-                status=status,
+                batch,
+                status,
             )
         if status is not None:
             self._span.set_status(status)
