@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SERVER_DIR = Path(__file__).resolve().parent.parent / "server"
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,20 +74,33 @@ async def _handshake(line: bytes) -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
 
-async def _serve(
-    tracing: bool,
-    receiver_port: int,
-    requests: int,
-    concurrency: int,
-    traceparent: bool,
-    batched: bool,
-) -> Any:
+class Load(NamedTuple):
+    """What a measurement sends and to what."""
+
+    requests: int
+    concurrency: int
+    traceparent: bool
+    """Every call carries a W3C traceparent."""
+    batched: bool
+    """`identity` behind a batcher."""
+
+    def arguments(self) -> list[str]:
+        """As this module's command-line options."""
+        arguments = ["--requests", str(self.requests), "--concurrency", str(self.concurrency)]
+        if self.traceparent:
+            arguments.append("--with-traceparent")
+        if self.batched:
+            arguments.append("--batched")
+        return arguments
+
+
+async def _serve(tracing: bool, receiver_port: int, load: Load) -> Any:
     import headrace
     from headrace.app import Application
     from headrace.config import load_settings
 
     environ = {"HEADRACE_CAPTURE__ENABLED": "false"}
-    if batched:  # the embedded default's first model: identity
+    if load.batched:  # the embedded default's first model: identity
         environ["HEADRACE_MODELS__0__BATCHING__ENABLED"] = "true"
     if tracing:
         environ |= {
@@ -100,10 +113,7 @@ async def _serve(
     )
     application = Application(settings)
     port = await application.start()
-    arguments = ["--client", str(port), "--requests", str(requests)]
-    arguments += ["--concurrency", str(concurrency)]
-    if traceparent:
-        arguments.append("--with-traceparent")
+    arguments = ["--client", str(port), *load.arguments()]
     client = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -132,8 +142,8 @@ async def _serve(
         await application.stop(grace_s=0)
     return {
         "headrace": headrace.__file__,
-        "loop_us": thread_s / requests * 1e6,
-        "process_us": process_s / requests * 1e6,
+        "loop_us": thread_s / load.requests * 1e6,
+        "process_us": process_s / load.requests * 1e6,
     }
 
 
@@ -141,10 +151,7 @@ def _run(
     server_dir: Path,
     tracing: bool,
     receiver_port: int,
-    requests: int,
-    concurrency: int,
-    traceparent: bool,
-    batched: bool,
+    load: Load,
     callgrind: Path | None,
     keep: Path | None = None,
 ) -> dict[str, Any]:
@@ -156,14 +163,9 @@ def _run(
         "PYTHONPATH": f"{server_dir}{os.pathsep}{ROOT}",
         "PYTHONHASHSEED": "0",
     }
-    arguments = ["--child", "--receiver", str(receiver_port), "--requests", str(requests)]
-    arguments += ["--concurrency", str(concurrency)]
+    arguments = ["--child", "--receiver", str(receiver_port), *load.arguments()]
     if tracing:
         arguments.append("--tracing")
-    if traceparent:
-        arguments.append("--with-traceparent")
-    if batched:
-        arguments.append("--batched")
     command = [sys.executable, "-m", "bench.tracing_path", *arguments]
     if callgrind is not None:
         for old in callgrind.glob("callgrind.out*"):
@@ -222,8 +224,8 @@ def _run(
                 loop += count
             if keep is not None:
                 shutil.copy(dump, keep / f"{'on' if tracing else 'off'}-{dump.name}")
-        result["loop_us"] = loop / requests / 1000  # thousands of instructions per call
-        result["process_us"] = total / requests / 1000
+        result["loop_us"] = loop / load.requests / 1000  # thousands of instructions per call
+        result["process_us"] = total / load.requests / 1000
     return result
 
 
@@ -262,17 +264,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             _client(arguments.client, arguments.requests, arguments.concurrency, traceparent)
         )
         return
+    load = Load(arguments.requests, arguments.concurrency, traceparent, arguments.batched)
     if arguments.child:
-        result = asyncio.run(
-            _serve(
-                arguments.tracing,
-                arguments.receiver,
-                arguments.requests,
-                arguments.concurrency,
-                traceparent,
-                arguments.batched,
-            )
-        )
+        result = asyncio.run(_serve(arguments.tracing, arguments.receiver, load))
         print(json.dumps(result))
         return
     from bench.telemetry import otlp_receiver
@@ -291,11 +285,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         tempfile.TemporaryDirectory(prefix="tracing-path-") as directory,
     ):
         callgrind = Path(directory) if arguments.callgrind else None
-        load = (arguments.requests, arguments.concurrency, traceparent, arguments.batched)
         for _ in range(arguments.rounds):
             for side, server_dir in sides.items():
-                off = _run(server_dir, False, receiver_port, *load, callgrind, arguments.keep)
-                on = _run(server_dir, True, receiver_port, *load, callgrind, arguments.keep)
+                off = _run(server_dir, False, receiver_port, load, callgrind, arguments.keep)
+                on = _run(server_dir, True, receiver_port, load, callgrind, arguments.keep)
                 samples[side].append(
                     {
                         "loop_off": off["loop_us"],

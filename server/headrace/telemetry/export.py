@@ -559,26 +559,12 @@ class OtlpEncoder:
         return b"".join(out)
 
     def _span(self, span: FinishedSpan, out: list[bytes]) -> None:
-        """Append the Span field (tag and length, then content) of `span` to `out`."""
-        (
-            name,
-            trace_id,
-            span_id,
-            trace_state,
-            parent_span_id,
-            parent_is_remote,
-            kind,
-            start_ns,
-            end_ns,
-            attributes,
-            events,
-            links,
-            status_code,
-            status_message,
-            dropped_attributes,
-            dropped_events,
-            dropped_links,
-        ) = span
+        """Append the Span field (tag and length, then content) of `span` to `out`: any
+        span, where `encode`'s shapes take only the common ones."""
+        name, trace_id, span_id, trace_state = span[:4]
+        parent_span_id, parent_is_remote, kind, start_ns, end_ns = span[4:9]
+        attributes, events, links, status_code, status_message = span[9:14]
+        dropped_attributes, dropped_events, dropped_links = span[14:]
         # Span fields in number order: ids, trace state, parent, name and kind, times, ...
         parts = [_IDS.pack(b"\x0a\x10", trace_id >> 64, trace_id & _MASK64, b"\x12\x08", span_id)]
         if trace_state:
