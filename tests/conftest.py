@@ -11,12 +11,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from headrace.app import Application
 from headrace.config import Settings, load_settings
 from headrace.launchers.seaweedfs import SeaweedFS
-from headrace.protocol.datatypes import DATATYPES
+from headrace.protocol import grpc_service_pb2 as pb
+from headrace.protocol.datatypes import DATATYPES, datatype_of
 
 TEST_MODELS = Path(__file__).with_name("models.py")
 
@@ -194,3 +196,15 @@ def seaweedfs() -> Iterator[SeaweedFS]:
     start it again). Use a prefix of your own: other tests share the bucket."""
     with SeaweedFS() as running:
         yield running
+
+
+def infer_request(model: str, **inputs: np.ndarray) -> pb.ModelInferRequest:
+    """A ModelInferRequest for `model` with numeric `inputs` (name=array) as raw contents."""
+    request = pb.ModelInferRequest(model_name=model)
+    for name, array in inputs.items():
+        datatype = datatype_of(array)
+        assert datatype is not None, array.dtype
+        assert datatype.name != "BYTES", "BYTES inputs need their length prefixes"
+        request.inputs.add(name=name, datatype=datatype.name, shape=array.shape)
+        request.raw_input_contents.append(array.astype(datatype.dtype).tobytes())
+    return request

@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 
 from headrace.launchers.triton import TritonServer, example_repository
-from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import infer_request
 from tests.telemetry.conftest import exporting_to, telemetry_server, traceparent
 from tests.telemetry.receiver import OtlpHttpReceiver, OtlpReceiver
 
@@ -44,25 +44,13 @@ def test_tritons_spans_join_the_clients_trace() -> None:
                 "endpoints": [triton.address],
             }
             with telemetry_server(model, tracing=exporting_to(headrace_spans)) as gateway:
-                features = np.ones((1, 6), dtype="<f4")
+                request = infer_request("forecast_on_triton", FEATURES=np.ones((1, 6), "<f4"))
                 with grpc.insecure_channel(gateway.address) as channel:
                     stub = pb_grpc.GRPCInferenceServiceStub(channel)
                     for _ in range(CALLS):
                         header, trace_id, _ = traceparent()
                         trace_ids.append(trace_id)
-                        stub.ModelInfer(
-                            pb.ModelInferRequest(
-                                model_name="forecast_on_triton",
-                                inputs=[
-                                    pb.ModelInferRequest.InferInputTensor(
-                                        name="FEATURES", datatype="FP32", shape=[1, 6]
-                                    )
-                                ],
-                                raw_input_contents=[features.tobytes()],
-                            ),
-                            metadata=[("traceparent", header)],
-                            timeout=30,
-                        )
+                        stub.ModelInfer(request, metadata=[("traceparent", header)], timeout=30)
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline and not (
                     len(triton_spans.named(TRITON_ROOT_SPAN)) >= CALLS

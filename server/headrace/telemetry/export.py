@@ -313,25 +313,11 @@ def readable_spans(spans: Sequence[FinishedSpan], resource: Any, scope: Any) -> 
 
     flags = _SpanFlags()
     readable = []
-    for (
-        name,
-        trace_id,
-        span_id,
-        trace_state,
-        parent_span_id,
-        parent_is_remote,
-        kind,
-        start_ns,
-        end_ns,
-        attributes,
-        events,
-        links,
-        status_code,
-        status_message,
-        dropped_attributes,
-        dropped_events,
-        dropped_links,
-    ) in spans:
+    for finished in spans:
+        name, trace_id, span_id, trace_state = finished[:4]
+        parent_span_id, parent_is_remote, kind, start_ns, end_ns = finished[4:9]
+        attributes, events, links, status_code, status_message = finished[9:14]
+        dropped_attributes, dropped_events, dropped_links = finished[14:]
         state = TraceState.from_header([trace_state]) if trace_state else None
         context = SpanContext(trace_id, span_id, False, flags.sampled, state)
         parent = (
