@@ -3,9 +3,9 @@ mode exports OTLP/HTTP to a test receiver, and its spans carry the client's trac
 
 Triton itself now and then starts a new trace for a call that carries a valid `traceparent`
 (measured on direct calls to it, no Headrace in between: 3 of 88 calls under CPU contention,
-always among a fresh server's first few). So several calls are sent, each in a trace of its
-own: every one must reach Triton with Headrace's backend span as its parent (Triton's root
-span names it), and Triton must have joined most of them. A Headrace that did not propagate
+8 calls to each of 11 fresh servers). So several calls are sent, each in a trace of its own:
+every one that Triton joined must hang off Headrace's backend span (Triton's root span names
+it as its parent), and Triton must have joined most of them. A Headrace that did not propagate
 the context would have no call joined (trace ids are 128 random bits).
 """
 
