@@ -27,9 +27,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import h2load
-from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.frontend import HOST, identity_load, identity_request
 from bench.gpu_sim import METRICS_ENVIRONMENT
-from bench.loadgen import LoadSpec, run_load
+from bench.loadgen import run_load
 from bench.machine import one_line
 from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
@@ -161,7 +161,7 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
     client = h2load.load_generator(options.client)
     request = identity_request(options.elements)
     if client == h2load.H2LOAD:
-        h2load.layout(_spec(options, "", request))
+        h2load.layout(identity_load(options, "", request))
     argv = [sys.executable, "-m", "headrace", "serve", "--host", HOST, "--port", "0"]
     trials: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -185,7 +185,7 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
         metrics_url = metrics_urls[ON]
         for index, side in enumerate(side_order(options.trials)):
             server = servers[side]
-            spec = _spec(options, f"{HOST}:{server.port}", request)
+            spec = identity_load(options, f"{HOST}:{server.port}", request)
             before = scrape(metrics_url) if side == ON else {}
             started = time.monotonic()
             if client == h2load.H2LOAD:
@@ -242,19 +242,6 @@ def run(options: CaptureOptions, results_dir: Path, stamp: str) -> dict[str, Any
         "summary": summary,
         "objects_stored": store_objects,
     }
-
-
-def _spec(options: CaptureOptions, target: str, request: bytes) -> LoadSpec:
-    return LoadSpec(
-        target=target,
-        method=METHOD,
-        request=request,
-        check=check_identity_reply,
-        concurrency=options.concurrency,
-        clients=options.clients,
-        warmup_s=options.warmup_s,
-        duration_s=options.duration_s,
-    )
 
 
 def _capture_rates(

@@ -14,7 +14,7 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -121,6 +121,31 @@ def check_identity_reply(request: bytes, reply: bytes) -> None:
         raise ValueError(f"reply is not the identity of the request: {answer}")
 
 
+class ClosedLoad(Protocol):
+    """A scenario's closed-loop load options."""
+
+    concurrency: int
+    clients: int
+    warmup_s: float
+    duration_s: float
+
+
+def identity_load(options: ClosedLoad, target: str, request: bytes, **more: Any) -> LoadSpec:
+    """The load of calls to `identity` with `request` at `target` that `options` describe
+    (`more`: other LoadSpec fields)."""
+    return LoadSpec(
+        target=target,
+        method=METHOD,
+        request=request,
+        check=check_identity_reply,
+        concurrency=options.concurrency,
+        clients=options.clients,
+        warmup_s=options.warmup_s,
+        duration_s=options.duration_s,
+        **more,
+    )
+
+
 def trial_order(trials: int) -> list[str]:
     """Headrace then bare, bare then Headrace, ... (ABBA), `trials` of each."""
     order: list[str] = []
@@ -187,16 +212,7 @@ def run(options: FrontendOptions, results_dir: Path, stamp: str) -> dict[str, An
             stack.enter_context(server)
         for index, side in enumerate(trial_order(options.trials)):
             server = servers[side]
-            spec = LoadSpec(
-                target=f"{HOST}:{server.port}",
-                method=METHOD,
-                request=request,
-                check=check_identity_reply,
-                concurrency=options.concurrency,
-                clients=options.clients,
-                warmup_s=options.warmup_s,
-                duration_s=options.duration_s,
-            )
+            spec = identity_load(options, f"{HOST}:{server.port}", request)
             load = run_load(spec, meter=server.cpu_seconds)
             per_request = load.metered * 1000 / load.completed if load.completed else None
             trials.append(Trial(index, side, load, per_request))

@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
-from bench.loadgen import LoadSpec, run_load
+from bench.frontend import HOST, identity_load, identity_request
+from bench.loadgen import run_load
 from bench.machine import one_line
 from bench.options import add_options, check_load, options_of
 from bench.server_process import CAPTURE_OFF, ServerProcess
@@ -172,16 +172,7 @@ def run(options: TelemetryOptions, results_dir: Path, stamp: str) -> dict[str, A
             stack.enter_context(server)
         for index, side in enumerate(side_order(options.trials)):
             server = servers[side]
-            spec = LoadSpec(
-                target=f"{HOST}:{server.port}",
-                method=METHOD,
-                request=request,
-                check=check_identity_reply,
-                concurrency=options.concurrency,
-                clients=options.clients,
-                warmup_s=options.warmup_s,
-                duration_s=options.duration_s,
-            )
+            spec = identity_load(options, f"{HOST}:{server.port}", request)
             load = run_load(spec, meter=server.cpu_seconds)
             cpu = load.metered * 1000 / load.completed if load.completed else None
             trials.append(

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import h2load, server_metrics
-from bench.frontend import HOST, METHOD, check_identity_reply, identity_request
+from bench.frontend import HOST, identity_load, identity_request
 from bench.gpu_sim import METRICS_ENVIRONMENT
 from bench.loadgen import LoadSpec, run_load
 from bench.machine import one_line
@@ -119,15 +119,10 @@ def options_from(arguments: argparse.Namespace) -> WorkersOptions:
 
 
 def _spec(options: WorkersOptions, target: str, request: bytes) -> LoadSpec:
-    return LoadSpec(
-        target=target,
-        method=METHOD,
-        request=request,
-        check=check_identity_reply,
-        concurrency=options.concurrency,
-        clients=options.clients,
-        warmup_s=options.warmup_s,
-        duration_s=options.duration_s,
+    return identity_load(
+        options,
+        target,
+        request,
         connections=options.connections,
         client_cpus=options.client_cpus,
     )
