@@ -180,7 +180,7 @@ class ModelTracing:
         """Start the spans of a batch being dispatched now, made of `members`: each request's
         trace context, time waited in the queue (seconds) and items. Records their queue
         spans, which end now."""
-        return BatchTrace(self, self._tracer, self._prepared, members)
+        return BatchTrace(self, members)
 
     def backend_call(self, parent: Context | None = None) -> CurrentSpan:
         """Make a CLIENT span current around a backend call (child of `parent`, else of the
@@ -201,26 +201,13 @@ class BatchTrace:
     """The spans of one batch: its own span (from dispatch until it ends), a queue span and a
     batch-request span per request, and the backend call's span."""
 
-    __slots__ = (
-        "_batch_context",
-        "_dispatched_ns",
-        "_members",
-        "_model",
-        "_prepared",
-        "_span",
-        "_tracer",
-    )
+    __slots__ = ("_batch_context", "_dispatched_ns", "_members", "_model", "_span")
 
     def __init__(
-        self,
-        model: ModelTracing,
-        tracer: LeanTracer,
-        prepared: Prepared,
-        members: Sequence[tuple[Context | None, float, int]],
+        self, model: ModelTracing, members: Sequence[tuple[Context | None, float, int]]
     ) -> None:
         self._model = model
-        self._tracer = tracer
-        self._prepared = prepared
+        tracer = model._tracer
         self._dispatched_ns = now_ns = time.time_ns()
         attribute_set = model.attribute_set
         record = tracer.record_prepared
@@ -252,9 +239,10 @@ class BatchTrace:
 
     def backend_call(self) -> CurrentSpan:
         """The backend call's CLIENT span, current while the call runs."""
+        model = self._model
         return CurrentSpan(
-            self._tracer.start_prepared(
-                SPAN_BACKEND, parent_of(self._batch_context), _CLIENT, self._prepared
+            model._tracer.start_prepared(
+                SPAN_BACKEND, parent_of(self._batch_context), _CLIENT, model._prepared
             ),
             self._batch_context,
         )
@@ -266,7 +254,7 @@ class BatchTrace:
         status = _error_status(error) if error is not None else None
         batch = parent_of(self._batch_context)
         attribute_set = self._model.attribute_set
-        record = self._tracer.record_prepared
+        record = self._model._tracer.record_prepared
         dispatched_ns = self._dispatched_ns
         for span_context, items in self._members:
             record(
