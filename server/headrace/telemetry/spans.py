@@ -745,9 +745,9 @@ class LeanTracer(trace.Tracer):
         link: Parent | None = None,
         status: Status | None = None,
     ) -> None:
-        """`record_span` for a valid parent as `parent_of` gives it, attributes from
-        `prepare` (shared, not checked again) and a link to a span in this process (its
-        context as `parent_of` gives it): the batcher's spans, one per request per batch."""
+        """`record_span` for a parent and a link as `parent_of` gives them, and attributes
+        from `prepare` (shared, not checked again): the batcher's spans, one per request per
+        batch. An invalid parent starts a new trace, as in `record_span`."""
         if not parent[5]:  # no valid parent: a new trace, as record_span makes it
             self.record_span(
                 name,
