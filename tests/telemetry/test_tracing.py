@@ -3,6 +3,7 @@ batch spans, batch links, backend spans and what they pass on, and what is left 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -189,6 +190,30 @@ def test_failures_set_the_status_code_and_server_errors_the_span_status(
     missing = _one(receiver.in_trace(missing_trace), INFER_SPAN)
     assert missing.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
     assert missing.status_code == Status.STATUS_CODE_UNSET  # the client's error, not ours
+
+
+def test_concurrent_calls_each_join_their_own_callers_trace(receiver: OtlpReceiver) -> None:
+    """Each call's span reads the metadata grpc.aio read to find its handler (in that call's
+    own context): 64 calls in flight at once, each with its own traceparent, each server span
+    the child of its own caller's span."""
+    headers = [traceparent() for _ in range(64)]
+    server = telemetry_server(tracing=exporting_to(receiver))
+
+    async def call_all() -> None:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await asyncio.gather(
+                *(
+                    stub.ModelInfer(_message(1.0, "identity"), metadata=[("traceparent", header)])
+                    for header, _, _ in headers
+                )
+            )
+
+    with server:
+        asyncio.run(call_all())
+    for _, trace_id, parent_id in headers:
+        server_span = _one(receiver.in_trace(trace_id), INFER_SPAN)
+        assert server_span.parent_span_id == parent_id
 
 
 def test_an_unsampled_caller_is_not_recorded(receiver: OtlpReceiver) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from headrace.config import ServerSettings
 from headrace.errors import StartupError
@@ -18,7 +18,7 @@ from headrace.frontend.status import serialized, tolerant_deserializer, wire_des
 from headrace.frontend.tls import ServerTls
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol.descriptor_pool import POOL
-from headrace.telemetry.interceptor import REFLECTION_SERVICES, TracingInterceptor
+from headrace.telemetry.interceptor import REFLECTION_SERVICES, TracedService, TracingInterceptor
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -91,6 +91,32 @@ def server_options(settings: ServerSettings, *, reuse_port: bool = False) -> lis
     return options
 
 
+class _GenericHandlersOnly:
+    """The server as the generated `add_*Servicer_to_server` functions see it: their generic
+    handlers are added, their registered methods are not.
+
+    Why: grpc.aio (1.81-1.85) keeps a pending call request per registered method and, for
+    every call that arrives, waits again on all of them (`asyncio.wait` adds and removes a
+    callback on each). With the ~30 methods of the inference, health and reflection services,
+    that cost 70k instructions a call, 9% of a whole call on the event loop (`python -m
+    bench.tracing_path --callgrind`: 755k -> 686k with the inference service unregistered),
+    more than the registered lookup saves. A generic handler's lookup is one dict read.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(
+        self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        """Left out (see the class)."""
+
+
 class FrontendServer:
     """The grpc.aio server with the inference service, grpc.health.v1 and reflection."""
 
@@ -111,31 +137,43 @@ class FrontendServer:
         self._settings = settings
         chain = list(interceptors)
         handlers = _method_handlers(servicer)
+        traced: TracedService | None = None
         if tracing is not None:
             if chain or any(tracing.traces(f"/{service}/") for service in _OTHER_SERVICES):
                 chain.insert(0, tracing)
             else:
-                handlers = {
-                    name: tracing.wrap_handler(f"/{SERVICE_NAME}/{name}", handler)
-                    for name, handler in handlers.items()
-                }
+                traced = TracedService(
+                    {
+                        f"/{SERVICE_NAME}/{name}": tracing.wrap_handler(
+                            f"/{SERVICE_NAME}/{name}", handler
+                        )
+                        for name, handler in handlers.items()
+                    }
+                )
         self._server = grpc.aio.server(
             interceptors=chain, options=server_options(settings, reuse_port=reuse_port)
         )
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        # Registered methods skip the generic-handler lookup per call (grpc >= 1.62; the
-        # grpc-stubs package predates it).
-        self._server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+        # Generic handlers only, no registered methods (see `_GenericHandlersOnly`).
+        generic_only = _GenericHandlersOnly(self._server)
+        if traced is not None:
+            # It also hands each call's metadata to its span.
+            generic_only.add_generic_rpc_handlers((traced,))
+        else:
+            generic_only.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+            )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, generic_only)
         # Reflection reads Headrace's private pool, which must also know the health and
         # reflection services to describe them.
         for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             POOL.AddSerializedFile(file_descriptor.serialized_pb)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=POOL
+        # What `reflection.enable_server_reflection` does for a grpc.aio server.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
+                (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), pool=POOL
+            ),
+            generic_only,
         )
         self.port = 0
         self.tls = ServerTls(settings.tls) if settings.tls is not None else None
