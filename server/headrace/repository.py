@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Protocol
@@ -25,6 +24,7 @@ from headrace.errors import (
 from headrace.inference import BatchIds, InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
 from headrace.statistics import ModelStatistics
+from headrace.telemetry.spans import end_current
 
 if TYPE_CHECKING:
     from headrace.capture.tee import ModelCapture
@@ -101,8 +101,16 @@ class ServedModel:
         for observer in observers:
             observer.record_queued(0)
         started = perf_counter_ns()
-        with self.tracing.backend_call() if self.tracing is not None else nullcontext():
+        if self.tracing is None:
             response = await self.backend.infer(self.spec, request, timeout_s)
+        else:
+            span, token = self.tracing.start_backend()
+            try:
+                response = await self.backend.infer(self.spec, request, timeout_s)
+            except BaseException as exc:
+                end_current(span, token, exc)
+                raise
+            end_current(span, token, None)
         infer_ns = perf_counter_ns() - started
         response.batch_id = self._batch_ids.new()
         response.batch_size = size

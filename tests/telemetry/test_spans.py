@@ -20,13 +20,14 @@ from opentelemetry.trace import (
 )
 
 from headrace.telemetry.spans import (
-    CurrentSpan,
     FinishedSpan,
     LeanTracer,
     SpanQueue,
     attach_context,
     current_context,
     detach_context,
+    end_current,
+    make_current,
     parent_of,
 )
 
@@ -145,16 +146,23 @@ def test_status_ok_is_final_unset_is_ignored_and_only_errors_keep_a_description(
     ]
 
 
-def test_current_span_is_current_inside_and_records_an_escaping_exception() -> None:
+def test_a_span_made_current_is_current_until_ended_and_records_an_escaping_exception() -> None:
     tracer, finished = _tracer()
     span = tracer.start_span("call")
     outside = trace.get_current_span()
     seen = []
 
+    def fail() -> None:
+        seen.append(trace.get_current_span())
+        raise ValueError("bad input")
+
     def call() -> None:
-        with CurrentSpan(span):
-            seen.append(trace.get_current_span())
-            raise ValueError("bad input")
+        token = make_current(span, current_context())
+        try:
+            fail()
+        except BaseException as exc:
+            end_current(span, token, exc)
+            raise
 
     with pytest.raises(ValueError, match="bad input"):
         call()
@@ -218,7 +226,9 @@ def test_span_contexts_and_prepared_spans_match_the_apis_constructor_and_start_s
     tracer, finished = _tracer()
     parent = _remote_parent(0x03, TraceState([("k", "v")]))
     attributes: dict[str, str | int] = {"a": "b", "n": 1}
-    with CurrentSpan(tracer.start_span("outer", context=parent)) as outer:
+    outer = tracer.start_span("outer", context=parent)
+    token = make_current(outer, current_context())
+    try:
         prepared = tracer.start_prepared(
             "inner", parent_of(None), SpanKind.CLIENT, tracer.prepare(attributes)
         )
@@ -235,6 +245,8 @@ def test_span_contexts_and_prepared_spans_match_the_apis_constructor_and_start_s
             assert context.is_valid
             assert context.trace_id == outer.get_span_context().trace_id
             span.end()
+    finally:
+        end_current(outer, token, None)
     prepared_record, generic_record, _ = finished
     assert prepared_record[SPAN_ID] != generic_record[SPAN_ID]
     assert prepared_record[:SPAN_ID] + prepared_record[SPAN_ID + 1 : START] == (

@@ -20,7 +20,6 @@ import logging
 import math
 from collections import deque
 from collections.abc import Hashable, Sequence
-from contextlib import nullcontext
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +35,7 @@ from headrace.errors import (
 )
 from headrace.inference import BatchIds, InferenceRequest, InferenceResponse
 from headrace.spec import ModelSpec
+from headrace.telemetry.spans import end_current
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -459,8 +459,18 @@ class DynamicBatcher:
             sizes = [entry.size for entry in live]
             batch = merge(requests)
             merged = perf_counter_ns()
-            with trace.backend_call() if trace is not None else nullcontext():
+            if trace is None:
                 response = await self._backend.infer(self.spec, batch, self._timeout(live, loop))
+            else:
+                span, token = trace.start_backend()
+                try:
+                    response = await self._backend.infer(
+                        self.spec, batch, self._timeout(live, loop)
+                    )
+                except BaseException as exc:
+                    end_current(span, token, exc)
+                    raise
+                end_current(span, token, None)
             inferred = perf_counter_ns()
             parts = split(response, requests, sizes)
             finished = perf_counter_ns()

@@ -51,10 +51,16 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.util.types import Attributes, AttributeValue
 
+try:  # the per-span hot path in C, when it was built (optional: Python below otherwise)
+    from headrace.telemetry import _fastspans
+except ImportError:  # pragma: no cover (built wherever the tests run)
+    _fastspans = None  # type: ignore[assignment]
+
 _logger = logging.getLogger(__name__)
 
-FinishedSpan = tuple[Any, ...]
-"""A finished span as the exporter process receives it (pickled in batches):
+FinishedSpan = Sequence[Any]
+"""A finished span as the exporter process receives it (pickled in batches), a tuple (spans
+recorded whole: `record_span`) or a list (a `RecordingSpan`'s data, never changed once ended):
 `(name, trace_id, span_id, trace_state, parent_span_id, parent_is_remote, kind, start_ns,
 end_ns, attributes, events, links, status_code, status_message, dropped_attributes,
 dropped_events, dropped_links)`: ids as ints (parent 0 for a root span), `trace_state` the
@@ -211,73 +217,60 @@ _RANDOM_TRACE_ID = int(TraceFlags.RANDOM_TRACE_ID)
 _LOW_64_BITS = 0xFFFFFFFFFFFFFFFF
 
 
-class RecordingSpan(trace.Span):
-    """A sampled span: mutable until `end`, which hands its data to the recorder once."""
+# The fields of a FinishedSpan, by index (a running span's data is the list it will record).
+_NAME = 0
+_TRACE_STATE = 3
+_KIND = 6
+_START = 7
+_END = 8
+_ATTRIBUTES = 9
+_EVENTS = 10
+_LINKS = 11
+_STATUS_CODE = 12
+_STATUS_MESSAGE = 13
+_DROPPED_ATTRIBUTES = 14
+_DROPPED_EVENTS = 15
+_DROPPED_LINKS = 16
+_UNSET = StatusCode.UNSET._value_
+_OK = StatusCode.OK._value_
+_ERROR = StatusCode.ERROR._value_
 
-    __slots__ = (
-        "_attributes",
-        "_context",
-        "_dropped_attributes",
-        "_dropped_events",
-        "_dropped_links",
-        "_end_ns",
-        "_events",
-        "_head",
-        "_limits",
-        "_links",
-        "_record",
-        "_record_exception",
-        "_set_status_on_exception",
-        "_shared",
-        "_status_code",
-        "_status_message",
-    )
+
+class RecordingSpan(trace.Span):
+    """A sampled span: mutable until `end`, which hands its data to the recorder once.
+
+    Its data is the list it records (a `FinishedSpan`, end time None until it ends), built
+    in one step by `LeanTracer`; the span object holds only that list, its context, the
+    tracer (limits, recorder) and whether its attribute dict is shared."""
+
+    __slots__ = ("_context", "_data", "_shared", "_tracer")
+
+    _record_exception = True
+    """Set on the instance (its `__dict__`: the API's base class has no slots) when
+    `start_span` is told otherwise; the class's default is read everywhere else."""
+    _set_status_on_exception = True
 
     def __init__(
-        self,
-        head: tuple[str, int, int, str, int, bool, int, int],
-        context: SpanContext | RawContext,
-        attributes: dict[str, Any],
-        dropped_attributes: int,
-        limits: SpanLimits,
-        record: Recorder,
-        links: list[tuple[int, int, bool, dict[str, Any], int]] | None = None,
-        dropped_links: int = 0,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-        shared: bool = False,
+        self, data: list[Any], context: SpanContext | RawContext, tracer: LeanTracer, shared: bool
     ) -> None:
-        """`head`: the first eight fields of the `FinishedSpan` it will record (name, ids,
-        trace state, parent, kind, start), fixed at the start (made by `LeanTracer`).
-        `shared`: `attributes` is a prepared set other spans hold too: copied before the
-        first change, recorded as it is otherwise (the exporter then sees one object)."""
-        self._head = head
+        """`data`: the `FinishedSpan` it will record, end time None (made by `LeanTracer`).
+        `shared`: its attribute dict is a prepared set other spans hold too: copied before
+        the first change, recorded as it is otherwise (the exporter then sees one object)."""
+        self._data = data
         self._context = context
-        self._attributes = attributes
+        self._tracer = tracer
         self._shared = shared
-        self._dropped_attributes = dropped_attributes
-        self._links = links
-        self._dropped_links = dropped_links
-        self._events: list[tuple[str, int, dict[str, Any], int]] | None = None
-        self._dropped_events = 0
-        self._end_ns: int | None = None
-        self._status_code = StatusCode.UNSET
-        self._status_message: str | None = None
-        self._limits = limits
-        self._record = record
-        self._record_exception = record_exception
-        self._set_status_on_exception = set_status_on_exception
 
     def __repr__(self) -> str:
-        return f'RecordingSpan(name="{self._head[0]}", context={self.get_span_context()})'
+        return f'RecordingSpan(name="{self._data[_NAME]}", context={self.get_span_context()})'
 
     @property
     def name(self) -> str:
-        return self._head[0]
+        return self._data[_NAME]  # type: ignore[no-any-return]
 
     @property
     def attributes(self) -> Mapping[str, Any]:
-        return MappingProxyType(self._attributes)
+        return MappingProxyType(self._data[_ATTRIBUTES])
 
     def get_span_context(self) -> SpanContext:
         context = self._context
@@ -286,37 +279,47 @@ class RecordingSpan(trace.Span):
         return context  # type: ignore[return-value]
 
     def is_recording(self) -> bool:
-        return self._end_ns is None
+        return self._data[_END] is None
 
     def _ended(self, what: str) -> bool:
-        if self._end_ns is None:
+        if self._data[_END] is None:
             return False
-        _logger.warning("%s on an ended span (%s)", what, self._head[0])
+        _logger.warning("%s on an ended span (%s)", what, self._data[_NAME])
         return True
 
-    def set_attribute(self, key: str, value: AttributeValue) -> None:
+    def _own_attributes(self) -> dict[str, Any]:
+        """The attribute dict, copied first if it is shared."""
+        data = self._data
         if self._shared:
-            self._attributes = dict(self._attributes)
+            data[_ATTRIBUTES] = dict(data[_ATTRIBUTES])
             self._shared = False
-        if self._end_ns is None and type(value) in _SIMPLE_TYPES and type(key) is str and key:
-            attributes = self._attributes
-            limits = self._limits
-            if limits.max_span_attribute_length is None and (
+        return data[_ATTRIBUTES]  # type: ignore[no-any-return]
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self._ended("setting an attribute"):
+            return
+        attributes = self._own_attributes()
+        limits = self._tracer._limits
+        if (
+            type(value) in _SIMPLE_TYPES
+            and type(key) is str
+            and key
+            and limits.max_span_attribute_length is None
+            and (
                 key in attributes
                 or limits.max_span_attributes is None
                 or len(attributes) < limits.max_span_attributes
-            ):
-                attributes[key] = value
-                return
-        if not self._ended("setting an attribute"):
-            limits = self._limits
-            self._dropped_attributes += _put_attribute(
-                self._attributes,
-                key,
-                value,
-                limits.max_span_attributes,
-                limits.max_span_attribute_length,
             )
+        ):
+            attributes[key] = value
+            return
+        self._data[_DROPPED_ATTRIBUTES] += _put_attribute(
+            attributes,
+            key,
+            value,
+            limits.max_span_attributes,
+            limits.max_span_attribute_length,
+        )
 
     def set_prepared_attribute(
         self, base: Prepared, key: str, value: Any, variants: dict[Any, Prepared]
@@ -325,11 +328,12 @@ class RecordingSpan(trace.Span):
         unchanged since: the resulting set comes from `variants` (by value; made and kept
         there the first time), shared with every span that ended the same way. Otherwise
         (changed, or `base` is not its set), `set_attribute`."""
-        if self._shared and self._attributes is base[0] and self._end_ns is None:
+        data = self._data
+        if self._shared and data[_ATTRIBUTES] is base[0] and data[_END] is None:
             variant = variants.get(value)
             if variant is None:
                 attributes = dict(base[0])
-                limits = self._limits
+                limits = self._tracer._limits
                 dropped = base[1] + _put_attribute(
                     attributes,
                     key,
@@ -338,7 +342,7 @@ class RecordingSpan(trace.Span):
                     limits.max_span_attribute_length,
                 )
                 variant = variants[value] = (attributes, dropped)
-            self._attributes, self._dropped_attributes = variant
+            data[_ATTRIBUTES], data[_DROPPED_ATTRIBUTES] = variant
             return
         self.set_attribute(key, value)
 
@@ -351,41 +355,45 @@ class RecordingSpan(trace.Span):
     ) -> None:
         if self._ended("adding an event"):
             return
-        limits = self._limits
+        limits = self._tracer._limits
         cleaned, dropped = _bounded(
             attributes, limits.max_event_attributes, limits.max_attribute_length
         )
         event = (name, timestamp if timestamp is not None else time.time_ns(), cleaned, dropped)
-        if self._events is None:
-            self._events = []
+        data = self._data
+        events = data[_EVENTS]
+        if events is None:
+            events = data[_EVENTS] = []
         maximum = limits.max_events
-        if maximum is not None and len(self._events) >= maximum:
-            self._dropped_events += 1
+        if maximum is not None and len(events) >= maximum:
+            data[_DROPPED_EVENTS] += 1
             if maximum == 0:
                 return
-            del self._events[0]
-        self._events.append(event)
+            del events[0]
+        events.append(event)
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         if self._ended("adding a link") or not _valid_link(context, attributes):
             return
-        limits = self._limits
+        limits = self._tracer._limits
         cleaned, dropped = _bounded(
             attributes, limits.max_link_attributes, limits.max_attribute_length
         )
-        if self._links is None:
-            self._links = []
+        data = self._data
+        links = data[_LINKS]
+        if links is None:
+            links = data[_LINKS] = []
         maximum = limits.max_links
-        if maximum is not None and len(self._links) >= maximum:
-            self._dropped_links += 1
+        if maximum is not None and len(links) >= maximum:
+            data[_DROPPED_LINKS] += 1
             if maximum == 0:
                 return
-            del self._links[0]
-        self._links.append((context.trace_id, context.span_id, context.is_remote, cleaned, dropped))
+            del links[0]
+        links.append((context.trace_id, context.span_id, context.is_remote, cleaned, dropped))
 
     def update_name(self, name: str) -> None:
         if not self._ended("renaming"):
-            self._head = (name, *self._head[1:])
+            self._data[_NAME] = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self._ended("setting the status"):
@@ -396,10 +404,11 @@ class RecordingSpan(trace.Span):
             code = status
             if code is not StatusCode.ERROR:
                 description = None
-        if self._status_code is StatusCode.OK or code is StatusCode.UNSET:
+        data = self._data
+        if data[_STATUS_CODE] == _OK or code is StatusCode.UNSET:
             return  # OK is final; UNSET is never set
-        self._status_code = code
-        self._status_message = description
+        data[_STATUS_CODE] = code._value_
+        data[_STATUS_MESSAGE] = description
 
     def record_exception(
         self,
@@ -422,25 +431,16 @@ class RecordingSpan(trace.Span):
             event.update(attributes)
         self.add_event("exception", event, timestamp)
 
-    def end(self, end_time: int | None = None) -> None:
-        if self._end_ns is not None:
+    def _end(self, end_time: int | None = None) -> None:
+        """`end` in Python (the C one replaces it where built: `ACCELERATED`)."""
+        data = self._data
+        if data[_END] is not None:
             self._ended("ending")
             return
-        self._end_ns = end_ns = end_time if end_time is not None else time.time_ns()
-        self._record(
-            self._head  # noqa: RUF005 (a tuple joined to a tuple: no list built on the way)
-            + (
-                end_ns,
-                self._attributes,
-                self._events,
-                self._links,
-                self._status_code._value_,  # the enum's value without its descriptor
-                self._status_message,
-                self._dropped_attributes,
-                self._dropped_events,
-                self._dropped_links,
-            )
-        )
+        data[_END] = end_time if end_time is not None else time_ns()
+        self._tracer._record(data)
+
+    end = _end
 
     def __exit__(
         self,
@@ -456,6 +456,18 @@ class RecordingSpan(trace.Span):
         self.end()
 
 
+ACCELERATED = _fastspans is not None
+"""Whether spans start and end in C (`_fastspans.c`: the same spans, a fraction of the
+CPU); `LeanTracer(accelerated=False)` keeps a tracer's starts in Python."""
+if _fastspans is not None:
+    RecordingSpan.end = _fastspans.install(RecordingSpan)
+
+
+def _non_recording(trace_id: int, span_id: int, flags: int, state: Any) -> NonRecordingSpan:
+    """The span of an unsampled trace (flags 0 to 3: `_FLAGS`), for `_fastspans`."""
+    return NonRecordingSpan(_span_context(trace_id, span_id, _FLAGS[flags], state))
+
+
 def _valid_link(context: SpanContext | None, attributes: Attributes) -> bool:
     return bool(
         context is not None
@@ -468,39 +480,22 @@ def _valid_link(context: SpanContext | None, attributes: Attributes) -> bool:
     )
 
 
-class CurrentSpan:
-    """Makes a span current for a `with` block, then ends it: `trace.use_span` as a plain
-    class (no generator per call). An `Exception` escaping the block is recorded on the span
-    and sets its status to ERROR."""
+def make_current(span: trace.Span, context: Context) -> object:
+    """Make `span` current in a copy of `context` (its other entries kept): the token
+    `end_current` takes. `trace.use_span`'s work as two plain calls (no generator, no
+    context manager object per span)."""
+    return attach_context(Context({**context, _SPAN_KEY: span}))
 
-    __slots__ = ("_context", "_span", "_token")
 
-    def __init__(self, span: trace.Span, context: Context | None = None) -> None:
-        """`context`: the context the span is made current in (None: the current one)."""
-        self._span = span
-        self._context = context
-        self._token: object | None = None
-
-    def __enter__(self) -> trace.Span:
-        span = self._span
-        context = self._context
-        self._token = attach_context(
-            Context({**(context if context is not None else current_context()), _SPAN_KEY: span})
-        )
-        return span
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        span = self._span
-        detach_context(self._token)
-        if exc_val is not None and isinstance(exc_val, Exception) and span.is_recording():
-            span.record_exception(exc_val)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
-        span.end()
+def end_current(span: trace.Span, token: object, error: BaseException | None) -> None:
+    """Restore the context `make_current` replaced and end `span`; an `Exception` that
+    escaped while it was current (`error`) is recorded on it and sets its status to ERROR,
+    as `trace.use_span` does (a cancellation is not an error of the span's)."""
+    detach_context(token)
+    if error is not None and isinstance(error, Exception) and span.is_recording():
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    span.end()
 
 
 class LeanTracer(trace.Tracer):
@@ -509,12 +504,25 @@ class LeanTracer(trace.Tracer):
     decision: a valid parent's sampled flag is kept; a new trace is sampled when its id's low
     64 bits fall under `ratio` of their range."""
 
-    def __init__(self, sample_ratio: float, record: Recorder, limits: SpanLimits) -> None:
+    def __init__(
+        self,
+        sample_ratio: float,
+        record: Recorder,
+        limits: SpanLimits,
+        accelerated: bool = ACCELERATED,
+    ) -> None:
+        """`accelerated`: `start_prepared` in C (where built), else in Python."""
         self._bound = TraceIdRatioBased(sample_ratio).bound
         self._record = record
         self._limits = limits
         self._random = random.Random()
         self._getrandbits = self._random.getrandbits
+        if accelerated and _fastspans is not None:
+            # The instance's own attribute, found before the class's method: no Python
+            # frame between the caller and C.
+            self.start_prepared = _fastspans.Starter(  # type: ignore[method-assign]
+                self, self._getrandbits, _non_recording, _FLAGS, _NO_STATE, self._bound
+            ).start
 
     def start_span(
         self,
@@ -565,10 +573,12 @@ class LeanTracer(trace.Tracer):
             name, parent_of(context), kind, (cleaned, dropped), start_time, shared=False
         )
         if type(span) is RecordingSpan:
-            span._links = kept_links
-            span._dropped_links = dropped_links
-            span._record_exception = record_exception
-            span._set_status_on_exception = set_status_on_exception
+            span._data[_LINKS] = kept_links
+            span._data[_DROPPED_LINKS] = dropped_links
+            if not record_exception:
+                span._record_exception = False
+            if not set_status_on_exception:
+                span._set_status_on_exception = False
         return span
 
     def prepare(self, attributes: Mapping[str, Any]) -> Prepared:
@@ -601,31 +611,46 @@ class LeanTracer(trace.Tracer):
                 return NonRecordingSpan(
                     _span_context(trace_id, span_id, _FLAGS[flags & _RANDOM_TRACE_ID], trace_state)
                 )
-            head = (
-                name,
-                trace_id,
-                span_id,
-                "" if trace_state is _NO_STATE else trace_state.to_header(),
-                parent[1],
-                parent[2],
-                kind._value_,
-                start_time if start_time is not None else time_ns(),
+            cleaned, dropped = attributes
+            return RecordingSpan(
+                [
+                    name,
+                    trace_id,
+                    span_id,
+                    "" if trace_state is _NO_STATE else trace_state.to_header(),
+                    parent[1],
+                    parent[2],
+                    kind._value_,
+                    start_time if start_time is not None else time_ns(),
+                    None,  # end
+                    cleaned,
+                    None,  # events
+                    None,  # links
+                    _UNSET,
+                    None,  # status message
+                    dropped,
+                    0,
+                    0,
+                ],
+                (
+                    trace_id,
+                    span_id,
+                    False,
+                    _FLAGS[(flags & _RANDOM_TRACE_ID) | 1],
+                    trace_state,
+                    True,
+                ),
+                self,
+                shared,
             )
-            context = (
-                trace_id,
-                span_id,
-                False,
-                _FLAGS[(flags & _RANDOM_TRACE_ID) | 1],
-                trace_state,
-                True,
+        trace_id = getrandbits(128) or 1
+        if (trace_id & _LOW_64_BITS) >= self._bound:
+            return NonRecordingSpan(
+                _span_context(trace_id, span_id, _FLAGS[_RANDOM_TRACE_ID], _NO_STATE)
             )
-        else:
-            trace_id = getrandbits(128) or 1
-            if (trace_id & _LOW_64_BITS) >= self._bound:
-                return NonRecordingSpan(
-                    _span_context(trace_id, span_id, _FLAGS[_RANDOM_TRACE_ID], _NO_STATE)
-                )
-            head = (
+        cleaned, dropped = attributes
+        return RecordingSpan(
+            [
                 name,
                 trace_id,
                 span_id,
@@ -634,11 +659,19 @@ class LeanTracer(trace.Tracer):
                 False,
                 kind._value_,
                 start_time if start_time is not None else time_ns(),
-            )
-            context = (trace_id, span_id, False, _SAMPLED_RANDOM, _NO_STATE, True)
-        cleaned, dropped = attributes
-        return RecordingSpan(
-            head, context, cleaned, dropped, self._limits, self._record, shared=shared
+                None,  # end
+                cleaned,
+                None,  # events
+                None,  # links
+                _UNSET,
+                None,  # status message
+                dropped,
+                0,
+                0,
+            ],
+            (trace_id, span_id, False, _SAMPLED_RANDOM, _NO_STATE, True),
+            self,
+            shared,
         )
 
     @contextlib.contextmanager
@@ -814,9 +847,9 @@ class LeanTracer(trace.Tracer):
             ]
             maximum = self._limits.max_links
             if maximum is not None and len(kept) > maximum:
-                span._dropped_links = len(kept) - maximum
-                kept = kept[span._dropped_links :]
-            span._links = kept or None
+                dropped = span._data[_DROPPED_LINKS] = len(kept) - maximum
+                kept = kept[dropped:]
+            span._data[_LINKS] = kept or None
         return span
 
 

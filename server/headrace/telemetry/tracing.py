@@ -30,11 +30,11 @@ from headrace.config import TracingSettings
 from headrace.spec import ModelSpec
 from headrace.telemetry.export import ExportProcess, Scope
 from headrace.telemetry.spans import (
-    CurrentSpan,
     LeanTracer,
     Parent,
     Prepared,
     current_context,
+    make_current,
     parent_of,
 )
 
@@ -182,19 +182,14 @@ class ModelTracing:
         spans, which end now."""
         return BatchTrace(self, members)
 
-    def backend_call(self, parent: Context | None = None) -> CurrentSpan:
-        """Make a CLIENT span current around a backend call (child of `parent`, else of the
-        current span). An exception escaping the call sets its status to ERROR."""
+    def start_backend(self) -> tuple[trace.Span, object]:
+        """Start the CLIENT span of a backend call, child of the current span, and make it
+        current: (span, token) for `spans.end_current` when the call ends."""
         current = current_context()
-        return CurrentSpan(
-            self._tracer.start_prepared(
-                SPAN_BACKEND,
-                parent_of(parent if parent is not None else current),
-                _CLIENT,
-                self._prepared,
-            ),
-            current,
+        span = self._tracer.start_prepared(
+            SPAN_BACKEND, parent_of(current), _CLIENT, self._prepared
         )
+        return span, make_current(span, current)
 
 
 class BatchTrace:
@@ -237,15 +232,14 @@ class BatchTrace:
         )
         self._batch_context = Context({**current_context(), _SPAN_KEY: self._span})
 
-    def backend_call(self) -> CurrentSpan:
-        """The backend call's CLIENT span, current while the call runs."""
+    def start_backend(self) -> tuple[trace.Span, object]:
+        """Start the backend call's CLIENT span, child of the batch span, and make it
+        current: (span, token) for `spans.end_current` when the call ends."""
         model = self._model
-        return CurrentSpan(
-            model._tracer.start_prepared(
-                SPAN_BACKEND, parent_of(self._batch_context), _CLIENT, model._prepared
-            ),
-            self._batch_context,
+        span = model._tracer.start_prepared(
+            SPAN_BACKEND, parent_of(self._batch_context), _CLIENT, model._prepared
         )
+        return span, make_current(span, self._batch_context)
 
     def end(self, error: BaseException | None) -> None:
         """End the batch span and record each request's part in it; `error` is what failed

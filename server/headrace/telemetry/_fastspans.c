@@ -1,0 +1,501 @@
+/* The lean tracer's per-span hot path in C: starting a span from prepared attributes
+ * (`LeanTracer.start_prepared`) and ending it (`RecordingSpan.end`).
+ *
+ * Optional: spans.py uses this module when it was built and imports, else its own Python
+ * code, which defines the behaviour; tests/telemetry/test_fastspans.py checks that both give
+ * the same spans, records and sampling decisions. Why it exists: in Python these two steps
+ * are about 11k instructions a span (bytecode, a frame per call), which is most of what
+ * tracing every request costs the event loop; here they are a few hundred.
+ *
+ * A span stays a `RecordingSpan` (a Python class with slots); this code allocates it and
+ * fills its slots at the offsets of the class's own slot descriptors, read once by
+ * `install`. Its data is the list it records: see `FinishedSpan` in spans.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <time.h>
+
+/* Indices of a FinishedSpan (spans.py). */
+enum {
+    F_NAME, F_TRACE_ID, F_SPAN_ID, F_TRACE_STATE, F_PARENT_ID, F_PARENT_REMOTE, F_KIND,
+    F_START, F_END, F_ATTRIBUTES, F_EVENTS, F_LINKS, F_STATUS_CODE, F_STATUS_MESSAGE,
+    F_DROPPED_ATTRIBUTES, F_DROPPED_EVENTS, F_DROPPED_LINKS, F_COUNT
+};
+
+/* What `install` read of RecordingSpan: the class and its slots' offsets. */
+static PyTypeObject *span_type = NULL;
+static Py_ssize_t off_data = -1, off_context = -1, off_tracer = -1, off_shared = -1;
+static PyObject *str_value = NULL;      /* "_value_" */
+static PyObject *str_to_header = NULL;  /* "to_header" */
+static PyObject *str_record = NULL;     /* "_record" */
+static PyObject *str_ended = NULL;      /* "_ended" */
+static PyObject *str_ending = NULL;     /* "ending" */
+static PyObject *empty_string = NULL;
+static PyObject *zero = NULL;
+
+#define SLOT(object, offset) (*(PyObject **)((char *)(object) + (offset)))
+
+static PyObject *
+now_ns(void)
+{
+    struct timespec now;
+    if (clock_gettime(CLOCK_REALTIME, &now) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+}
+
+/* ---- Starter: one tracer's start_prepared ------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *tracer;          /* the LeanTracer: each span's `_tracer` */
+    PyObject *getrandbits;     /* its random.Random's getrandbits */
+    PyObject *non_recording;   /* (trace_id, span_id, flags_index, state) -> NonRecordingSpan */
+    PyObject *flags;           /* TraceFlags by value, 0-3 (a list) */
+    PyObject *no_state;        /* the empty TraceState every default SpanContext holds */
+    PyObject *sixty_four;      /* 64 and 128, getrandbits' arguments */
+    PyObject *one_twenty_eight;
+    uint64_t bound;            /* the sampler's: low 64 bits of a new trace id below it */
+    int sample_all;            /* the bound is 2**64 or more (ratio 1.0): every new trace */
+} Starter;
+
+static int
+starter_traverse(Starter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->tracer);
+    Py_VISIT(self->getrandbits);
+    Py_VISIT(self->non_recording);
+    Py_VISIT(self->flags);
+    Py_VISIT(self->no_state);
+    return 0;
+}
+
+static int
+starter_clear(Starter *self)
+{
+    Py_CLEAR(self->tracer);
+    Py_CLEAR(self->getrandbits);
+    Py_CLEAR(self->non_recording);
+    Py_CLEAR(self->flags);
+    Py_CLEAR(self->no_state);
+    Py_CLEAR(self->sixty_four);
+    Py_CLEAR(self->one_twenty_eight);
+    return 0;
+}
+
+static void
+starter_dealloc(Starter *self)
+{
+    PyObject_GC_UnTrack(self);
+    starter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+starter_init(Starter *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"tracer", "getrandbits", "non_recording", "flags", "no_state",
+                            "bound", NULL};
+    PyObject *tracer, *getrandbits, *non_recording, *flags, *no_state, *bound;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO!OO!", names, &tracer, &getrandbits,
+                                     &non_recording, &PyList_Type, &flags, &no_state,
+                                     &PyLong_Type, &bound)) {
+        return -1;
+    }
+    int sample_all = 0;
+    unsigned long long low_bound = 0;
+    if (PyObject_RichCompareBool(bound, zero, Py_LT) == 1) {
+        PyErr_SetString(PyExc_ValueError, "bound: 0 to 2**64");
+        return -1;
+    }
+    low_bound = PyLong_AsUnsignedLongLong(bound);
+    if (low_bound == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        sample_all = 1;
+    }
+    if (PyList_GET_SIZE(flags) != 4) {
+        PyErr_SetString(PyExc_ValueError, "flags: the 4 TraceFlags values");
+        return -1;
+    }
+    if (span_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "install(RecordingSpan) was not called");
+        return -1;
+    }
+    starter_clear(self);
+    self->tracer = Py_NewRef(tracer);
+    self->getrandbits = Py_NewRef(getrandbits);
+    self->non_recording = Py_NewRef(non_recording);
+    self->flags = Py_NewRef(flags);
+    self->no_state = Py_NewRef(no_state);
+    self->sixty_four = PyLong_FromLong(64);
+    self->one_twenty_eight = PyLong_FromLong(128);
+    if (self->sixty_four == NULL || self->one_twenty_eight == NULL) {
+        return -1;
+    }
+    self->bound = low_bound;
+    self->sample_all = sample_all;
+    return 0;
+}
+
+/* getrandbits(bits), 1 if it gave 0 (the SDK's ids are never 0). */
+static PyObject *
+random_id(Starter *self, PyObject *bits)
+{
+    PyObject *id = PyObject_CallOneArg(self->getrandbits, bits);
+    if (id == NULL) {
+        return NULL;
+    }
+    int is_zero = PyObject_Not(id);
+    if (is_zero < 0) {
+        Py_DECREF(id);
+        return NULL;
+    }
+    if (is_zero) {
+        Py_DECREF(id);
+        return PyLong_FromLong(1);
+    }
+    return id;
+}
+
+/* A new RecordingSpan holding `data` and `context` (both stolen). */
+static PyObject *
+new_span(Starter *self, PyObject *data, PyObject *context, int shared)
+{
+    PyObject *span = span_type->tp_alloc(span_type, 0);
+    if (span == NULL) {
+        Py_DECREF(data);
+        Py_DECREF(context);
+        return NULL;
+    }
+    SLOT(span, off_data) = data;
+    SLOT(span, off_context) = context;
+    SLOT(span, off_tracer) = Py_NewRef(self->tracer);
+    SLOT(span, off_shared) = Py_NewRef(shared ? Py_True : Py_False);
+    return span;
+}
+
+/* start(name, parent, kind, attributes, start_time=None, shared=True): what
+ * LeanTracer.start_prepared does (see there). */
+static PyObject *
+starter_start(Starter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *start_time = Py_None;
+    int shared = 1;
+    Py_ssize_t positional = PyVectorcall_NARGS(nargs);
+    Py_ssize_t keywords = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (positional < 4 || positional > 6) {
+        PyErr_Format(PyExc_TypeError, "start_prepared takes 4 to 6 arguments (%zd given)",
+                     positional);
+        return NULL;
+    }
+    if (positional >= 5) {
+        start_time = args[4];
+    }
+    if (positional == 6 && (shared = PyObject_IsTrue(args[5])) < 0) {
+        return NULL;
+    }
+    for (Py_ssize_t index = 0; index < keywords; index++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, index);
+        PyObject *value = args[positional + index];
+        if (PyUnicode_CompareWithASCIIString(key, "start_time") == 0) {
+            start_time = value;
+        }
+        else if (PyUnicode_CompareWithASCIIString(key, "shared") == 0) {
+            if ((shared = PyObject_IsTrue(value)) < 0) {
+                return NULL;
+            }
+        }
+        else {
+            PyErr_Format(PyExc_TypeError, "start_prepared got an unexpected keyword %R", key);
+            return NULL;
+        }
+    }
+    PyObject *name = args[0], *parent = args[1], *kind = args[2], *prepared = args[3];
+    if (!PyTuple_Check(prepared) || PyTuple_GET_SIZE(prepared) != 2) {
+        PyErr_SetString(PyExc_TypeError, "attributes: (dict, dropped) from prepare()");
+        return NULL;
+    }
+    int has_parent = 0;
+    if (parent != Py_None) {
+        if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 6) {
+            PyErr_SetString(PyExc_TypeError, "parent: a span context (6-tuple) or None");
+            return NULL;
+        }
+        if ((has_parent = PyObject_IsTrue(PyTuple_GET_ITEM(parent, 5))) < 0) {
+            return NULL;
+        }
+    }
+
+    PyObject *span_id = random_id(self, self->sixty_four);
+    if (span_id == NULL) {
+        return NULL;
+    }
+    PyObject *trace_id, *state, *header, *parent_id, *parent_remote, *context_flags;
+    if (has_parent) {
+        trace_id = PyTuple_GET_ITEM(parent, 0);
+        state = PyTuple_GET_ITEM(parent, 4);
+        long flags = PyLong_AsLong(PyTuple_GET_ITEM(parent, 3));
+        if (flags == -1 && PyErr_Occurred()) {
+            Py_DECREF(span_id);
+            return NULL;
+        }
+        if (!(flags & 1)) {  /* the parent is not sampled: neither is this span */
+            PyObject *result = PyObject_CallFunction(self->non_recording, "OOlO", trace_id,
+                                                     span_id, flags & 2, state);
+            Py_DECREF(span_id);
+            return result;
+        }
+        Py_INCREF(trace_id);
+        header = state == self->no_state ? Py_NewRef(empty_string)
+                                         : PyObject_CallMethodNoArgs(state, str_to_header);
+        if (header == NULL) {
+            Py_DECREF(trace_id);
+            Py_DECREF(span_id);
+            return NULL;
+        }
+        parent_id = Py_NewRef(PyTuple_GET_ITEM(parent, 1));
+        parent_remote = Py_NewRef(PyTuple_GET_ITEM(parent, 2));
+        context_flags = PyList_GET_ITEM(self->flags, (flags & 2) | 1);
+    }
+    else {
+        trace_id = random_id(self, self->one_twenty_eight);
+        if (trace_id == NULL) {
+            Py_DECREF(span_id);
+            return NULL;
+        }
+        uint64_t low = (uint64_t)PyLong_AsUnsignedLongLongMask(trace_id);
+        if (low == (uint64_t)-1 && PyErr_Occurred()) {
+            Py_DECREF(trace_id);
+            Py_DECREF(span_id);
+            return NULL;
+        }
+        state = self->no_state;
+        if (!self->sample_all && low >= self->bound) {  /* a new trace the sampler leaves out */
+            PyObject *result = PyObject_CallFunction(self->non_recording, "OOlO", trace_id,
+                                                     span_id, 2L, state);
+            Py_DECREF(trace_id);
+            Py_DECREF(span_id);
+            return result;
+        }
+        header = Py_NewRef(empty_string);
+        parent_id = Py_NewRef(zero);
+        parent_remote = Py_NewRef(Py_False);
+        context_flags = PyList_GET_ITEM(self->flags, 3);
+    }
+    /* From here the new references are trace_id, span_id, header, parent_id and
+     * parent_remote: the data list takes them. */
+    PyObject *kind_value = PyObject_GetAttr(kind, str_value);
+    PyObject *start = start_time == Py_None ? now_ns() : Py_NewRef(start_time);
+    PyObject *data = PyList_New(F_COUNT);
+    if (kind_value == NULL || start == NULL || data == NULL) {
+        Py_XDECREF(kind_value);
+        Py_XDECREF(start);
+        Py_XDECREF(data);
+        Py_DECREF(trace_id);
+        Py_DECREF(span_id);
+        Py_DECREF(header);
+        Py_DECREF(parent_id);
+        Py_DECREF(parent_remote);
+        return NULL;
+    }
+    PyList_SET_ITEM(data, F_NAME, Py_NewRef(name));
+    PyList_SET_ITEM(data, F_TRACE_ID, Py_NewRef(trace_id));
+    PyList_SET_ITEM(data, F_SPAN_ID, Py_NewRef(span_id));
+    PyList_SET_ITEM(data, F_TRACE_STATE, header);
+    PyList_SET_ITEM(data, F_PARENT_ID, parent_id);
+    PyList_SET_ITEM(data, F_PARENT_REMOTE, parent_remote);
+    PyList_SET_ITEM(data, F_KIND, kind_value);
+    PyList_SET_ITEM(data, F_START, start);
+    PyList_SET_ITEM(data, F_END, Py_NewRef(Py_None));
+    PyList_SET_ITEM(data, F_ATTRIBUTES, Py_NewRef(PyTuple_GET_ITEM(prepared, 0)));
+    PyList_SET_ITEM(data, F_EVENTS, Py_NewRef(Py_None));
+    PyList_SET_ITEM(data, F_LINKS, Py_NewRef(Py_None));
+    PyList_SET_ITEM(data, F_STATUS_CODE, Py_NewRef(zero));
+    PyList_SET_ITEM(data, F_STATUS_MESSAGE, Py_NewRef(Py_None));
+    PyList_SET_ITEM(data, F_DROPPED_ATTRIBUTES, Py_NewRef(PyTuple_GET_ITEM(prepared, 1)));
+    PyList_SET_ITEM(data, F_DROPPED_EVENTS, Py_NewRef(zero));
+    PyList_SET_ITEM(data, F_DROPPED_LINKS, Py_NewRef(zero));
+    /* (trace_id, span_id, is_remote, flags, state, is_valid): a SpanContext's tuple. */
+    PyObject *context = PyTuple_Pack(6, trace_id, span_id, Py_False, context_flags, state,
+                                     Py_True);
+    Py_DECREF(trace_id);
+    Py_DECREF(span_id);
+    if (context == NULL) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    return new_span(self, data, context, shared);
+}
+
+static PyMethodDef starter_methods[] = {
+    {"start", (PyCFunction)(void (*)(void))starter_start, METH_FASTCALL | METH_KEYWORDS,
+     "start(name, parent, kind, attributes, start_time=None, shared=True): "
+     "LeanTracer.start_prepared."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject StarterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "headrace.telemetry._fastspans.Starter",
+    .tp_doc = "One tracer's start_prepared (see LeanTracer).",
+    .tp_basicsize = sizeof(Starter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)starter_init,
+    .tp_dealloc = (destructor)starter_dealloc,
+    .tp_traverse = (traverseproc)starter_traverse,
+    .tp_clear = (inquiry)starter_clear,
+    .tp_methods = starter_methods,
+};
+
+/* ---- RecordingSpan.end ------------------------------------------------------------- */
+
+/* end(self, end_time=None): RecordingSpan.end (see there). */
+static PyObject *
+span_end(PyObject *span, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *end_time = Py_None;
+    Py_ssize_t positional = PyVectorcall_NARGS(nargs);
+    Py_ssize_t keywords = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (positional + keywords > 1) {
+        PyErr_SetString(PyExc_TypeError, "end() takes at most one argument, end_time");
+        return NULL;
+    }
+    if (positional == 1) {
+        end_time = args[0];
+    }
+    else if (keywords == 1) {
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "end_time") != 0) {
+            PyErr_Format(PyExc_TypeError, "end() got an unexpected keyword %R",
+                         PyTuple_GET_ITEM(kwnames, 0));
+            return NULL;
+        }
+        end_time = args[0];
+    }
+    PyObject *data = SLOT(span, off_data);
+    if (data == NULL || !PyList_CheckExact(data) || PyList_GET_SIZE(data) != F_COUNT) {
+        PyErr_SetString(PyExc_TypeError, "end(): not a started RecordingSpan");
+        return NULL;
+    }
+    if (PyList_GET_ITEM(data, F_END) != Py_None) {  /* ended before: say so, as Python does */
+        PyObject *result = PyObject_CallMethodOneArg(span, str_ended, str_ending);
+        if (result == NULL) {
+            return NULL;
+        }
+        Py_DECREF(result);
+        Py_RETURN_NONE;
+    }
+    PyObject *end = end_time == Py_None ? now_ns() : Py_NewRef(end_time);
+    if (end == NULL) {
+        return NULL;
+    }
+    PyObject *previous = PyList_GET_ITEM(data, F_END);
+    PyList_SET_ITEM(data, F_END, end);
+    Py_DECREF(previous);
+    PyObject *record = PyObject_GetAttr(SLOT(span, off_tracer), str_record);
+    if (record == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(record, data);
+    Py_DECREF(record);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef end_definition = {
+    "end", (PyCFunction)(void (*)(void))span_end, METH_FASTCALL | METH_KEYWORDS,
+    "end(end_time=None): end the span and hand its data to the tracer's recorder once.",
+};
+
+/* ---- install ------------------------------------------------------------------------ */
+
+static Py_ssize_t
+slot_offset(PyTypeObject *type, const char *name)
+{
+    PyObject *descriptor = PyDict_GetItemString(type->tp_dict, name);  /* borrowed */
+    if (descriptor == NULL || !PyObject_TypeCheck(descriptor, &PyMemberDescr_Type)) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", type->tp_name, name);
+        return -1;
+    }
+    PyMemberDef *member = ((PyMemberDescrObject *)descriptor)->d_member;
+    if (member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not an object slot", type->tp_name, name);
+        return -1;
+    }
+    return member->offset;
+}
+
+/* install(RecordingSpan): read its slots' offsets; returns the C `end` as a method
+ * descriptor of that class, for spans.py to set as RecordingSpan.end. */
+static PyObject *
+install(PyObject *module, PyObject *type)
+{
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "install(RecordingSpan): a class");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)type;
+    Py_ssize_t data = slot_offset(cls, "_data"), context = slot_offset(cls, "_context");
+    Py_ssize_t tracer = slot_offset(cls, "_tracer"), shared = slot_offset(cls, "_shared");
+    if (data < 0 || context < 0 || tracer < 0 || shared < 0) {
+        return NULL;
+    }
+    Py_XSETREF(span_type, (PyTypeObject *)Py_NewRef(type));
+    off_data = data;
+    off_context = context;
+    off_tracer = tracer;
+    off_shared = shared;
+    return PyDescr_NewMethod(cls, &end_definition);
+}
+
+static PyMethodDef module_methods[] = {
+    {"install", install, METH_O,
+     "install(RecordingSpan): read its slots; returns `end` as its method."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "headrace.telemetry._fastspans",
+    .m_doc = "The lean tracer's span start and end in C (optional; see spans.py).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastspans(void)
+{
+    if (PyType_Ready(&StarterType) < 0) {
+        return NULL;
+    }
+    str_value = PyUnicode_InternFromString("_value_");
+    str_to_header = PyUnicode_InternFromString("to_header");
+    str_record = PyUnicode_InternFromString("_record");
+    str_ended = PyUnicode_InternFromString("_ended");
+    str_ending = PyUnicode_InternFromString("ending");
+    empty_string = PyUnicode_FromString("");
+    zero = PyLong_FromLong(0);
+    if (str_value == NULL || str_to_header == NULL || str_record == NULL || str_ended == NULL ||
+        str_ending == NULL || empty_string == NULL || zero == NULL) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_definition);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Starter", (PyObject *)&StarterType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,26 @@
+"""Types of the C module `_fastspans.c` (optional; see `headrace.telemetry.spans`)."""
+
+from collections.abc import Callable
+from typing import Any
+
+class Starter:
+    def __init__(
+        self,
+        tracer: Any,
+        getrandbits: Callable[[int], int],
+        non_recording: Callable[[int, int, int, Any], Any],
+        flags: list[Any],
+        no_state: Any,
+        bound: int,
+    ) -> None: ...
+    def start(
+        self,
+        name: str,
+        parent: Any,
+        kind: Any,
+        attributes: tuple[dict[str, Any], int],
+        start_time: int | None = None,
+        shared: bool = True,
+    ) -> Any: ...
+
+def install(span_type: type) -> Callable[..., None]: ...
