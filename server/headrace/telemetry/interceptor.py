@@ -10,7 +10,8 @@ One helper (`wrap_rpc_behaviour`) wraps all four call kinds; predicates choose t
 The span is made current with a contextvars token, reset when the call ends, so everything the
 handler starts (batcher submissions, logs, stream tasks) sees it. Where no other interceptor
 runs, the server applies it to the service's handlers once (`wrap_handler`) rather than as an
-interceptor, whose per-call coroutines cost more than the span itself.
+interceptor, whose per-call coroutines cost more than the span itself, and finds them with
+`TracedService`, which hands each call's metadata to its span (grpc has just decoded it).
 """
 
 from __future__ import annotations
