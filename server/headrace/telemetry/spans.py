@@ -599,7 +599,9 @@ class LeanTracer(trace.Tracer):
         """`start_span(name, context, kind, attributes, start_time=start_time)` for a parent
         already read from its context (`parent_of`) and attributes from `prepare` (not
         checked again; shared by the spans given them, copied by a span before it changes
-        them). `shared` False: the span may keep the dict as its own."""
+        them). `shared` False: the span may keep the dict as its own. Where `_fastspans`
+        is built, each tracer's own attribute of this name is its C version (the same
+        steps, `__init__`)."""
         getrandbits = self._getrandbits
         span_id = getrandbits(64) or 1
         # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, is_valid).
@@ -611,52 +613,26 @@ class LeanTracer(trace.Tracer):
                 return NonRecordingSpan(
                     _span_context(trace_id, span_id, _FLAGS[flags & _RANDOM_TRACE_ID], trace_state)
                 )
-            cleaned, dropped = attributes
-            return RecordingSpan(
-                [
-                    name,
-                    trace_id,
-                    span_id,
-                    "" if trace_state is _NO_STATE else trace_state.to_header(),
-                    parent[1],
-                    parent[2],
-                    kind._value_,
-                    start_time if start_time is not None else time_ns(),
-                    None,  # end
-                    cleaned,
-                    None,  # events
-                    None,  # links
-                    _UNSET,
-                    None,  # status message
-                    dropped,
-                    0,
-                    0,
-                ],
-                (
-                    trace_id,
-                    span_id,
-                    False,
-                    _FLAGS[(flags & _RANDOM_TRACE_ID) | 1],
-                    trace_state,
-                    True,
-                ),
-                self,
-                shared,
-            )
-        trace_id = getrandbits(128) or 1
-        if (trace_id & _LOW_64_BITS) >= self._bound:
-            return NonRecordingSpan(
-                _span_context(trace_id, span_id, _FLAGS[_RANDOM_TRACE_ID], _NO_STATE)
-            )
+            header = "" if trace_state is _NO_STATE else trace_state.to_header()
+            parent_id, parent_remote = parent[1], parent[2]
+            context_flags = _FLAGS[(flags & _RANDOM_TRACE_ID) | 1]
+        else:
+            trace_id = getrandbits(128) or 1
+            if (trace_id & _LOW_64_BITS) >= self._bound:
+                return NonRecordingSpan(
+                    _span_context(trace_id, span_id, _FLAGS[_RANDOM_TRACE_ID], _NO_STATE)
+                )
+            trace_state, header, parent_id, parent_remote = _NO_STATE, "", 0, False
+            context_flags = _SAMPLED_RANDOM
         cleaned, dropped = attributes
         return RecordingSpan(
             [
                 name,
                 trace_id,
                 span_id,
-                "",
-                0,
-                False,
+                header,
+                parent_id,
+                parent_remote,
                 kind._value_,
                 start_time if start_time is not None else time_ns(),
                 None,  # end
@@ -669,7 +645,7 @@ class LeanTracer(trace.Tracer):
                 0,
                 0,
             ],
-            (trace_id, span_id, False, _SAMPLED_RANDOM, _NO_STATE, True),
+            (trace_id, span_id, False, context_flags, trace_state, True),
             self,
             shared,
         )
