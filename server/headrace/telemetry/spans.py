@@ -217,11 +217,9 @@ _RANDOM_TRACE_ID = int(TraceFlags.RANDOM_TRACE_ID)
 _LOW_64_BITS = 0xFFFFFFFFFFFFFFFF
 
 
-# The fields of a FinishedSpan, by index (a running span's data is the list it will record).
+# The fields of a FinishedSpan a RecordingSpan reads or changes, by index (a running span's
+# data is the list it will record; `FinishedSpan` lists them all).
 _NAME = 0
-_TRACE_STATE = 3
-_KIND = 6
-_START = 7
 _END = 8
 _ATTRIBUTES = 9
 _EVENTS = 10
@@ -233,7 +231,6 @@ _DROPPED_EVENTS = 15
 _DROPPED_LINKS = 16
 _UNSET = StatusCode.UNSET._value_
 _OK = StatusCode.OK._value_
-_ERROR = StatusCode.ERROR._value_
 
 
 class RecordingSpan(trace.Span):
