@@ -10,6 +10,9 @@ import sys
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import SpanLimits
 from opentelemetry.trace import (
     INVALID_SPAN_CONTEXT,
@@ -21,7 +24,13 @@ from opentelemetry.trace import (
 )
 
 from headrace.telemetry import spans
-from headrace.telemetry.spans import FinishedSpan, LeanTracer, RecordingSpan, parent_of
+from headrace.telemetry.spans import (
+    FinishedSpan,
+    LeanTracer,
+    RecordingSpan,
+    current_context,
+    parent_of,
+)
 
 END = 8
 SEED = 20261128
@@ -55,6 +64,9 @@ def test_the_extension_is_built_and_used() -> None:
     tracer = LeanTracer(1.0, [].append, SpanLimits())
     assert type(tracer.start_prepared).__name__ == "builtin_function_or_method"
     assert type(RecordingSpan.__dict__["end"]).__name__ == "method_descriptor"
+    assert spans.CONTEXT_ACCELERATED
+    assert type(tracer.start_current).__name__ == "builtin_function_or_method"
+    assert type(spans.end_current).__name__ == "builtin_function_or_method"
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.0])
@@ -167,3 +179,129 @@ def test_many_spans_leave_no_references_behind() -> None:
     gc.collect()
     after = [sys.getrefcount(thing) for thing in (prepared[0], name, state, parent)]
     assert after == before
+
+
+def _contexts() -> list[Context | None]:
+    """Contexts to start a child in: the current one (None) and explicit ones holding no
+    span, a RecordingSpan of another tracer, a remote parent (as extracted), an unsampled
+    one, and an invalid span; with another entry that must be kept."""
+    other = LeanTracer(1.0, [].append, SpanLimits())
+    recording = other.start_prepared("p", None, SpanKind.SERVER, other.prepare({}))
+    converted = other.start_prepared("q", None, SpanKind.SERVER, other.prepare({}))
+    converted.get_span_context()  # its context now a SpanContext, not a tuple
+    key = otel_context.create_key("headrace-test")
+    return [
+        None,
+        Context(),
+        Context({key: "kept"}),
+        trace.set_span_in_context(recording, Context({key: "kept"})),
+        trace.set_span_in_context(converted),
+        trace.set_span_in_context(NonRecordingSpan(PARENTS[2])),
+        trace.set_span_in_context(NonRecordingSpan(PARENTS[3])),
+        trace.set_span_in_context(NonRecordingSpan(PARENTS[4])),
+        trace.set_span_in_context(NonRecordingSpan(INVALID_SPAN_CONTEXT)),
+    ]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_c_and_python_start_current_and_end_current_alike(ratio: float) -> None:
+    fast, fast_finished, python, python_finished = _tracers(ratio)
+    prepared = fast.prepare({"model": "m"})
+    outer = current_context()
+    for context in _contexts():
+        for error in (None, ValueError("bad"), KeyboardInterrupt()):
+            made = []
+            for tracer, end_current in (
+                (fast, spans.end_current),
+                (python, spans._end_current),
+            ):
+                before = current_context()
+                span, token = tracer.start_current("op", context, SpanKind.CLIENT, prepared)
+                now = current_context()
+                assert trace.get_current_span(now) is span
+                base = before if context is None else context
+                assert {k: v for k, v in now.items() if k != spans._SPAN_KEY} == {
+                    k: v for k, v in base.items() if k != spans._SPAN_KEY
+                }
+                assert parent_of(now) == span.get_span_context()
+                end_current(span, token, error)
+                assert current_context() is before
+                made.append(span)
+            fast_span, python_span = made
+            assert type(fast_span) is type(python_span)
+            assert fast_span.get_span_context() == python_span.get_span_context()
+    assert current_context() is outer
+    assert len(fast_finished) == len(python_finished) == (24 if ratio == 1.0 else 12)
+    for fast_record, python_record in zip(fast_finished, python_finished, strict=True):
+        fast_record, python_record = list(fast_record), list(python_record)
+        fast_record[7] = python_record[7] = fast_record[8] = python_record[8] = 0  # times
+        fast_events, python_events = fast_record[10], python_record[10]
+        if fast_events:  # the exception event: its time and traceback's lines differ
+            assert [event[0] for event in fast_events] == [event[0] for event in python_events]
+            assert fast_events[0][2]["exception.message"] == "bad"
+            fast_record[10] = python_record[10] = None
+        assert fast_record == python_record
+
+
+def test_a_failing_call_is_recorded_on_its_span_and_a_cancellation_is_not() -> None:
+    finished: list[FinishedSpan] = []
+    tracer = LeanTracer(1.0, finished.append, SpanLimits())
+    prepared = tracer.prepare({})
+    for error in (ValueError("bad input"), KeyboardInterrupt()):
+        span, token = tracer.start_current("op", None, SpanKind.CLIENT, prepared)
+        spans.end_current(span, token, error)
+    failed, cancelled = finished
+    assert failed[12] == 2  # ERROR
+    assert failed[13] == "ValueError: bad input"
+    assert failed[10][0][0] == "exception"
+    assert cancelled[12] == 0
+    assert cancelled[10] is None
+
+
+def test_end_current_with_a_wrong_token_logs_and_still_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    finished: list[FinishedSpan] = []
+    tracer = LeanTracer(1.0, finished.append, SpanLimits())
+    span, token = tracer.start_current("op", None, SpanKind.CLIENT, tracer.prepare({}))
+    spans.end_current(span, token, None)
+    other, other_token = tracer.start_current("op2", None, SpanKind.CLIENT, tracer.prepare({}))
+    with caplog.at_level(logging.ERROR, logger="headrace.telemetry.spans"):
+        spans.end_current(other, token, None)  # used already
+        spans.end_current(NonRecordingSpan(PARENTS[2]), "not a token", None)
+    assert caplog.text.count("Failed to detach context") == 2
+    assert [record[0] for record in finished] == ["op", "op2"]
+    spans.end_current(NonRecordingSpan(PARENTS[2]), other_token, None)  # restores
+    assert not trace.get_current_span().is_recording()
+
+
+def test_start_current_and_end_current_leave_no_references_behind() -> None:
+    tracer = LeanTracer(0.5, lambda span: None, SpanLimits())
+    prepared = tracer.prepare({"model": "m"})
+    name = "another span name not interned elsewhere"
+    contexts = _contexts()
+
+    def run() -> None:
+        for index in range(10_000):
+            context = contexts[index % len(contexts)]
+            span, token = tracer.start_current(name, context, SpanKind.CLIENT, prepared)
+            spans.end_current(span, token, None if index % 3 else ValueError("x"))
+
+    run()
+    gc.collect()
+    before = [sys.getrefcount(thing) for thing in (prepared[0], name, *contexts[1:])]
+    run()
+    gc.collect()
+    after = [sys.getrefcount(thing) for thing in (prepared[0], name, *contexts[1:])]
+    assert after == before
+
+
+def test_start_current_and_end_current_refuse_wrong_arguments() -> None:
+    tracer = LeanTracer(1.0, [].append, SpanLimits())
+    with pytest.raises(TypeError, match="4 arguments"):
+        tracer.start_current("op", None, SpanKind.CLIENT)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="attributes"):
+        tracer.start_current("op", None, SpanKind.CLIENT, {"not": "prepared"})  # type: ignore[arg-type]
+    assert not trace.get_current_span().is_recording()  # nothing left current
+    with pytest.raises(TypeError, match="3 arguments"):
+        spans.end_current(None, None)  # type: ignore[call-arg]

@@ -1,5 +1,7 @@
 /* The lean tracer's per-span hot path in C: starting a span from prepared attributes
- * (`LeanTracer.start_prepared`) and ending it (`RecordingSpan.end`).
+ * (`LeanTracer.start_prepared`), starting one as the current span of a context
+ * (`LeanTracer.start_current`), ending it (`RecordingSpan.end`) and ending a current span
+ * (`end_current`).
  *
  * Optional: spans.py uses this module when it was built and imports, else its own Python
  * code, which defines the behaviour; tests/telemetry/test_fastspans.py checks that both give
@@ -32,8 +34,19 @@ static PyObject *str_to_header = NULL;  /* "to_header" */
 static PyObject *str_record = NULL;     /* "_record" */
 static PyObject *str_ended = NULL;      /* "_ended" */
 static PyObject *str_ending = NULL;     /* "ending" */
+static PyObject *str_end = NULL;       /* "end" */
 static PyObject *empty_string = NULL;
 static PyObject *zero = NULL;
+
+/* What `configure` was given: OpenTelemetry's current-context variable, the key of the
+ * current span in a context, the Context class, and the Python steps the C ones hand the
+ * rare cases to (spans.py: parent_of, _end_failed, detach_context). NULL until then. */
+static PyObject *context_variable = NULL;
+static PyObject *span_key = NULL;
+static PyObject *context_type = NULL;
+static PyObject *py_parent_of = NULL;
+static PyObject *py_end_failed = NULL;
+static PyObject *py_detach = NULL;
 
 #define SLOT(object, offset) (*(PyObject **)((char *)(object) + (offset)))
 
@@ -334,10 +347,99 @@ starter_start(Starter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *
     return new_span(self, data, context, shared);
 }
 
+/* The parent `start` takes for the span current in `context` (a new reference): its
+ * context where it is a RecordingSpan, None where there is none, else what spans.py's
+ * parent_of says (a NonRecordingSpan, a remote parent, another tracer's span). */
+static PyObject *
+parent_in(PyObject *context)
+{
+    if (PyDict_Check(context)) {
+        PyObject *current = PyDict_GetItemWithError(context, span_key);  /* borrowed */
+        if (current == NULL) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        if (Py_TYPE(current) == span_type) {
+            PyObject *parent = SLOT(current, off_context);
+            if (parent != NULL) {
+                return Py_NewRef(parent);
+            }
+        }
+    }
+    return PyObject_CallOneArg(py_parent_of, context);
+}
+
+/* start_current(name, context, kind, attributes): LeanTracer.start_current (see there). */
+static PyObject *
+starter_start_current(Starter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (context_variable == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() was not called");
+        return NULL;
+    }
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "start_current takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *context = args[1];
+    if (context == Py_None) {
+        if (PyContextVar_Get(context_variable, NULL, &context) < 0) {
+            return NULL;
+        }
+        if (context == NULL) {  /* no value and no default: an empty context */
+            context = PyObject_CallNoArgs(context_type);
+            if (context == NULL) {
+                return NULL;
+            }
+        }
+    }
+    else {
+        Py_INCREF(context);
+    }
+    PyObject *parent = parent_in(context);
+    if (parent == NULL) {
+        Py_DECREF(context);
+        return NULL;
+    }
+    PyObject *start_args[4] = {args[0], parent, args[2], args[3]};
+    PyObject *span = starter_start(self, start_args, 4, NULL);
+    Py_DECREF(parent);
+    if (span == NULL) {
+        Py_DECREF(context);
+        return NULL;
+    }
+    /* Context({**context, span_key: span}): a copy with the span current. */
+    PyObject *current = PyObject_CallOneArg(context_type, context);
+    Py_DECREF(context);
+    if (current == NULL || !PyDict_Check(current) ||
+        PyDict_SetItem(current, span_key, span) < 0) {
+        if (current != NULL && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "the Context class is not a dict");
+        }
+        Py_XDECREF(current);
+        Py_DECREF(span);
+        return NULL;
+    }
+    PyObject *token = PyContextVar_Set(context_variable, current);
+    Py_DECREF(current);
+    if (token == NULL) {
+        Py_DECREF(span);
+        return NULL;
+    }
+    PyObject *result = PyTuple_Pack(2, span, token);
+    Py_DECREF(span);
+    Py_DECREF(token);
+    return result;
+}
+
 static PyMethodDef starter_methods[] = {
     {"start", (PyCFunction)(void (*)(void))starter_start, METH_FASTCALL | METH_KEYWORDS,
      "start(name, parent, kind, attributes, start_time=None, shared=True): "
      "LeanTracer.start_prepared."},
+    {"start_current", (PyCFunction)(void (*)(void))starter_start_current, METH_FASTCALL,
+     "start_current(name, context, kind, attributes): LeanTracer.start_current."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -417,6 +519,72 @@ static PyMethodDef end_definition = {
     "end(end_time=None): end the span and hand its data to the tracer's recorder once.",
 };
 
+/* ---- end_current --------------------------------------------------------------------- */
+
+/* end_current(span, token, error): spans.end_current (see there). */
+static PyObject *
+end_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (context_variable == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() was not called");
+        return NULL;
+    }
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "end_current takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *span = args[0], *token = args[1], *error = args[2];
+    if (!PyContextToken_CheckExact(token) || PyContextVar_Reset(context_variable, token) < 0) {
+        /* Not this variable's token, or used before: the Python step logs it, as the API's
+         * detach does, and the span still ends. */
+        PyErr_Clear();
+        PyObject *result = PyObject_CallOneArg(py_detach, token);
+        if (result == NULL) {
+            return NULL;
+        }
+        Py_DECREF(result);
+    }
+    if (error != Py_None) {
+        return PyObject_CallFunctionObjArgs(py_end_failed, span, error, NULL);
+    }
+    if (Py_TYPE(span) == span_type) {
+        return span_end(span, NULL, 0, NULL);
+    }
+    return PyObject_CallMethodNoArgs(span, str_end);
+}
+
+/* configure(variable, span_key, context_type, parent_of, end_failed, detach): what
+ * start_current and end_current work with (see the module state above). */
+static PyObject *
+configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "configure takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(args[0]) || !PyUnicode_Check(args[1]) ||
+        !PyType_Check(args[2]) || !PyType_IsSubtype((PyTypeObject *)args[2], &PyDict_Type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure(ContextVar, str, a dict subclass, parent_of, end_failed, "
+                        "detach)");
+        return NULL;
+    }
+    for (Py_ssize_t index = 3; index < 6; index++) {
+        if (!PyCallable_Check(args[index])) {
+            PyErr_SetString(PyExc_TypeError, "configure: parent_of, end_failed and detach "
+                                             "must be callable");
+            return NULL;
+        }
+    }
+    Py_XSETREF(context_variable, Py_NewRef(args[0]));
+    Py_XSETREF(span_key, Py_NewRef(args[1]));
+    Py_XSETREF(context_type, Py_NewRef(args[2]));
+    Py_XSETREF(py_parent_of, Py_NewRef(args[3]));
+    Py_XSETREF(py_end_failed, Py_NewRef(args[4]));
+    Py_XSETREF(py_detach, Py_NewRef(args[5]));
+    Py_RETURN_NONE;
+}
+
 /* ---- install ------------------------------------------------------------------------ */
 
 static Py_ssize_t
@@ -461,6 +629,11 @@ install(PyObject *module, PyObject *type)
 static PyMethodDef module_methods[] = {
     {"install", install, METH_O,
      "install(RecordingSpan): read its slots; returns `end` as its method."},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
+     "configure(variable, span_key, context_type, parent_of, end_failed, detach): the "
+     "current context, for start_current and end_current."},
+    {"end_current", (PyCFunction)(void (*)(void))end_current, METH_FASTCALL,
+     "end_current(span, token, error): spans.end_current."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -483,10 +656,11 @@ PyInit__fastspans(void)
     str_record = PyUnicode_InternFromString("_record");
     str_ended = PyUnicode_InternFromString("_ended");
     str_ending = PyUnicode_InternFromString("ending");
+    str_end = PyUnicode_InternFromString("end");
     empty_string = PyUnicode_FromString("");
     zero = PyLong_FromLong(0);
     if (str_value == NULL || str_to_header == NULL || str_record == NULL || str_ended == NULL ||
-        str_ending == NULL || empty_string == NULL || zero == NULL) {
+        str_ending == NULL || str_end == NULL || empty_string == NULL || zero == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_definition);

@@ -22,5 +22,17 @@ class Starter:
         start_time: int | None = None,
         shared: bool = True,
     ) -> Any: ...
+    def start_current(
+        self, name: str, context: Any, kind: Any, attributes: tuple[dict[str, Any], int]
+    ) -> tuple[Any, object]: ...
 
 def install(span_type: type) -> Callable[..., None]: ...
+def configure(
+    variable: Any,
+    span_key: str,
+    context_type: type,
+    parent_of: Callable[[Any], Any],
+    end_failed: Callable[[Any, BaseException], None],
+    detach: Callable[[Any], None],
+) -> None: ...
+def end_current(span: Any, token: object, error: BaseException | None) -> None: ...

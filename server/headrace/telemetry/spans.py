@@ -26,6 +26,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from time import time_ns
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -74,15 +75,19 @@ Recorder = Callable[[FinishedSpan], None]
 
 
 def _runtime_context() -> tuple[
-    Callable[[], Context], Callable[[Context], Any], Callable[[Any], None]
+    Callable[[], Context],
+    Callable[[Context], Any],
+    Callable[[Any], None],
+    ContextVar[Context] | None,
 ]:
-    """(get, attach, detach) of OpenTelemetry's current context: its ContextVar's own methods
-    when the runtime context is the default contextvars one (what `otel_context.get_current`,
-    `attach` and `detach` end in, two Python calls deeper), else the API's functions."""
+    """(get, attach, detach, variable) of OpenTelemetry's current context: its ContextVar's
+    own methods when the runtime context is the default contextvars one (what
+    `otel_context.get_current`, `attach` and `detach` end in, two Python calls deeper), and
+    that variable; else the API's functions and None."""
     runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
     variable = getattr(runtime, "_current_context", None)
-    if type(runtime) is not ContextVarsRuntimeContext or variable is None:
-        return otel_context.get_current, otel_context.attach, otel_context.detach
+    if type(runtime) is not ContextVarsRuntimeContext or type(variable) is not ContextVar:
+        return otel_context.get_current, otel_context.attach, otel_context.detach, None
     reset = variable.reset
 
     def detach(token: Any) -> None:
@@ -91,10 +96,10 @@ def _runtime_context() -> tuple[
         except Exception:  # as the API's detach: a token of another context is logged
             _logger.exception("Failed to detach context")
 
-    return variable.get, variable.set, detach
+    return variable.get, variable.set, detach, variable
 
 
-current_context, attach_context, detach_context = _runtime_context()
+current_context, attach_context, detach_context, _CONTEXT_VARIABLE = _runtime_context()
 """OpenTelemetry's `context.get_current`, `attach` and `detach`, without their indirection:
 `trace.get_current_span()` sees what `attach_context` makes current."""
 
@@ -484,15 +489,37 @@ def make_current(span: trace.Span, context: Context) -> object:
     return attach_context(Context({**context, _SPAN_KEY: span}))
 
 
-def end_current(span: trace.Span, token: object, error: BaseException | None) -> None:
-    """Restore the context `make_current` replaced and end `span`; an `Exception` that
-    escaped while it was current (`error`) is recorded on it and sets its status to ERROR,
-    as `trace.use_span` does (a cancellation is not an error of the span's)."""
+def _end_current(span: trace.Span, token: object, error: BaseException | None) -> None:
+    """`end_current` in Python: restore the context `make_current` (or
+    `LeanTracer.start_current`) replaced and end `span`; an `Exception` that escaped while it
+    was current (`error`) is recorded on it and sets its status to ERROR, as `trace.use_span`
+    does (a cancellation is not an error of the span's)."""
     detach_context(token)
-    if error is not None and isinstance(error, Exception) and span.is_recording():
+    if error is None:
+        span.end()
+    else:
+        _end_failed(span, error)
+
+
+def _end_failed(span: trace.Span, error: BaseException) -> None:
+    """End `span`, which `error` escaped while it was current (`end_current`)."""
+    if isinstance(error, Exception) and span.is_recording():
         span.record_exception(error)
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
     span.end()
+
+
+end_current: Callable[[trace.Span, object, BaseException | None], None] = _end_current
+"""Restore the context `make_current` (or `LeanTracer.start_current`) replaced and end the
+span (see `_end_current`); in C where built (`CONTEXT_ACCELERATED`: the same steps)."""
+CONTEXT_ACCELERATED = _fastspans is not None and _CONTEXT_VARIABLE is not None
+"""Whether `LeanTracer.start_current` and `end_current` run in C (they need the default
+contextvars runtime context: another one is used through the API's functions, in Python)."""
+if _fastspans is not None and _CONTEXT_VARIABLE is not None:
+    _fastspans.configure(
+        _CONTEXT_VARIABLE, _SPAN_KEY, Context, parent_of, _end_failed, detach_context
+    )
+    end_current = _fastspans.end_current
 
 
 class LeanTracer(trace.Tracer):
@@ -517,9 +544,12 @@ class LeanTracer(trace.Tracer):
         if accelerated and _fastspans is not None:
             # The instance's own attribute, found before the class's method: no Python
             # frame between the caller and C.
-            self.start_prepared = _fastspans.Starter(  # type: ignore[method-assign]
+            starter = _fastspans.Starter(
                 self, self._getrandbits, _non_recording, _FLAGS, _NO_STATE, self._bound
-            ).start
+            )
+            self.start_prepared = starter.start  # type: ignore[method-assign]
+            if CONTEXT_ACCELERATED:
+                self.start_current = starter.start_current  # type: ignore[method-assign]
 
     def start_span(
         self,
@@ -646,6 +676,17 @@ class LeanTracer(trace.Tracer):
             self,
             shared,
         )
+
+    def start_current(
+        self, name: str, context: Context | None, kind: SpanKind, attributes: Prepared
+    ) -> tuple[trace.Span, object]:
+        """Start a span (`start_prepared`) whose parent is the span current in `context`
+        (None: the current context) and make it current in a copy of that context: (span,
+        token) for `end_current`. In C where built (`CONTEXT_ACCELERATED`)."""
+        if context is None:
+            context = current_context()
+        span = self.start_prepared(name, parent_of(context), kind, attributes)
+        return span, make_current(span, context)
 
     @contextlib.contextmanager
     def start_as_current_span(  # type: ignore[override]

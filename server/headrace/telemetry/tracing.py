@@ -34,7 +34,6 @@ from headrace.telemetry.spans import (
     Parent,
     Prepared,
     current_context,
-    make_current,
     parent_of,
 )
 
@@ -185,11 +184,7 @@ class ModelTracing:
     def start_backend(self) -> tuple[trace.Span, object]:
         """Start the CLIENT span of a backend call, child of the current span, and make it
         current: (span, token) for `spans.end_current` when the call ends."""
-        current = current_context()
-        span = self._tracer.start_prepared(
-            SPAN_BACKEND, parent_of(current), _CLIENT, self._prepared
-        )
-        return span, make_current(span, current)
+        return self._tracer.start_current(SPAN_BACKEND, None, _CLIENT, self._prepared)
 
 
 class BatchTrace:
@@ -236,10 +231,9 @@ class BatchTrace:
         """Start the backend call's CLIENT span, child of the batch span, and make it
         current: (span, token) for `spans.end_current` when the call ends."""
         model = self._model
-        span = model._tracer.start_prepared(
-            SPAN_BACKEND, parent_of(self._batch_context), _CLIENT, model._prepared
+        return model._tracer.start_current(
+            SPAN_BACKEND, self._batch_context, _CLIENT, model._prepared
         )
-        return span, make_current(span, self._batch_context)
 
     def end(self, error: BaseException | None) -> None:
         """End the batch span and record each request's part in it; `error` is what failed
