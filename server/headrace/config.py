@@ -572,9 +572,17 @@ class TracingSettings(_Frozen):
     export_delay_ms: int = Field(default=5000, ge=1)
     """Longest a finished span waits before it is exported (spans are exported in batches
     off the request path)."""
-    max_queued_spans: int = Field(default=2048, ge=1)
+    max_export_batch_spans: int = Field(default=4096, ge=1)
+    """Spans per OTLP export request at most. Spans are exported as soon as this many are
+    waiting (or `export_delay_ms` has passed); a request is also split where it would pass
+    3 MiB (an OTLP receiver takes 4 MiB by default). Each export costs the exporter and the
+    receiver a fixed few hundred microseconds of CPU whatever its size: larger batches,
+    fewer of them (the SDK exports 512 at a time, the Collector's batch processor 8192)."""
+    max_queued_spans: int = Field(default=16384, ge=1)
     """Finished spans waiting to be sent to the exporter process at most; beyond, new spans
-    are dropped (counted and logged), never waited for."""
+    are dropped (counted and logged), never waited for. Keep it a few times
+    `max_export_batch_spans` (the sender is woken at that many; this is the slack while it
+    sends)."""
     export_niceness: int = Field(default=0, ge=0, le=19)
     """Niceness added to the span exporter process (OTLP encoding and export run there, off
     the serving process). Above 0 it yields the CPU to serving under contention, and spans

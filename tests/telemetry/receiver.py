@@ -58,6 +58,8 @@ class SpanStore:
 
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.requests: list[tuple[int, int]] = []
+        """(spans, bytes) of each gRPC export request, in the order they came."""
         self._lock = threading.Lock()
 
     def record(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
@@ -68,6 +70,7 @@ class SpanStore:
                 received += [ReceivedSpan.of(span, resource) for span in scope_spans.spans]
         with self._lock:
             self.spans += received
+            self.requests.append((len(received), request.ByteSize()))
 
     def record_json(self, document: dict[str, Any]) -> None:
         """An OTLP/JSON export: ids are hex strings there, not protobuf JSON's base64."""

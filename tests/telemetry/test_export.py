@@ -22,7 +22,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from headrace.config import TracingSettings
-from headrace.telemetry.export import ExportProcess, OtlpEncoder, Scope, readable_spans
+from headrace.telemetry.export import (
+    MAX_REQUEST_BYTES,
+    ExportProcess,
+    OtlpEncoder,
+    Scope,
+    readable_spans,
+)
 from headrace.telemetry.spans import FinishedSpan
 from tests.telemetry.receiver import OtlpHttpReceiver, OtlpReceiver
 
@@ -193,6 +199,63 @@ def test_a_full_queue_drops_new_spans_and_keeps_the_rest() -> None:
     assert [span.name for span in received] == ["server", "child"]
 
 
+def test_the_chunks_of_one_send_go_out_as_one_request() -> None:
+    with OtlpReceiver() as receiver:
+        export = ExportProcess(
+            _settings(endpoint=receiver.endpoint, max_export_batch_spans=1500), SCOPE
+        )
+        for index in range(1200):  # below the batch: all sent at stop, in three chunks
+            export.queue.record(_span("s", index + 1))
+        export.stop()
+    assert receiver.requests[0][0] == 1200
+    assert len(receiver.requests) == 1
+
+
+def test_spans_short_of_a_batch_go_out_after_export_delay_ms() -> None:
+    with OtlpReceiver() as receiver:
+        export = ExportProcess(_settings(endpoint=receiver.endpoint, export_delay_ms=50), SCOPE)
+        try:
+            for span in SPANS:
+                export.queue.record(span)
+            deadline = time.monotonic() + 10
+            while len(receiver.in_trace(f"{TRACE_ID:032x}")) < 3:  # before any stop
+                assert time.monotonic() < deadline, "not exported within 10 s"
+                time.sleep(0.02)
+        finally:
+            export.stop()
+    assert receiver.requests[0][0] == 3
+
+
+def test_requests_hold_at_most_max_export_batch_spans() -> None:
+    with OtlpReceiver() as receiver:
+        export = ExportProcess(
+            _settings(
+                endpoint=receiver.endpoint, max_export_batch_spans=1500, max_queued_spans=20_000
+            ),
+            SCOPE,
+        )
+        for index in range(3200):  # the sender wakes at 1500 queued
+            export.queue.record(_span("s", index + 1))
+        export.stop()
+    counts = [spans for spans, _ in receiver.requests]
+    assert sum(counts) == 3200
+    assert max(counts) <= 1500
+    assert len(counts) >= 3
+    assert export.queue.dropped == 0
+
+
+def test_a_request_past_max_request_bytes_is_split() -> None:
+    big = "x" * (128 << 10)
+    with OtlpReceiver() as receiver:  # accepts 4 MiB, grpc's default
+        export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
+        for index in range(48):  # 6 MiB in all
+            export.queue.record(_span("big", index + 1, attributes={"blob": big, "i": index}))
+        export.stop()
+    assert sum(spans for spans, _ in receiver.requests) == 48
+    assert len(receiver.requests) > 1
+    assert max(size for _, size in receiver.requests) <= MAX_REQUEST_BYTES
+
+
 def test_a_dead_exporter_process_is_replaced_and_the_spans_still_go_out() -> None:
     with OtlpReceiver() as receiver:
         export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
@@ -239,7 +302,12 @@ def test_shutdown_gives_up_on_a_collector_that_does_not_answer() -> None:
     with _SilentReceiver() as receiver:
         try:
             export = ExportProcess(
-                _settings(endpoint=receiver.endpoint, export_timeout_s=1, max_queued_spans=20_000),
+                _settings(
+                    endpoint=receiver.endpoint,
+                    export_timeout_s=1,
+                    max_queued_spans=20_000,
+                    max_export_batch_spans=512,
+                ),
                 SCOPE,
             )
             # 20 exports of 1 s each, more than stop waits; distinct spans fill the pipe.

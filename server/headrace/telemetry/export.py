@@ -2,11 +2,15 @@
 are encoded and exported here, off the serving process's GIL.
 
 The serving process keeps a bounded queue of finished spans (`spans.SpanQueue`) and one sender
-thread that, every `export_delay_ms` or as soon as a batch is full, pickles a batch of tuples
-and writes it to a pipe (blocking on a full pipe only itself: the queue then fills and new
+thread that, every `export_delay_ms` or as soon as `max_export_batch_spans` are waiting,
+pickles them in chunks of `CHUNK_SPANS` (each a short hold of the GIL) and writes them to a
+pipe, then a flush marker (blocking on a full pipe only itself: the queue then fills and new
 spans are dropped and counted, never waited for). The process, spawned at start-up and
-stopped at shutdown (after exporting what it was sent), encodes each batch as an OTLP
-`ExportTraceServiceRequest` and sends it with the configured exporter: OTLP gRPC through the
+stopped at shutdown (after exporting what it was sent), gathers the chunks up to each flush
+and exports them in requests of at most `max_export_batch_spans` spans and
+`MAX_REQUEST_BYTES` (an OTLP `ExportTraceServiceRequest` each: an export costs a fixed few
+hundred microseconds of CPU on both ends, so fewer, larger ones) with the configured
+exporter: OTLP gRPC through the
 SDK's exporter (its endpoint, headers, TLS, compression and retry rules) with the request
 encoded here straight from the tuples, which costs a few microseconds a span where the SDK's
 encoder costs tens; OTLP HTTP and console through the SDK's exporters, given the SDK's
@@ -32,8 +36,15 @@ from headrace.config import TracingSettings
 from headrace.telemetry.spans import FinishedSpan, SpanQueue
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-BATCH_SPANS = 512
-"""Spans per batch sent to the exporter process, and per export (the SDK's default)."""
+CHUNK_SPANS = 512
+"""Spans pickled and written to the exporter process at a time (the sender holds the GIL
+while it pickles one chunk, about 0.2 ms)."""
+FLUSH = b"F"
+"""The sender's message after the chunks of one wake-up: export what you hold. (A pickle is
+never one byte; an empty message means stop.)"""
+MAX_REQUEST_BYTES = 3 << 20
+"""An export request larger than this is split in two (OTLP receivers accept 4 MiB by
+default: grpc's and the Collector's limit)."""
 STOP_MARGIN_S = 5.0
 """How much longer than one export's timeout shutdown waits for the process."""
 
@@ -63,7 +74,10 @@ class ExportProcess:
     def __init__(self, settings: TracingSettings, scope: Scope) -> None:
         self._settings = settings
         self._scope = scope
-        self.queue = SpanQueue(settings.max_queued_spans, BATCH_SPANS)
+        self.queue = SpanQueue(
+            settings.max_queued_spans,
+            min(settings.max_export_batch_spans, settings.max_queued_spans),
+        )
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._connection: Connection | None = None
@@ -101,19 +115,24 @@ class ExportProcess:
             if not stopping:
                 queue.ready.wait(delay_s)
                 queue.ready.clear()
+            sent = False
             while len(queue):
-                self._send(queue.take(BATCH_SPANS))
+                sent = self._send(queue.take(CHUNK_SPANS)) or sent
+            if sent:
+                self._send_flush()
             self._report_dropped()
             if stopping:
                 return
 
-    def _send(self, batch: list[FinishedSpan]) -> None:
+    def _send(self, chunk: list[FinishedSpan]) -> bool:
+        """Write `chunk` to the exporter process; whether it was written (else its spans
+        are counted as dropped)."""
         try:
-            payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # an attribute value that cannot be pickled: never kill the sender
-            _logger.exception("tracing: a batch of %d spans could not be sent", len(batch))
-            self.queue.dropped += len(batch)
-            return
+            _logger.exception("tracing: a batch of %d spans could not be sent", len(chunk))
+            self.queue.dropped += len(chunk)
+            return False
         for attempt in range(2):
             process, connection = self._process, self._connection
             if process is None or connection is None:
@@ -121,14 +140,22 @@ class ExportProcess:
             try:
                 connection.send_bytes(payload)
             except (OSError, ValueError):
-                # The process died (killed, out of memory): the next one takes the spans.
+                # The process died (killed, out of memory): the next one takes the spans
+                # (what the dead one held unexported is lost).
                 _logger.error("tracing: the span exporter process died; starting another")
                 self._discard()
                 if attempt == 0 and not self._abandoned:
                     self._start_process()
             else:
-                return
-        self.queue.dropped += len(batch)
+                return True
+        self.queue.dropped += len(chunk)
+        return False
+
+    def _send_flush(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(OSError, ValueError):  # gone: `_send` finds out next
+                connection.send_bytes(FLUSH)
 
     def _report_dropped(self) -> None:
         dropped = self.queue.dropped
@@ -192,21 +219,38 @@ def _serve(connection: Connection, settings: TracingSettings, scope: Scope) -> N
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     export = _exporter(settings, scope)
+    held: list[FinishedSpan] = []
     try:
         while True:
             try:
                 message = connection.recv_bytes()
             except (EOFError, OSError):
-                return  # the serving process is gone
+                message = b""  # the serving process is gone: export what is held
+            if message and message != FLUSH:
+                try:
+                    held.extend(pickle.loads(message))
+                except Exception:
+                    _logger.exception("tracing: a batch of spans could not be read")
+                if len(held) < settings.max_export_batch_spans:
+                    continue
+            _export_held(export, held, settings.max_export_batch_spans)
+            held = []
             if not message:
                 return
-            try:
-                export(pickle.loads(message))
-            except Exception:
-                _logger.exception("tracing: a batch of spans could not be exported")
     finally:
         with contextlib.suppress(Exception):
             export.shutdown()
+
+
+def _export_held(export: _Export, held: list[FinishedSpan], batch_spans: int) -> None:
+    """Export `held` in requests of at most `batch_spans` spans (each split further by
+    the exporter where its bytes pass `MAX_REQUEST_BYTES`)."""
+    for first in range(0, len(held), batch_spans):
+        batch = held[first : first + batch_spans]
+        try:
+            export(batch)
+        except Exception:
+            _logger.exception("tracing: a batch of %d spans could not be exported", len(batch))
 
 
 class _Export:
@@ -281,7 +325,13 @@ class _GrpcExport(_Export):
         self._encoder = OtlpEncoder(scope)
 
     def __call__(self, spans: Sequence[FinishedSpan]) -> None:
-        self._exporter.export(EncodedSpans(self._encoder.encode(spans), len(spans)))  # type: ignore[arg-type]
+        payload = self._encoder.encode(spans)
+        if len(payload) > MAX_REQUEST_BYTES and len(spans) > 1:
+            half = len(spans) // 2
+            self(spans[:half])
+            self(spans[half:])
+            return
+        self._exporter.export(EncodedSpans(payload, len(spans)))  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         self._exporter.shutdown()
