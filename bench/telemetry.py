@@ -203,6 +203,7 @@ def run(options: TelemetryOptions, results_dir: Path, stamp: str) -> dict[str, A
         summary[side]["requests_per_s_vs_off"] = _ratio(
             summary[side]["requests_per_s"], base["requests_per_s"]
         )
+        summary[side]["requests_per_s_vs_off_by_round"] = _by_round(trials, side)
         summary[side]["server_cpu_vs_off"] = _ratio(
             summary[side]["server_cpu_ms_per_request"], base["server_cpu_ms_per_request"]
         )
@@ -222,6 +223,19 @@ def run(options: TelemetryOptions, results_dir: Path, stamp: str) -> dict[str, A
         "spans_received": spans_received,
         "otlp_exports": exports,
     }
+
+
+def _by_round(trials: list[dict[str, Any]], side: str) -> list[float | None]:
+    """`side` / off requests/s within each rotation (a trial of every side, back to back):
+    pairs close in time, which the machine's slower drifts affect alike."""
+    rounds: list[float | None] = []
+    for first in range(0, len(trials), len(SIDES)):
+        rates = {
+            trial["side"]: trial["load"]["requests_per_s"]
+            for trial in trials[first : first + len(SIDES)]
+        }
+        rounds.append(_ratio(rates.get(side), rates.get(OFF)))
+    return rounds
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -255,6 +269,14 @@ def render(report: dict[str, Any]) -> str:
             f"| {number(row['server_cpu_ms_per_request'], 3)} "
             f"| {number(row.get('server_cpu_vs_off'), 2)} "
             f"| {number(row.get('server_cpu_us_added_per_request'), 0)} | {row['errors']} |"
+        )
+    lines.append("")
+    for side in (TRACING, METRICS):
+        rounds = summary[side].get("requests_per_s_vs_off_by_round") or []
+        lines.append(
+            f"{LABELS[side]} / off, round by round: "
+            + ", ".join(number(ratio, 2) for ratio in rounds)
+            + "."
         )
     lines += [
         "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from collections import deque
 from typing import Any
 
 import pytest
@@ -67,6 +68,7 @@ def test_the_extension_is_built_and_used() -> None:
     assert spans.CONTEXT_ACCELERATED
     assert type(tracer.start_current).__name__ == "builtin_function_or_method"
     assert type(spans.end_current).__name__ == "builtin_function_or_method"
+    assert type(spans.SpanQueue(10, 5).record).__name__ == "builtin_function_or_method"
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.0])
@@ -305,3 +307,46 @@ def test_start_current_and_end_current_refuse_wrong_arguments() -> None:
     assert not trace.get_current_span().is_recording()  # nothing left current
     with pytest.raises(TypeError, match="3 arguments"):
         spans.end_current(None, None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("accelerated", [True, False], ids=["c", "python"])
+def test_the_span_queue_keeps_up_to_max_queued_wakes_at_a_batch_and_counts_drops(
+    accelerated: bool,
+) -> None:
+    queue = spans.SpanQueue(5, 3, accelerated=accelerated)
+    assert (type(queue.record).__name__ == "builtin_function_or_method") == accelerated
+    records: list[FinishedSpan] = [[index] for index in range(8)]
+    for index, record in enumerate(records[:3]):
+        assert not queue.ready.is_set()
+        queue.record(record)
+        assert queue.ready.is_set() == (index == 2)  # the third fills a batch
+    queue.ready.clear()
+    for record in records[3:]:
+        queue.record(record)
+    assert not queue.ready.is_set()  # not again on the way past a batch
+    assert len(queue) == 5
+    assert queue.dropped == 3
+    queue.dropped += 2  # the sender's count of spans it could not send
+    assert queue.dropped == 5
+    assert queue.take(4) == records[:4]
+    queue.record(records[0])
+    assert queue.take(10) == [records[4], records[0]]
+    gc.collect()
+    before = [sys.getrefcount(record) for record in records]
+    for _ in range(1000):
+        for record in records:
+            queue.record(record)
+        queue.take(10)
+    gc.collect()
+    assert [sys.getrefcount(record) for record in records] == before
+
+
+def test_the_recorder_refuses_wrong_arguments() -> None:
+    from headrace.telemetry import _fastspans
+
+    with pytest.raises(ValueError, match="max_queued"):
+        _fastspans.Recorder(deque(), lambda: None, 0, 1)
+    with pytest.raises(ValueError, match="wake"):
+        _fastspans.Recorder(deque(), "not callable", 1, 1)
+    with pytest.raises(AttributeError):
+        _fastspans.Recorder(object(), lambda: None, 1, 1)

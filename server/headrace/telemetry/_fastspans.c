@@ -1,7 +1,7 @@
 /* The lean tracer's per-span hot path in C: starting a span from prepared attributes
  * (`LeanTracer.start_prepared`), starting one as the current span of a context
- * (`LeanTracer.start_current`), ending it (`RecordingSpan.end`) and ending a current span
- * (`end_current`).
+ * (`LeanTracer.start_current`), ending it (`RecordingSpan.end`), ending a current span
+ * (`end_current`) and queueing it for export (`SpanQueue.record`).
  *
  * Optional: spans.py uses this module when it was built and imports, else its own Python
  * code, which defines the behaviour; tests/telemetry/test_fastspans.py checks that both give
@@ -519,6 +519,127 @@ static PyMethodDef end_definition = {
     "end(end_time=None): end the span and hand its data to the tracer's recorder once.",
 };
 
+/* ---- Recorder: SpanQueue's record ----------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *append;      /* the queue's deque.append */
+    PyObject *spans;       /* the deque */
+    PyObject *wake;        /* the sender's Event.set */
+    Py_ssize_t max_queued;
+    Py_ssize_t batch_size;
+    Py_ssize_t dropped;
+} Recorder;
+
+static int
+recorder_traverse(Recorder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->append);
+    Py_VISIT(self->spans);
+    Py_VISIT(self->wake);
+    return 0;
+}
+
+static int
+recorder_clear(Recorder *self)
+{
+    Py_CLEAR(self->append);
+    Py_CLEAR(self->spans);
+    Py_CLEAR(self->wake);
+    return 0;
+}
+
+static void
+recorder_dealloc(Recorder *self)
+{
+    PyObject_GC_UnTrack(self);
+    recorder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+recorder_init(Recorder *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"spans", "wake", "max_queued", "batch_size", NULL};
+    PyObject *spans, *wake;
+    Py_ssize_t max_queued, batch_size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOnn", names, &spans, &wake, &max_queued,
+                                     &batch_size)) {
+        return -1;
+    }
+    if (!PyCallable_Check(wake) || max_queued < 1 || batch_size < 1) {
+        PyErr_SetString(PyExc_ValueError,
+                        "Recorder(deque, wake callable, max_queued >= 1, batch_size >= 1)");
+        return -1;
+    }
+    PyObject *append = PyObject_GetAttrString(spans, "append");
+    if (append == NULL) {
+        return -1;
+    }
+    recorder_clear(self);
+    self->append = append;
+    self->spans = Py_NewRef(spans);
+    self->wake = Py_NewRef(wake);
+    self->max_queued = max_queued;
+    self->batch_size = batch_size;
+    self->dropped = 0;
+    return 0;
+}
+
+/* record(span): SpanQueue's _Recorder.__call__ (see there). */
+static PyObject *
+recorder_record(Recorder *self, PyObject *span)
+{
+    Py_ssize_t queued = PyObject_Length(self->spans);
+    if (queued < 0) {
+        return NULL;
+    }
+    if (queued >= self->max_queued) {
+        self->dropped++;
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyObject_CallOneArg(self->append, span);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    if (queued + 1 == self->batch_size) {
+        result = PyObject_CallNoArgs(self->wake);
+        if (result == NULL) {
+            return NULL;
+        }
+        Py_DECREF(result);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef recorder_methods[] = {
+    {"record", (PyCFunction)recorder_record, METH_O,
+     "record(span): queue a finished span, or count it dropped when the queue is full."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef recorder_members[] = {
+    {"dropped", T_PYSSIZET, offsetof(Recorder, dropped), 0,
+     "Spans dropped because the queue was full (and any the sender adds)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject RecorderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "headrace.telemetry._fastspans.Recorder",
+    .tp_doc = "A SpanQueue's record (see spans._Recorder).",
+    .tp_basicsize = sizeof(Recorder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)recorder_init,
+    .tp_dealloc = (destructor)recorder_dealloc,
+    .tp_traverse = (traverseproc)recorder_traverse,
+    .tp_clear = (inquiry)recorder_clear,
+    .tp_methods = recorder_methods,
+    .tp_members = recorder_members,
+};
+
 /* ---- end_current --------------------------------------------------------------------- */
 
 /* end_current(span, token, error): spans.end_current (see there). */
@@ -648,7 +769,7 @@ static struct PyModuleDef module_definition = {
 PyMODINIT_FUNC
 PyInit__fastspans(void)
 {
-    if (PyType_Ready(&StarterType) < 0) {
+    if (PyType_Ready(&StarterType) < 0 || PyType_Ready(&RecorderType) < 0) {
         return NULL;
     }
     str_value = PyUnicode_InternFromString("_value_");
@@ -667,7 +788,8 @@ PyInit__fastspans(void)
     if (module == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(module, "Starter", (PyObject *)&StarterType) < 0) {
+    if (PyModule_AddObjectRef(module, "Starter", (PyObject *)&StarterType) < 0 ||
+        PyModule_AddObjectRef(module, "Recorder", (PyObject *)&RecorderType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -32,7 +32,7 @@ from headrace.telemetry.spans import (
     Prepared,
     RecordingSpan,
     attach_context,
-    detach_context,
+    end_current,
     parent_of,
 )
 
@@ -330,8 +330,6 @@ def _finish(
     context: grpc.aio.ServicerContext[Any, Any],
     error: BaseException | None,
 ) -> None:
-    if token is not None:
-        detach_context(token)
     code = context.code()
     if type(code) is not _STATUS_CODE:  # None until the handler sets one
         if error is None:
@@ -351,7 +349,10 @@ def _finish(
     if number in _SERVER_ERROR_NUMBERS:
         details = context.details() or ""
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}".rstrip(": ")))
-    span.end()
+    if token is not None:
+        end_current(span, token, None)  # the context restored, then the span ended
+    else:
+        span.end()
 
 
 def _unary(behaviour: Behaviour, start: _Start) -> Behaviour:

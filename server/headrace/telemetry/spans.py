@@ -871,22 +871,24 @@ _NO_ATTRIBUTES: dict[str, Any] = {}
 """The attributes of links made here (never changed)."""
 
 
-class SpanQueue:
-    """Finished spans waiting for the exporter process: a bounded deque filled by whichever
-    thread ends a span (append only: no lock, no wait) and drained by the sender thread.
-    Beyond `max_queued` spans, new ones are dropped and counted."""
+class _Recorder:
+    """`SpanQueue.record` in Python (the C `_fastspans.Recorder` where built: the same
+    steps, and no Python frame for each span that ends)."""
 
-    def __init__(self, max_queued: int, batch_size: int) -> None:
-        self._spans: deque[FinishedSpan] = deque()
+    __slots__ = ("_batch_size", "_max_queued", "_spans", "_wake", "dropped")
+
+    def __init__(
+        self,
+        spans: deque[FinishedSpan],
+        wake: Callable[[], None],
+        max_queued: int,
+        batch_size: int,
+    ) -> None:
+        self._spans = spans
+        self._wake = wake
         self._max_queued = max_queued
         self._batch_size = batch_size
         self.dropped = 0
-        """Spans dropped because the queue was full, since start-up."""
-        self.ready = threading.Event()
-        """Set when a batch is full: the sender need not wait for its timer."""
-
-    def __len__(self) -> int:
-        return len(self._spans)
 
     def record(self, span: FinishedSpan) -> None:
         spans = self._spans
@@ -896,7 +898,36 @@ class SpanQueue:
             return
         spans.append(span)
         if queued + 1 == self._batch_size:
-            self.ready.set()
+            self._wake()
+
+
+class SpanQueue:
+    """Finished spans waiting for the exporter process: a bounded deque filled by whichever
+    thread ends a span (append only: no lock, no wait) and drained by the sender thread.
+    Beyond `max_queued` spans, new ones are dropped and counted."""
+
+    def __init__(self, max_queued: int, batch_size: int, accelerated: bool = ACCELERATED) -> None:
+        """`accelerated`: `record` in C (where built), else in Python."""
+        self._spans: deque[FinishedSpan] = deque()
+        self.ready = threading.Event()
+        """Set when a batch is full: the sender need not wait for its timer."""
+        recorder_type = _fastspans.Recorder if accelerated and _fastspans is not None else _Recorder
+        self._recorder = recorder_type(self._spans, self.ready.set, max_queued, batch_size)
+        self.record: Recorder = self._recorder.record
+        """Queue a finished span (the tracer's recorder), or count it dropped when full."""
+
+    @property
+    def dropped(self) -> int:
+        """Spans dropped because the queue was full (or, counted by the sender, because
+        they could not be sent), since start-up."""
+        return self._recorder.dropped
+
+    @dropped.setter
+    def dropped(self, value: int) -> None:
+        self._recorder.dropped = value
+
+    def __len__(self) -> int:
+        return len(self._spans)
 
     def take(self, count: int) -> list[FinishedSpan]:
         """Up to `count` of the oldest spans (sender thread only)."""

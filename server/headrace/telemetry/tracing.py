@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -117,7 +118,7 @@ _CLIENT = SpanKind.CLIENT
 class ModelTracing:
     """The spans of one model version's queue, batches and backend calls."""
 
-    __slots__ = ("_attributes", "_prepared", "_sets", "_tracer")
+    __slots__ = ("_attributes", "_prepared", "_sets", "_tracer", "start_backend")
 
     def __init__(self, tracer: LeanTracer, spec: ModelSpec) -> None:
         self._tracer = tracer
@@ -127,6 +128,12 @@ class ModelTracing:
         }
         self._prepared = tracer.prepare(self._attributes)
         """The backend span's attributes, checked against the limits once."""
+        self.start_backend: Callable[[], tuple[trace.Span, object]] = partial(
+            tracer.start_current, SPAN_BACKEND, None, _CLIENT, self._prepared
+        )
+        """Start the CLIENT span of a backend call, child of the current span, and make it
+        current: (span, token) for `spans.end_current` when the call ends. (A partial: no
+        Python frame between the caller and `start_current`.)"""
         self._sets: dict[tuple[str, int, int], Prepared] = {}
         """The queue, batch-request and batch spans' attribute sets by span name and item
         (and request) counts, checked once and shared by the spans that have them."""
@@ -180,11 +187,6 @@ class ModelTracing:
         trace context, time waited in the queue (seconds) and items. Records their queue
         spans, which end now."""
         return BatchTrace(self, members)
-
-    def start_backend(self) -> tuple[trace.Span, object]:
-        """Start the CLIENT span of a backend call, child of the current span, and make it
-        current: (span, token) for `spans.end_current` when the call ends."""
-        return self._tracer.start_current(SPAN_BACKEND, None, _CLIENT, self._prepared)
 
 
 class BatchTrace:
