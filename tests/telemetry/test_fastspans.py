@@ -145,6 +145,20 @@ def test_a_span_ends_once_and_a_second_end_is_logged(
     assert "ending on an ended span (op)" in caplog.text
 
 
+def test_the_garbage_collector_leaves_ended_spans_data_alone() -> None:
+    """Finished spans wait in the export queue by thousands: C's `end` takes their lists
+    out of the collector's generations (they hold no cycles); what they refer to stays
+    tracked."""
+    finished: list[FinishedSpan] = []
+    tracer = LeanTracer(1.0, finished.append, SpanLimits())
+    prepared = tracer.prepare({"k": ("a", "b")})  # a container value: a tracked dict
+    span = tracer.start_prepared("op", None, SpanKind.INTERNAL, prepared)
+    assert gc.is_tracked(span._data)
+    span.end()
+    assert not gc.is_tracked(finished[0])
+    assert gc.is_tracked(finished[0][9])  # the attribute dict
+
+
 def test_a_recorder_that_fails_fails_the_end_call() -> None:
     def record(span: FinishedSpan) -> None:
         raise RuntimeError("recorder down")

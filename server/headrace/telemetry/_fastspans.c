@@ -501,6 +501,14 @@ span_end(PyObject *span, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     PyObject *previous = PyList_GET_ITEM(data, F_END);
     PyList_SET_ITEM(data, F_END, end);
     Py_DECREF(previous);
+    /* The list is final now (a FinishedSpan is never changed once ended) and holds no
+     * reference cycle (names, ids, times, attribute values, which are never containers of
+     * it): the garbage collector need not walk it, nor the thousands that wait in the
+     * export queue, in every collection until they are sent. What it refers to stays
+     * tracked where it was. */
+    if (PyObject_GC_IsTracked(data)) {
+        PyObject_GC_UnTrack(data);
+    }
     PyObject *record = PyObject_GetAttr(SLOT(span, off_tracer), str_record);
     if (record == NULL) {
         return NULL;
