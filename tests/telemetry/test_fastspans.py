@@ -65,6 +65,7 @@ def test_the_extension_is_built_and_used() -> None:
     tracer = LeanTracer(1.0, [].append, SpanLimits())
     assert type(tracer.start_prepared).__name__ == "builtin_function_or_method"
     assert type(RecordingSpan.__dict__["end"]).__name__ == "method_descriptor"
+    assert type(RecordingSpan.__dict__["set_prepared_attribute"]).__name__ == "method_descriptor"
     assert spans.CONTEXT_ACCELERATED
     assert type(tracer.start_current).__name__ == "builtin_function_or_method"
     assert type(spans.end_current).__name__ == "builtin_function_or_method"
@@ -364,3 +365,51 @@ def test_the_recorder_refuses_wrong_arguments() -> None:
         _fastspans.Recorder(deque(), "not callable", 1, 1)
     with pytest.raises(AttributeError):
         _fastspans.Recorder(object(), lambda: None, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "set_prepared",
+    [RecordingSpan.set_prepared_attribute, RecordingSpan._set_prepared_attribute],
+    ids=["c", "python"],
+)
+def test_set_prepared_attribute_shares_a_variant_per_value_or_falls_back(
+    set_prepared: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    finished: list[FinishedSpan] = []
+    tracer = LeanTracer(1.0, finished.append, SpanLimits(max_attributes=3))
+    base = tracer.prepare({"a": 1, "b": 2})
+    variants: dict[Any, Any] = {}
+
+    def start() -> RecordingSpan:
+        span = tracer.start_prepared("op", None, SpanKind.SERVER, base)
+        assert isinstance(span, RecordingSpan)
+        return span
+
+    first, second, third = start(), start(), start()
+    set_prepared(first, base, "code", 0, variants)  # makes the variant for 0
+    set_prepared(second, base, "code", 0, variants)  # takes it
+    set_prepared(third, base, "code", 5, variants)
+    assert first._data[9] is second._data[9] is variants[0][0]
+    assert first._data[9] == {"a": 1, "b": 2, "code": 0}
+    assert third._data[9] == {"a": 1, "b": 2, "code": 5}
+    assert base[0] == {"a": 1, "b": 2}  # never changed
+
+    changed = start()
+    changed.set_attribute("c", 3)  # its own dict now, at the limit of 3
+    set_prepared(changed, base, "code", 0, variants)
+    assert changed._data[9] == {"b": 2, "c": 3, "code": 0}  # the oldest evicted
+    assert changed._data[14] == 1
+
+    other = start()
+    set_prepared(other, tracer.prepare({"z": 1}), "code", 0, variants)  # not its set
+    assert other._data[9] == {"a": 1, "b": 2, "code": 0}
+    assert other._data[9] is not variants[0][0]
+
+    ended = start()
+    ended.end()
+    with caplog.at_level(logging.WARNING, logger="headrace.telemetry.spans"):
+        set_prepared(ended, base, "code", 0, variants)
+    assert ended._data[9] is base[0]
+    assert "setting an attribute on an ended span (op)" in caplog.text
+    with pytest.raises(TypeError):
+        set_prepared(start(), base, "code", 0)

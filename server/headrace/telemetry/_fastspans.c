@@ -35,6 +35,7 @@ static PyObject *str_record = NULL;     /* "_record" */
 static PyObject *str_ended = NULL;      /* "_ended" */
 static PyObject *str_ending = NULL;     /* "ending" */
 static PyObject *str_end = NULL;       /* "end" */
+static PyObject *str_set_prepared = NULL;  /* "_set_prepared_attribute" */
 static PyObject *empty_string = NULL;
 static PyObject *zero = NULL;
 
@@ -527,6 +528,54 @@ static PyMethodDef end_definition = {
     "end(end_time=None): end the span and hand its data to the tracer's recorder once.",
 };
 
+/* ---- RecordingSpan.set_prepared_attribute ---------------------------------------------- */
+
+/* set_prepared_attribute(self, base, key, value, variants): RecordingSpan's (see there).
+ * The common case here, a variant already made, swapped in; anything else (the first of a
+ * value, a span changed since it started) by the Python method, `_set_prepared_attribute`. */
+static PyObject *
+span_set_prepared(PyObject *span, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "set_prepared_attribute takes 4 arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    PyObject *base = args[0], *value = args[2], *variants = args[3];
+    PyObject *data = SLOT(span, off_data);
+    if (data != NULL && PyList_CheckExact(data) && PyList_GET_SIZE(data) == F_COUNT &&
+        SLOT(span, off_shared) == Py_True && PyTuple_Check(base) &&
+        PyTuple_GET_SIZE(base) == 2 && PyList_GET_ITEM(data, F_ATTRIBUTES) ==
+        PyTuple_GET_ITEM(base, 0) && PyList_GET_ITEM(data, F_END) == Py_None &&
+        PyDict_CheckExact(variants)) {
+        PyObject *variant = PyDict_GetItemWithError(variants, value);  /* borrowed */
+        if (variant == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (variant != NULL && PyTuple_CheckExact(variant) && PyTuple_GET_SIZE(variant) == 2) {
+            PyObject *attributes = PyList_GET_ITEM(data, F_ATTRIBUTES);
+            PyObject *dropped = PyList_GET_ITEM(data, F_DROPPED_ATTRIBUTES);
+            PyList_SET_ITEM(data, F_ATTRIBUTES, Py_NewRef(PyTuple_GET_ITEM(variant, 0)));
+            PyList_SET_ITEM(data, F_DROPPED_ATTRIBUTES, Py_NewRef(PyTuple_GET_ITEM(variant, 1)));
+            Py_DECREF(attributes);
+            Py_DECREF(dropped);
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *method = PyObject_GetAttr(span, str_set_prepared);
+    if (method == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Vectorcall(method, args, nargs, NULL);
+    Py_DECREF(method);
+    return result;
+}
+
+static PyMethodDef set_prepared_definition = {
+    "set_prepared_attribute", (PyCFunction)(void (*)(void))span_set_prepared, METH_FASTCALL,
+    "set_prepared_attribute(base, key, value, variants): see RecordingSpan.",
+};
+
 /* ---- Recorder: SpanQueue's record ----------------------------------------------------- */
 
 typedef struct {
@@ -732,8 +781,8 @@ slot_offset(PyTypeObject *type, const char *name)
     return member->offset;
 }
 
-/* install(RecordingSpan): read its slots' offsets; returns the C `end` as a method
- * descriptor of that class, for spans.py to set as RecordingSpan.end. */
+/* install(RecordingSpan): read its slots' offsets; returns the C `end` and
+ * `set_prepared_attribute` as method descriptors of that class, for spans.py to set on it. */
 static PyObject *
 install(PyObject *module, PyObject *type)
 {
@@ -752,12 +801,23 @@ install(PyObject *module, PyObject *type)
     off_context = context;
     off_tracer = tracer;
     off_shared = shared;
-    return PyDescr_NewMethod(cls, &end_definition);
+    PyObject *end = PyDescr_NewMethod(cls, &end_definition);
+    PyObject *set_prepared = PyDescr_NewMethod(cls, &set_prepared_definition);
+    if (end == NULL || set_prepared == NULL) {
+        Py_XDECREF(end);
+        Py_XDECREF(set_prepared);
+        return NULL;
+    }
+    PyObject *result = PyTuple_Pack(2, end, set_prepared);
+    Py_DECREF(end);
+    Py_DECREF(set_prepared);
+    return result;
 }
 
 static PyMethodDef module_methods[] = {
     {"install", install, METH_O,
-     "install(RecordingSpan): read its slots; returns `end` as its method."},
+     "install(RecordingSpan): read its slots; returns (end, set_prepared_attribute), its "
+     "methods."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(variable, span_key, context_type, parent_of, end_failed, detach): the "
      "current context, for start_current and end_current."},
@@ -786,10 +846,11 @@ PyInit__fastspans(void)
     str_ended = PyUnicode_InternFromString("_ended");
     str_ending = PyUnicode_InternFromString("ending");
     str_end = PyUnicode_InternFromString("end");
+    str_set_prepared = PyUnicode_InternFromString("_set_prepared_attribute");
     empty_string = PyUnicode_FromString("");
     zero = PyLong_FromLong(0);
     if (str_value == NULL || str_to_header == NULL || str_record == NULL || str_ended == NULL ||
-        str_ending == NULL || str_end == NULL || empty_string == NULL || zero == NULL) {
+        str_ending == NULL || str_end == NULL || str_set_prepared == NULL || empty_string == NULL || zero == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_definition);

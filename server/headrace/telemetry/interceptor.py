@@ -24,16 +24,13 @@ from urllib.parse import unquote
 import grpc
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace.telemetry.spans import (
     LeanTracer,
     Prepared,
     RecordingSpan,
-    attach_context,
     end_current,
-    parent_of,
 )
 
 MAX_CACHED = 4096
@@ -278,7 +275,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """What starts a call's span and makes it current, for one method."""
         extract = self._propagator.extract
         call_metadata = _CALL_METADATA.get
-        start_prepared = self._tracer.start_prepared
+        start_current = self._tracer.start_current
         for_peer = attributes.for_peer
         by_peer = attributes.by_peer
 
@@ -296,17 +293,13 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     if carrier is None:
                         carrier = {}
                     carrier[key] = value
-            if carrier is None:
-                parent, parent_span = _NO_PARENT, None
-            else:
-                parent = extract(carrier)
-                parent_span = parent_of(parent)
+            parent = _NO_PARENT if carrier is None else extract(carrier)
             peer = context.peer()
             attributes = by_peer.get(peer)
             if attributes is None:
                 attributes = for_peer(peer)
-            span = start_prepared(name, parent_span, _SERVER, attributes[0])
-            return span, attach_context(Context({**parent, _SPAN_KEY: span})), attributes
+            span, token = start_current(name, parent, _SERVER, attributes[0])
+            return span, token, attributes
 
         return start
 

@@ -323,7 +323,7 @@ class RecordingSpan(trace.Span):
             limits.max_span_attribute_length,
         )
 
-    def set_prepared_attribute(
+    def _set_prepared_attribute(
         self, base: Prepared, key: str, value: Any, variants: dict[Any, Prepared]
     ) -> None:
         """`set_attribute(key, value)` on a span started with `base` (`start_prepared`) and
@@ -347,6 +347,9 @@ class RecordingSpan(trace.Span):
             data[_ATTRIBUTES], data[_DROPPED_ATTRIBUTES] = variant
             return
         self.set_attribute(key, value)
+
+    set_prepared_attribute = _set_prepared_attribute
+    """(C where built: a variant already made is swapped in there, the rest comes here.)"""
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         for key, value in attributes.items():
@@ -462,7 +465,7 @@ ACCELERATED = _fastspans is not None
 """Whether spans start and end in C (`_fastspans.c`: the same spans, a fraction of the
 CPU); `LeanTracer(accelerated=False)` keeps a tracer's starts in Python."""
 if _fastspans is not None:
-    RecordingSpan.end = _fastspans.install(RecordingSpan)
+    RecordingSpan.end, RecordingSpan.set_prepared_attribute = _fastspans.install(RecordingSpan)
 
 
 def _non_recording(trace_id: int, span_id: int, flags: int, state: Any) -> NonRecordingSpan:
