@@ -4,8 +4,11 @@ Three Headrace processes serve the same `identity` model: one with telemetry off
 default), one tracing every request (sample ratio 1.0) and exporting over OTLP gRPC to a real
 receiver that this process runs (opentelemetry-proto's TraceService; it decodes and counts
 every span, as a collector would), and one with Prometheus metrics on. Trials rotate through
-the three (forward, then backward) with the same client, request and concurrency; the report
-gives medians and each side's cost against telemetry off.
+the three (forward, then backward) with the same client, request and concurrency; each round
+of three starts its own three server processes (a process's speed differs from another's of
+the same code by a few percent, layout and hash seeds: fresh ones per round keep that from
+siding with one side for a whole run). The report gives medians, each side's cost against
+telemetry off, and the ratios round by round.
 """
 
 from __future__ import annotations
@@ -159,34 +162,39 @@ def run(options: TelemetryOptions, results_dir: Path, stamp: str) -> dict[str, A
     request = identity_request(options.elements)
     argv = [sys.executable, "-m", "headrace", "serve", "--host", HOST, "--port", "0"]
     trials: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:
-        counter, receiver_port = stack.enter_context(otlp_receiver())
+    order = side_order(options.trials)
+    with otlp_receiver() as (counter, receiver_port):
         environments = _environments(receiver_port, options.batched)
-        servers = {
-            side: ServerProcess(
-                side, argv, results_dir / f"telemetry-{stamp}-{side}.log", environments[side]
-            )
-            for side in SIDES
-        }
-        for server in servers.values():
-            stack.enter_context(server)
-        for index, side in enumerate(side_order(options.trials)):
-            server = servers[side]
-            spec = identity_load(options, f"{HOST}:{server.port}", request)
-            load = run_load(spec, meter=server.cpu_seconds)
-            cpu = load.metered * 1000 / load.completed if load.completed else None
-            trials.append(
-                {"index": index, "side": side, "load": asdict(load), "server_cpu_ms": cpu}
-            )
-            print(
-                f"{LABELS[side]}: {load.requests_per_s:,.0f} requests/s, "
-                f"p99 {number(load.p99_ms, 2)} ms, server CPU {number(cpu, 3)} ms/request",
-                file=sys.stderr,
-                flush=True,
-            )
-        # Stop the servers before reading the counter: shutdown flushes queued spans.
-        for server in servers.values():
-            server.stop()
+        for first in range(0, len(order), len(SIDES)):
+            round_ = first // len(SIDES)
+            with contextlib.ExitStack() as stack:
+                servers = {
+                    side: stack.enter_context(
+                        ServerProcess(
+                            side,
+                            argv,
+                            results_dir / f"telemetry-{stamp}-{side}-{round_}.log",
+                            environments[side],
+                        )
+                    )
+                    for side in SIDES
+                }
+                for index, side in enumerate(order[first : first + len(SIDES)], first):
+                    server = servers[side]
+                    spec = identity_load(options, f"{HOST}:{server.port}", request)
+                    load = run_load(spec, meter=server.cpu_seconds)
+                    cpu = load.metered * 1000 / load.completed if load.completed else None
+                    trials.append(
+                        {"index": index, "side": side, "load": asdict(load), "server_cpu_ms": cpu}
+                    )
+                    print(
+                        f"{LABELS[side]}: {load.requests_per_s:,.0f} requests/s, "
+                        f"p99 {number(load.p99_ms, 2)} ms, "
+                        f"server CPU {number(cpu, 3)} ms/request",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            # The servers are stopped (shutdown flushes queued spans) before the counter is read.
         spans_received, exports = counter.spans, counter.exports
     summary: dict[str, dict[str, Any]] = {}
     for side in SIDES:
@@ -252,7 +260,8 @@ def render(report: dict[str, Any]) -> str:
         f"`identity`{' behind a batcher' if options['batched'] else ' (no batcher)'}, "
         f"1x{options['elements']} FP32 ({report['request_bytes']} B request), concurrency "
         f"{options['concurrency']} over {options['clients']} client processes, "
-        f"{options['trials']} trials per side (rotating), {options['warmup_s']:g} s warm-up + "
+        f"{options['trials']} trials per side (rotating; new server processes each round), "
+        f"{options['warmup_s']:g} s warm-up + "
         f"{options['duration_s']:g} s window; medians over trials.",
         f"Machine: {one_line(report['machine'])}; clients, servers and receiver share its cores.",
         "",
