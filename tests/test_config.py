@@ -194,6 +194,9 @@ def test_bad_telemetry_values_name_the_field() -> None:
         load_settings(None, environ={"HEADRACE_TRACING__EXPORTER": "jaeger"})
     with pytest.raises(ConfigError, match=r"tracing.sample_ratio"):
         load_settings(None, environ={"HEADRACE_TRACING__SAMPLE_RATIO": "1.5"})
+    refused = r"tracing: .*max_export_batch_spans \(4096\) must be at most max_queued_spans \(100\)"
+    with pytest.raises(ConfigError, match=refused):
+        load_settings(None, environ={"HEADRACE_TRACING__MAX_QUEUED_SPANS": "100"})
 
 
 def test_embedded_default_captures_to_a_local_folder() -> None:

@@ -580,13 +580,22 @@ class TracingSettings(_Frozen):
     fewer of them (the SDK exports 512 at a time, the Collector's batch processor 8192)."""
     max_queued_spans: int = Field(default=16384, ge=1)
     """Finished spans waiting to be sent to the exporter process at most; beyond, new spans
-    are dropped (counted and logged), never waited for. Keep it a few times
-    `max_export_batch_spans` (the sender is woken at that many; this is the slack while it
-    sends)."""
+    are dropped (counted and logged), never waited for. At least `max_export_batch_spans`
+    (the sender is woken at that many), best a few times it (the slack while it sends)."""
     export_niceness: int = Field(default=0, ge=0, le=19)
     """Niceness added to the span exporter process (OTLP encoding and export run there, off
     the serving process). Above 0 it yields the CPU to serving under contention, and spans
     are dropped if it falls more than `max_queued_spans` behind."""
+
+    @model_validator(mode="after")
+    def _batch_within_queue(self) -> TracingSettings:
+        if self.max_export_batch_spans > self.max_queued_spans:
+            raise ValueError(
+                f"max_export_batch_spans ({self.max_export_batch_spans}) must be at most"
+                f" max_queued_spans ({self.max_queued_spans}): the sender wakes when a batch"
+                " is queued"
+            )
+        return self
 
 
 METRICS_DEFAULT_PORT = 8802

@@ -190,9 +190,12 @@ def test_the_console_exporter_prints_every_span(capfd: pytest.CaptureFixture[str
 
 def test_a_full_queue_drops_new_spans_and_keeps_the_rest() -> None:
     with OtlpReceiver() as receiver:
-        export = ExportProcess(_settings(endpoint=receiver.endpoint, max_queued_spans=2), SCOPE)
-        for span in SPANS:
-            export.queue.record(span)  # no batch fills: nothing is sent before stop
+        export = ExportProcess(
+            _settings(endpoint=receiver.endpoint, max_queued_spans=2, max_export_batch_spans=2),
+            SCOPE,
+        )
+        for span in SPANS:  # the sender, woken at two, takes them after the third is refused
+            export.queue.record(span)
         assert export.queue.dropped == 1
         export.stop()
         received = receiver.in_trace(f"{TRACE_ID:032x}")

@@ -74,10 +74,7 @@ class ExportProcess:
     def __init__(self, settings: TracingSettings, scope: Scope) -> None:
         self._settings = settings
         self._scope = scope
-        self.queue = SpanQueue(
-            settings.max_queued_spans,
-            min(settings.max_export_batch_spans, settings.max_queued_spans),
-        )
+        self.queue = SpanQueue(settings.max_queued_spans, settings.max_export_batch_spans)
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._connection: Connection | None = None
