@@ -48,6 +48,8 @@ static PyObject *context_type = NULL;
 static PyObject *py_parent_of = NULL;
 static PyObject *py_end_failed = NULL;
 static PyObject *py_detach = NULL;
+static PyTypeObject *non_recording_type = NULL;  /* opentelemetry.trace.NonRecordingSpan */
+static PyObject *str_context = NULL;  /* "_context": where NonRecordingSpan keeps its context */
 
 #define SLOT(object, offset) (*(PyObject **)((char *)(object) + (offset)))
 
@@ -367,6 +369,15 @@ parent_in(PyObject *context)
             if (parent != NULL) {
                 return Py_NewRef(parent);
             }
+        }
+        else if (Py_TYPE(current) == non_recording_type) {
+            /* An unsampled or remote parent: what its get_span_context() returns. */
+            PyObject *parent = PyObject_GetAttr(current, str_context);
+            if (parent != NULL && PyTuple_Check(parent) && PyTuple_GET_SIZE(parent) >= 6) {
+                return parent;
+            }
+            Py_XDECREF(parent);
+            PyErr_Clear();
         }
     }
     return PyObject_CallOneArg(py_parent_of, context);
@@ -728,23 +739,28 @@ end_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (Py_TYPE(span) == span_type) {
         return span_end(span, NULL, 0, NULL);
     }
+    if (Py_TYPE(span) == non_recording_type) {  /* its end does nothing */
+        Py_RETURN_NONE;
+    }
     return PyObject_CallMethodNoArgs(span, str_end);
 }
 
-/* configure(variable, span_key, context_type, parent_of, end_failed, detach): what
- * start_current and end_current work with (see the module state above). */
+/* configure(variable, span_key, context_type, parent_of, end_failed, detach,
+ * non_recording_type): what start_current and end_current work with (see the module state
+ * above). */
 static PyObject *
 configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "configure takes 6 arguments (%zd given)", nargs);
+    if (nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "configure takes 7 arguments (%zd given)", nargs);
         return NULL;
     }
     if (!PyContextVar_CheckExact(args[0]) || !PyUnicode_Check(args[1]) ||
-        !PyType_Check(args[2]) || !PyType_IsSubtype((PyTypeObject *)args[2], &PyDict_Type)) {
+        !PyType_Check(args[2]) || !PyType_IsSubtype((PyTypeObject *)args[2], &PyDict_Type) ||
+        !PyType_Check(args[6])) {
         PyErr_SetString(PyExc_TypeError,
                         "configure(ContextVar, str, a dict subclass, parent_of, end_failed, "
-                        "detach)");
+                        "detach, NonRecordingSpan)");
         return NULL;
     }
     for (Py_ssize_t index = 3; index < 6; index++) {
@@ -760,6 +776,7 @@ configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(py_parent_of, Py_NewRef(args[3]));
     Py_XSETREF(py_end_failed, Py_NewRef(args[4]));
     Py_XSETREF(py_detach, Py_NewRef(args[5]));
+    Py_XSETREF(non_recording_type, (PyTypeObject *)Py_NewRef(args[6]));
     Py_RETURN_NONE;
 }
 
@@ -819,8 +836,8 @@ static PyMethodDef module_methods[] = {
      "install(RecordingSpan): read its slots; returns (end, set_prepared_attribute), its "
      "methods."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
-     "configure(variable, span_key, context_type, parent_of, end_failed, detach): the "
-     "current context, for start_current and end_current."},
+     "configure(variable, span_key, context_type, parent_of, end_failed, detach, "
+     "non_recording_type): the current context, for start_current and end_current."},
     {"end_current", (PyCFunction)(void (*)(void))end_current, METH_FASTCALL,
      "end_current(span, token, error): spans.end_current."},
     {NULL, NULL, 0, NULL},
@@ -847,10 +864,12 @@ PyInit__fastspans(void)
     str_ending = PyUnicode_InternFromString("ending");
     str_end = PyUnicode_InternFromString("end");
     str_set_prepared = PyUnicode_InternFromString("_set_prepared_attribute");
+    str_context = PyUnicode_InternFromString("_context");
     empty_string = PyUnicode_FromString("");
     zero = PyLong_FromLong(0);
     if (str_value == NULL || str_to_header == NULL || str_record == NULL || str_ended == NULL ||
-        str_ending == NULL || str_end == NULL || str_set_prepared == NULL || empty_string == NULL || zero == NULL) {
+        str_ending == NULL || str_end == NULL || str_set_prepared == NULL || str_context == NULL ||
+        empty_string == NULL || zero == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_definition);

@@ -34,6 +34,7 @@ def configure(
     parent_of: Callable[[Any], Any],
     end_failed: Callable[[Any, BaseException], None],
     detach: Callable[[Any], None],
+    non_recording_type: type,
 ) -> None: ...
 def end_current(span: Any, token: object, error: BaseException | None) -> None: ...
 

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 import grpc
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace.telemetry.spans import (
@@ -337,7 +337,7 @@ def _finish(
         span.set_prepared_attribute(
             attributes[0], ATTRIBUTE_RPC_GRPC_STATUS_CODE, number, attributes[1]
         )
-    else:
+    elif type(span) is not NonRecordingSpan:  # (whose set_attribute does nothing)
         span.set_attribute(ATTRIBUTE_RPC_GRPC_STATUS_CODE, number)
     if number in _SERVER_ERROR_NUMBERS:
         details = context.details() or ""

@@ -520,7 +520,13 @@ CONTEXT_ACCELERATED = _fastspans is not None and _CONTEXT_VARIABLE is not None
 contextvars runtime context: another one is used through the API's functions, in Python)."""
 if _fastspans is not None and _CONTEXT_VARIABLE is not None:
     _fastspans.configure(
-        _CONTEXT_VARIABLE, _SPAN_KEY, Context, parent_of, _end_failed, detach_context
+        _CONTEXT_VARIABLE,
+        _SPAN_KEY,
+        Context,
+        parent_of,
+        _end_failed,
+        detach_context,
+        NonRecordingSpan,
     )
     end_current = _fastspans.end_current
 
