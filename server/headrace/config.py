@@ -574,10 +574,11 @@ class TracingSettings(_Frozen):
     off the request path)."""
     max_export_batch_spans: int = Field(default=4096, ge=1)
     """Spans per OTLP export request at most. Spans are exported as soon as this many are
-    waiting (or `export_delay_ms` has passed); a request is also split where it would pass
-    3 MiB (an OTLP receiver takes 4 MiB by default). Each export costs the exporter and the
-    receiver a fixed few hundred microseconds of CPU whatever its size: larger batches,
-    fewer of them (the SDK exports 512 at a time, the Collector's batch processor 8192)."""
+    waiting (or `export_delay_ms` has passed); an OTLP gRPC request is also split where it
+    would pass 3 MiB (a gRPC receiver takes 4 MiB by default). Each export costs the
+    exporter and the receiver a fixed few hundred microseconds of CPU whatever its size:
+    larger batches, fewer of them (the SDK exports 512 at a time, the Collector's batch
+    processor 8192)."""
     max_queued_spans: int = Field(default=16384, ge=1)
     """Finished spans waiting to be sent to the exporter process at most; beyond, new spans
     are dropped (counted and logged), never waited for. At least `max_export_batch_spans`

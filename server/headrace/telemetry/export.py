@@ -7,10 +7,9 @@ pickles them in chunks of `CHUNK_SPANS` (each a short hold of the GIL) and write
 pipe, then a flush marker (blocking on a full pipe only itself: the queue then fills and new
 spans are dropped and counted, never waited for). The process, spawned at start-up and
 stopped at shutdown (after exporting what it was sent), gathers the chunks up to each flush
-and exports them in requests of at most `max_export_batch_spans` spans and
-`MAX_REQUEST_BYTES` (an OTLP `ExportTraceServiceRequest` each: an export costs a fixed few
-hundred microseconds of CPU on both ends, so fewer, larger ones) with the configured
-exporter: OTLP gRPC through the
+and exports them in requests of at most `max_export_batch_spans` spans (and, OTLP gRPC,
+`MAX_REQUEST_BYTES`: an export costs a fixed few hundred microseconds of CPU on both ends,
+so fewer, larger ones) with the configured exporter: OTLP gRPC through the
 SDK's exporter (its endpoint, headers, TLS, compression and retry rules) with the request
 encoded here straight from the tuples, which costs a few microseconds a span where the SDK's
 encoder costs tens; OTLP HTTP and console through the SDK's exporters, given the SDK's
@@ -240,8 +239,8 @@ def _serve(connection: Connection, settings: TracingSettings, scope: Scope) -> N
 
 
 def _export_held(export: _Export, held: list[FinishedSpan], batch_spans: int) -> None:
-    """Export `held` in requests of at most `batch_spans` spans (each split further by
-    the exporter where its bytes pass `MAX_REQUEST_BYTES`)."""
+    """Export `held` in requests of at most `batch_spans` spans (OTLP gRPC splits one
+    further where its bytes pass `MAX_REQUEST_BYTES`)."""
     for first in range(0, len(held), batch_spans):
         batch = held[first : first + batch_spans]
         try:
