@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ELEMENTS = 16
 WARMUP_REQUESTS = 1_000
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+TRACING_ENV = "HEADRACE_TRACING__"
 
 
 async def _client(port: int, requests: int, concurrency: int, traceparent: bool) -> None:
@@ -99,7 +100,9 @@ async def _serve(tracing: bool, receiver_port: int, load: Load) -> Any:
     from headrace.app import Application
     from headrace.config import load_settings
 
-    environ = {"HEADRACE_CAPTURE__ENABLED": "false"}
+    # Tracing settings from this process's environment (HEADRACE_TRACING__*) apply too.
+    environ = {key: value for key, value in os.environ.items() if key.startswith(TRACING_ENV)}
+    environ["HEADRACE_CAPTURE__ENABLED"] = "false"
     if load.batched:  # the embedded default's first model: identity
         environ["HEADRACE_MODELS__0__BATCHING__ENABLED"] = "true"
     if tracing:

@@ -4,12 +4,18 @@ stands in for (`LeanTracer(accelerated=False)`, `RecordingSpan._end`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import gc
 import logging
+import os
+import random
+import struct
 import sys
 from collections import deque
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -23,8 +29,15 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace.telemetry import spans
+from headrace.telemetry.interceptor import (
+    _CALL_METADATA,
+    TracingInterceptor,
+    _MethodAttributes,
+    traced_methods,
+)
 from headrace.telemetry.spans import (
     FinishedSpan,
     LeanTracer,
@@ -40,10 +53,20 @@ SEED = 20261128
 def _tracers(ratio: float) -> tuple[LeanTracer, list[FinishedSpan], LeanTracer, list[FinishedSpan]]:
     fast_finished: list[FinishedSpan] = []
     python_finished: list[FinishedSpan] = []
-    fast = LeanTracer(ratio, fast_finished.append, SpanLimits(), accelerated=True)
-    python = LeanTracer(ratio, python_finished.append, SpanLimits(), accelerated=False)
-    fast._random.seed(SEED)
-    python._random.seed(SEED)
+    fast = LeanTracer(
+        ratio,
+        fast_finished.append,
+        SpanLimits(),
+        accelerated=True,
+        random_bytes=random.Random(SEED).randbytes,
+    )
+    python = LeanTracer(
+        ratio,
+        python_finished.append,
+        SpanLimits(),
+        accelerated=False,
+        random_bytes=random.Random(SEED).randbytes,
+    )
     return fast, fast_finished, python, python_finished
 
 
@@ -70,6 +93,7 @@ def test_the_extension_is_built_and_used() -> None:
     assert type(tracer.start_current).__name__ == "builtin_function_or_method"
     assert type(spans.end_current).__name__ == "builtin_function_or_method"
     assert type(spans.SpanQueue(10, 5).record).__name__ == "builtin_function_or_method"
+    assert type(tracer.span_id).__name__ == "builtin_function_or_method"
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.0])
@@ -413,3 +437,226 @@ def test_set_prepared_attribute_shares_a_variant_per_value_or_falls_back(
     assert "setting an attribute on an ended span (op)" in caplog.text
     with pytest.raises(TypeError):
         set_prepared(start(), base, "code", 0)
+
+
+class _CallContext:
+    """What the server span reads of a grpc.aio servicer context: the call's metadata, its
+    peer, and the code and details its handler set."""
+
+    def __init__(
+        self, metadata: Any, peer: str, code: grpc.StatusCode | None, details: str | None
+    ) -> None:
+        self._metadata = metadata
+        self._peer = peer
+        self._code = code
+        self._details = details
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+
+_HEADER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+_UNSAMPLED_HEADER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+METADATA: list[Any] = [
+    None,
+    (),
+    (("user-agent", "grpc-python/1.85"),),
+    (("user-agent", "x"), ("traceparent", _HEADER), ("tracestate", "k=v")),
+    (("traceparent", _UNSAMPLED_HEADER),),
+    (("traceparent", "not a header"),),
+    grpc.aio.Metadata(("traceparent", _HEADER), ("x-bin", b"\x00\x01")),
+    [["traceparent", _HEADER]],  # pairs as lists
+]
+OUTCOMES: list[tuple[grpc.StatusCode | None, BaseException | None]] = [
+    (None, None),
+    (grpc.StatusCode.OK, None),
+    (grpc.StatusCode.NOT_FOUND, None),
+    (grpc.StatusCode.INTERNAL, None),
+    (grpc.StatusCode.INVALID_ARGUMENT, ValueError("bad input")),
+    (None, ValueError("escaped")),
+    (None, asyncio.CancelledError()),
+]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_c_and_python_server_spans_alike(ratio: float) -> None:
+    """The interceptor's server span through `_fastspans.ServerSpans` and through its
+    Python start and finish: the same spans, current spans and contexts afterwards."""
+    fast, fast_finished, python, python_finished = _tracers(ratio)
+    assert fast.starter is not None
+    assert python.starter is None
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    wrapped = []
+    for tracer in (fast, python):
+        interceptor = TracingInterceptor(
+            tracer, TraceContextTextMapPropagator(), traced_methods(trace_health=False)
+        )
+
+        async def behaviour(request: Any, context: Any) -> Any:
+            current = trace.get_current_span().get_span_context()
+            if request is not None:
+                raise request
+            return current
+
+        handler = interceptor.wrap_handler(method, grpc.unary_unary_rpc_method_handler(behaviour))
+        wrapped.append(handler.unary_unary)
+    peers = ["ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:6000", "unix:/tmp/socket"]
+    calls = 0
+    for metadata in METADATA:
+        for code, error in OUTCOMES:
+            for from_lookup in (False, True):
+                seen = []
+                for behaviour in wrapped:
+                    call = _CallContext(metadata, peers[calls % 3], code, "the details")
+
+                    async def one_call(
+                        behaviour: Any = behaviour,
+                        call: Any = call,
+                        from_lookup: bool = from_lookup,
+                        metadata: Any = metadata,
+                        error: BaseException | None = error,
+                    ) -> Any:
+                        if from_lookup:  # as TracedService hands it over
+                            _CALL_METADATA.set(metadata)
+                        before = current_context()
+                        try:
+                            result = await behaviour(error, call)
+                        except BaseException as exc:
+                            result = type(exc)
+                        assert current_context() is before
+                        return result
+
+                    seen.append(contextvars.copy_context().run(asyncio.run, one_call()))
+                assert seen[0] == seen[1]
+                calls += 1
+    assert len(fast_finished) == len(python_finished)
+    # Sampled: every call, but those with an unsampled parent (the fourth metadata); not
+    # sampled: only those with a sampled parent (three of the metadata).
+    per_metadata = 2 * len(OUTCOMES)
+    assert len(fast_finished) == (calls - per_metadata if ratio else 3 * per_metadata)
+    for fast_record, python_record in zip(fast_finished, python_finished, strict=True):
+        fast_record, python_record = list(fast_record), list(python_record)
+        fast_record[7] = python_record[7] = fast_record[8] = python_record[8] = 0  # times
+        for record in (fast_record, python_record):
+            if record[10]:  # an exception event: its time and traceback differ
+                record[10] = [event[0] for event in record[10]]
+        assert fast_record == python_record
+    codes = {(record[9]["rpc.grpc.status_code"], record[12]) for record in fast_finished}
+    assert codes == {(0, 0), (5, 0), (13, 2), (3, 0), (2, 2), (1, 0)}
+
+
+def test_server_spans_share_attribute_sets_and_refuse_bad_metadata() -> None:
+    finished: list[FinishedSpan] = []
+    tracer = LeanTracer(1.0, finished.append, SpanLimits())
+    interceptor = TracingInterceptor(
+        tracer, TraceContextTextMapPropagator(), traced_methods(trace_health=False)
+    )
+    start, finish = interceptor._start_and_finish(
+        "a.Service/Method", _MethodAttributes(tracer, {"rpc.method": "Method"})
+    )
+    assert type(start).__name__ == "builtin_function_or_method"
+
+    def one_call(metadata: Any, peer: str = "ipv4:10.0.0.1:1") -> None:
+        call = _CallContext(metadata, peer, grpc.StatusCode.NOT_FOUND, None)
+        span, token, attributes = start(call)
+        finish(span, token, attributes, call, None)
+
+    for _ in range(3):
+        contextvars.copy_context().run(one_call, ())
+    assert finished[0][9] is finished[1][9] is finished[2][9]  # one variant, shared
+    assert finished[0][9] == {
+        "rpc.method": "Method",
+        "network.peer.address": "10.0.0.1",
+        "network.peer.port": 1,
+        "rpc.grpc.status_code": 5,
+    }
+    for bad, error in (
+        ((("traceparent", _HEADER, "third"),), ValueError),
+        ((("key",),), ValueError),
+        ((42,), TypeError),
+        (42, TypeError),
+    ):
+        with pytest.raises(error):
+            contextvars.copy_context().run(one_call, bad)
+    assert current_context().get(spans._SPAN_KEY) is None
+    assert len(finished) == 3
+
+
+def test_server_spans_leave_no_references_behind() -> None:
+    tracer = LeanTracer(0.5, lambda span: None, SpanLimits())
+    interceptor = TracingInterceptor(
+        tracer, TraceContextTextMapPropagator(), traced_methods(trace_health=False)
+    )
+    start, finish = interceptor._start_and_finish(
+        "a.Service/Method", _MethodAttributes(tracer, {"rpc.method": "Method"})
+    )
+    peer = "ipv4:10.0.0.2:2"
+    metadata = (("traceparent", _HEADER), ("user-agent", "u"))
+    calls = [
+        _CallContext(metadata, peer, code, None)
+        for code in (None, grpc.StatusCode.OK, grpc.StatusCode.INTERNAL)
+    ] + [_CallContext((), peer, None, None)]
+
+    def run() -> None:
+        for index in range(10_000):
+            call = calls[index % len(calls)]
+            span, token, attributes = start(call)
+            finish(span, token, attributes, call, None if index % 5 else ValueError("x"))
+
+    run()
+    gc.collect()
+    things = (peer, metadata, *calls)
+    before = [sys.getrefcount(thing) for thing in things]
+    run()
+    gc.collect()
+    assert [sys.getrefcount(thing) for thing in things] == before
+
+
+def test_ids_are_words_of_the_random_bytes_and_new_after_a_fork() -> None:
+    blocks: list[bytes] = []
+
+    def random_bytes(size: int) -> bytes:
+        blocks.append(random.Random(len(blocks)).randbytes(size))
+        return blocks[-1]
+
+    tracers = [
+        LeanTracer(1.0, [].append, SpanLimits(), accelerated=fast, random_bytes=random_bytes)
+        for fast in (True, False)
+    ]
+    for tracer in tracers:
+        blocks.clear()
+        ids = [tracer.span_id() for _ in range(spans.ID_WORDS + 1)]
+        words = struct.unpack(f"<{spans.ID_WORDS}Q", blocks[0])
+        assert ids[: spans.ID_WORDS] == [word or 1 for word in words]
+        assert len(blocks) == 2  # the next block for the last id
+        span = tracer.start_prepared("root", None, SpanKind.SERVER, tracer.prepare({}))
+        words = struct.unpack(f"<{spans.ID_WORDS}Q", blocks[1])
+        context = span.get_span_context()
+        assert context.span_id == words[1]
+        assert context.trace_id == (words[2] << 64) | words[3]
+    with pytest.raises(ValueError, match="random_bytes"):
+        LeanTracer(1.0, [].append, SpanLimits(), random_bytes=lambda size: b"short").span_id()
+
+    # A fork's child does not use the words its parent read before it (and will use).
+    for fast in (True, False):
+        tracer = LeanTracer(1.0, [].append, SpanLimits(), accelerated=fast)
+        tracer.span_id()
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.write(writer, struct.pack("<Q", tracer.span_id()))
+            os._exit(0)
+        os.close(writer)
+        child_id = struct.unpack("<Q", os.read(reader, 8))[0]
+        os.close(reader)
+        os.waitpid(pid, 0)
+        assert child_id != tracer.span_id()

@@ -1,7 +1,9 @@
 /* The lean tracer's per-span hot path in C: starting a span from prepared attributes
  * (`LeanTracer.start_prepared`), starting one as the current span of a context
  * (`LeanTracer.start_current`), ending it (`RecordingSpan.end`), ending a current span
- * (`end_current`) and queueing it for export (`SpanQueue.record`).
+ * (`end_current`), queueing it for export (`SpanQueue.record`), its ids (`_Ids`), and the
+ * server interceptor's span start and finish (`ServerSpans`: interceptor.py's `_starter`
+ * and `_finish`).
  *
  * Optional: spans.py uses this module when it was built and imports, else its own Python
  * code, which defines the behaviour; tests/telemetry/test_fastspans.py checks that both give
@@ -18,6 +20,7 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <time.h>
+#include <pthread.h>
 
 /* Indices of a FinishedSpan (spans.py). */
 enum {
@@ -49,6 +52,8 @@ static PyObject *py_parent_of = NULL;
 static PyObject *py_end_failed = NULL;
 static PyObject *py_detach = NULL;
 static PyTypeObject *non_recording_type = NULL;  /* opentelemetry.trace.NonRecordingSpan */
+static int plain_context = 0;  /* context_type makes its instances as dict does */
+static PyObject *empty_tuple = NULL;
 static PyObject *str_context = NULL;  /* "_context": where NonRecordingSpan keeps its context */
 
 #define SLOT(object, offset) (*(PyObject **)((char *)(object) + (offset)))
@@ -66,27 +71,45 @@ now_ns(void)
 
 /* ---- Starter: one tracer's start_prepared ------------------------------------------ */
 
+#define ID_WORDS 64  /* spans.py's ID_WORDS: 64-bit words drawn at a time */
+
+/* Forks of this process so far (counted in the child): words drawn before a fork are not
+ * used after it, where the parent uses them too. */
+static unsigned long forks = 0;
+
+static void
+count_fork(void)
+{
+    forks++;
+}
+
 typedef struct {
     PyObject_HEAD
     PyObject *tracer;          /* the LeanTracer: each span's `_tracer` */
-    PyObject *getrandbits;     /* its random.Random's getrandbits */
+    PyObject *random_bytes;    /* random_bytes(n) -> n bytes: os.urandom, or a test's */
     PyObject *non_recording;   /* (trace_id, span_id, flags_index, state) -> NonRecordingSpan */
     PyObject *flags;           /* TraceFlags by value, 0-3 (a list) */
     PyObject *no_state;        /* the empty TraceState every default SpanContext holds */
-    PyObject *sixty_four;      /* 64 and 128, getrandbits' arguments */
-    PyObject *one_twenty_eight;
+    PyObject *block_size;      /* ID_WORDS * 8: random_bytes' argument for a block of ids */
+    PyObject *last_kind;       /* the last SpanKind started, and its value */
+    PyObject *last_kind_value;
     uint64_t bound;            /* the sampler's: low 64 bits of a new trace id below it */
     int sample_all;            /* the bound is 2**64 or more (ratio 1.0): every new trace */
+    int words_left;            /* of `words`, not yet used (taken from the front) */
+    unsigned long forks;       /* `forks` when the words were drawn */
+    uint64_t words[ID_WORDS];  /* random words for ids: spans.py's `_Ids` */
 } Starter;
 
 static int
 starter_traverse(Starter *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->tracer);
-    Py_VISIT(self->getrandbits);
+    Py_VISIT(self->random_bytes);
     Py_VISIT(self->non_recording);
     Py_VISIT(self->flags);
     Py_VISIT(self->no_state);
+    Py_VISIT(self->last_kind);
+    Py_VISIT(self->last_kind_value);
     return 0;
 }
 
@@ -94,12 +117,13 @@ static int
 starter_clear(Starter *self)
 {
     Py_CLEAR(self->tracer);
-    Py_CLEAR(self->getrandbits);
+    Py_CLEAR(self->random_bytes);
     Py_CLEAR(self->non_recording);
     Py_CLEAR(self->flags);
     Py_CLEAR(self->no_state);
-    Py_CLEAR(self->sixty_four);
-    Py_CLEAR(self->one_twenty_eight);
+    Py_CLEAR(self->block_size);
+    Py_CLEAR(self->last_kind);
+    Py_CLEAR(self->last_kind_value);
     return 0;
 }
 
@@ -114,10 +138,10 @@ starter_dealloc(Starter *self)
 static int
 starter_init(Starter *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"tracer", "getrandbits", "non_recording", "flags", "no_state",
+    static char *names[] = {"tracer", "random_bytes", "non_recording", "flags", "no_state",
                             "bound", NULL};
-    PyObject *tracer, *getrandbits, *non_recording, *flags, *no_state, *bound;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO!OO!", names, &tracer, &getrandbits,
+    PyObject *tracer, *random_bytes, *non_recording, *flags, *no_state, *bound;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO!OO!", names, &tracer, &random_bytes,
                                      &non_recording, &PyList_Type, &flags, &no_state,
                                      &PyLong_Type, &bound)) {
         return -1;
@@ -146,38 +170,92 @@ starter_init(Starter *self, PyObject *args, PyObject *kwargs)
     }
     starter_clear(self);
     self->tracer = Py_NewRef(tracer);
-    self->getrandbits = Py_NewRef(getrandbits);
+    self->random_bytes = Py_NewRef(random_bytes);
     self->non_recording = Py_NewRef(non_recording);
     self->flags = Py_NewRef(flags);
     self->no_state = Py_NewRef(no_state);
-    self->sixty_four = PyLong_FromLong(64);
-    self->one_twenty_eight = PyLong_FromLong(128);
-    if (self->sixty_four == NULL || self->one_twenty_eight == NULL) {
+    self->block_size = PyLong_FromLong(ID_WORDS * 8);
+    if (self->block_size == NULL) {
         return -1;
     }
+    self->words_left = 0;
     self->bound = low_bound;
     self->sample_all = sample_all;
     return 0;
 }
 
-/* getrandbits(bits), 1 if it gave 0 (the SDK's ids are never 0). */
-static PyObject *
-random_id(Starter *self, PyObject *bits)
+/* The next random word (spans.py's `_Ids._word`): words come ID_WORDS at a time, as
+ * random_bytes(ID_WORDS * 8) read as little-endian 64-bit words in order. */
+static int
+next_word(Starter *self, uint64_t *word)
 {
-    PyObject *id = PyObject_CallOneArg(self->getrandbits, bits);
-    if (id == NULL) {
+    if (self->words_left == 0 || self->forks != forks) {
+        PyObject *raw = PyObject_CallOneArg(self->random_bytes, self->block_size);
+        if (raw == NULL) {
+            return -1;
+        }
+        if (!PyBytes_Check(raw) || PyBytes_GET_SIZE(raw) != ID_WORDS * 8) {
+            Py_DECREF(raw);
+            PyErr_Format(PyExc_ValueError, "random_bytes(%d) gave something else",
+                         ID_WORDS * 8);
+            return -1;
+        }
+        const unsigned char *bytes = (const unsigned char *)PyBytes_AS_STRING(raw);
+        for (int index = 0; index < ID_WORDS; index++) {
+            uint64_t value = 0;
+            for (int byte = 7; byte >= 0; byte--) {
+                value = (value << 8) | bytes[index * 8 + byte];
+            }
+            self->words[index] = value;
+        }
+        Py_DECREF(raw);
+        self->words_left = ID_WORDS;
+        self->forks = forks;
+    }
+    *word = self->words[ID_WORDS - self->words_left];
+    self->words_left--;
+    return 0;
+}
+
+/* A new span id (`_Ids.span_id`): a word, 1 where it is 0 (the SDK's ids are never 0). */
+static PyObject *
+new_span_id(Starter *self)
+{
+    uint64_t word;
+    if (next_word(self, &word) < 0) {
         return NULL;
     }
-    int is_zero = PyObject_Not(id);
-    if (is_zero < 0) {
-        Py_DECREF(id);
+    return PyLong_FromUnsignedLongLong(word ? word : 1);
+}
+
+/* A new trace id (`_Ids.trace_id`): two words, the high then the low 64 bits (1 where both
+ * are 0); `*low` is set to the low ones (what the sampler reads). */
+static PyObject *
+new_trace_id(Starter *self, uint64_t *low)
+{
+    uint64_t high;
+    if (next_word(self, &high) < 0 || next_word(self, low) < 0) {
         return NULL;
     }
-    if (is_zero) {
-        Py_DECREF(id);
-        return PyLong_FromLong(1);
+    if (high == 0) {
+        if (*low == 0) {
+            *low = 1;
+        }
+        return PyLong_FromUnsignedLongLong(*low);
     }
-    return id;
+    unsigned char bytes[16];
+    for (int byte = 0; byte < 8; byte++) {
+        bytes[byte] = (unsigned char)(*low >> (8 * byte));
+        bytes[8 + byte] = (unsigned char)(high >> (8 * byte));
+    }
+    return _PyLong_FromByteArray(bytes, 16, 1, 0);
+}
+
+/* span_id(): a new span id, for spans recorded whole (LeanTracer.record_span). */
+static PyObject *
+starter_span_id(Starter *self, PyObject *unused)
+{
+    return new_span_id(self);
 }
 
 /* A new RecordingSpan holding `data` and `context` (both stolen). */
@@ -249,7 +327,7 @@ starter_start(Starter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *
         }
     }
 
-    PyObject *span_id = random_id(self, self->sixty_four);
+    PyObject *span_id = new_span_id(self);
     if (span_id == NULL) {
         return NULL;
     }
@@ -281,14 +359,9 @@ starter_start(Starter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *
         context_flags = PyList_GET_ITEM(self->flags, (flags & 2) | 1);
     }
     else {
-        trace_id = random_id(self, self->one_twenty_eight);
+        uint64_t low;
+        trace_id = new_trace_id(self, &low);
         if (trace_id == NULL) {
-            Py_DECREF(span_id);
-            return NULL;
-        }
-        uint64_t low = (uint64_t)PyLong_AsUnsignedLongLongMask(trace_id);
-        if (low == (uint64_t)-1 && PyErr_Occurred()) {
-            Py_DECREF(trace_id);
             Py_DECREF(span_id);
             return NULL;
         }
@@ -307,7 +380,14 @@ starter_start(Starter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *
     }
     /* From here the new references are trace_id, span_id, header, parent_id and
      * parent_remote: the data list takes them. */
-    PyObject *kind_value = PyObject_GetAttr(kind, str_value);
+    PyObject *kind_value;
+    if (kind == self->last_kind) {  /* an enum member: its value does not change */
+        kind_value = Py_NewRef(self->last_kind_value);
+    }
+    else if ((kind_value = PyObject_GetAttr(kind, str_value)) != NULL) {
+        Py_XSETREF(self->last_kind, Py_NewRef(kind));
+        Py_XSETREF(self->last_kind_value, Py_NewRef(kind_value));
+    }
     PyObject *start = start_time == Py_None ? now_ns() : Py_NewRef(start_time);
     PyObject *data = PyList_New(F_COUNT);
     if (kind_value == NULL || start == NULL || data == NULL) {
@@ -350,6 +430,22 @@ starter_start(Starter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *
     return new_span(self, data, context, shared);
 }
 
+/* context_type(context): a copy of `context` (a new reference), made as dict makes one where
+ * the class does not change how (OpenTelemetry's Context changes only its mutators). */
+static PyObject *
+copy_context(PyObject *context)
+{
+    if (plain_context && PyDict_Check(context)) {
+        PyTypeObject *type = (PyTypeObject *)context_type;
+        PyObject *copy = type->tp_new(type, empty_tuple, NULL);
+        if (copy != NULL && PyDict_Merge(copy, context, 1) < 0) {
+            Py_CLEAR(copy);
+        }
+        return copy;
+    }
+    return PyObject_CallOneArg(context_type, context);
+}
+
 /* The parent `start` takes for the span current in `context` (a new reference): its
  * context where it is a RecordingSpan, None where there is none, else what spans.py's
  * parent_of says (a NonRecordingSpan, a remote parent, another tracer's span). */
@@ -383,6 +479,61 @@ parent_in(PyObject *context)
     return PyObject_CallOneArg(py_parent_of, context);
 }
 
+/* start_current's steps, its span and token set (new references) where it returns 0. */
+static int
+start_current_parts(Starter *self, PyObject *const *args, PyObject **span_out,
+                    PyObject **token_out)
+{
+    PyObject *context = args[1];
+    if (context == Py_None) {
+        if (PyContextVar_Get(context_variable, NULL, &context) < 0) {
+            return -1;
+        }
+        if (context == NULL) {  /* no value and no default: an empty context */
+            context = PyObject_CallNoArgs(context_type);
+            if (context == NULL) {
+                return -1;
+            }
+        }
+    }
+    else {
+        Py_INCREF(context);
+    }
+    PyObject *parent = parent_in(context);
+    if (parent == NULL) {
+        Py_DECREF(context);
+        return -1;
+    }
+    PyObject *start_args[4] = {args[0], parent, args[2], args[3]};
+    PyObject *span = starter_start(self, start_args, 4, NULL);
+    Py_DECREF(parent);
+    if (span == NULL) {
+        Py_DECREF(context);
+        return -1;
+    }
+    /* Context({**context, span_key: span}): a copy with the span current. */
+    PyObject *current = copy_context(context);
+    Py_DECREF(context);
+    if (current == NULL || !PyDict_Check(current) ||
+        PyDict_SetItem(current, span_key, span) < 0) {
+        if (current != NULL && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "the Context class is not a dict");
+        }
+        Py_XDECREF(current);
+        Py_DECREF(span);
+        return -1;
+    }
+    PyObject *token = PyContextVar_Set(context_variable, current);
+    Py_DECREF(current);
+    if (token == NULL) {
+        Py_DECREF(span);
+        return -1;
+    }
+    *span_out = span;
+    *token_out = token;
+    return 0;
+}
+
 /* start_current(name, context, kind, attributes): LeanTracer.start_current (see there). */
 static PyObject *
 starter_start_current(Starter *self, PyObject *const *args, Py_ssize_t nargs)
@@ -395,49 +546,8 @@ starter_start_current(Starter *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "start_current takes 4 arguments (%zd given)", nargs);
         return NULL;
     }
-    PyObject *context = args[1];
-    if (context == Py_None) {
-        if (PyContextVar_Get(context_variable, NULL, &context) < 0) {
-            return NULL;
-        }
-        if (context == NULL) {  /* no value and no default: an empty context */
-            context = PyObject_CallNoArgs(context_type);
-            if (context == NULL) {
-                return NULL;
-            }
-        }
-    }
-    else {
-        Py_INCREF(context);
-    }
-    PyObject *parent = parent_in(context);
-    if (parent == NULL) {
-        Py_DECREF(context);
-        return NULL;
-    }
-    PyObject *start_args[4] = {args[0], parent, args[2], args[3]};
-    PyObject *span = starter_start(self, start_args, 4, NULL);
-    Py_DECREF(parent);
-    if (span == NULL) {
-        Py_DECREF(context);
-        return NULL;
-    }
-    /* Context({**context, span_key: span}): a copy with the span current. */
-    PyObject *current = PyObject_CallOneArg(context_type, context);
-    Py_DECREF(context);
-    if (current == NULL || !PyDict_Check(current) ||
-        PyDict_SetItem(current, span_key, span) < 0) {
-        if (current != NULL && !PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "the Context class is not a dict");
-        }
-        Py_XDECREF(current);
-        Py_DECREF(span);
-        return NULL;
-    }
-    PyObject *token = PyContextVar_Set(context_variable, current);
-    Py_DECREF(current);
-    if (token == NULL) {
-        Py_DECREF(span);
+    PyObject *span, *token;
+    if (start_current_parts(self, args, &span, &token) < 0) {
         return NULL;
     }
     PyObject *result = PyTuple_Pack(2, span, token);
@@ -452,6 +562,8 @@ static PyMethodDef starter_methods[] = {
      "LeanTracer.start_prepared."},
     {"start_current", (PyCFunction)(void (*)(void))starter_start_current, METH_FASTCALL,
      "start_current(name, context, kind, attributes): LeanTracer.start_current."},
+    {"span_id", (PyCFunction)starter_span_id, METH_NOARGS,
+     "span_id(): a new span id from the tracer's random words (spans.py's _Ids.span_id)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -745,6 +857,345 @@ end_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyObject_CallMethodNoArgs(span, str_end);
 }
 
+/* ---- ServerSpans: one traced RPC method's server span ------------------------------ */
+
+/* The start and finish of the server interceptor's span (interceptor.py's `_starter` and
+ * `_finish`, which define them): the common case here; a call that failed (an exception
+ * escaped its handler), ended with a server error code, or holds a span of another class,
+ * is finished by the Python `_finish`. */
+typedef struct {
+    PyObject_HEAD
+    Starter *starter;          /* the tracer's */
+    PyObject *name;            /* the span name, `package.Service/Method` */
+    PyObject *kind;            /* SpanKind.SERVER */
+    PyObject *by_peer;         /* dict: peer -> (Prepared, variants), read first */
+    PyObject *for_peer;        /* peer -> (Prepared, variants), made and kept */
+    PyObject *metadata;        /* the ContextVar holding the call's metadata, if set */
+    PyObject *extract;         /* the propagator's extract(carrier) -> Context */
+    PyObject *no_parent;       /* the Context of a call without a trace context */
+    PyObject *code_type;       /* grpc.StatusCode */
+    PyObject *error_numbers;   /* the codes (numbers) that make the span's status ERROR */
+    PyObject *finish;          /* the Python _finish(span, token, attributes, context, error) */
+    PyObject *status_key;      /* "rpc.grpc.status_code" */
+} ServerSpans;
+
+static PyObject *str_code = NULL;                 /* "code" */
+static PyObject *str_peer = NULL;                 /* "peer" */
+static PyObject *str_invocation_metadata = NULL;  /* "invocation_metadata" */
+
+static int
+server_spans_traverse(ServerSpans *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->starter);
+    Py_VISIT(self->name);
+    Py_VISIT(self->kind);
+    Py_VISIT(self->by_peer);
+    Py_VISIT(self->for_peer);
+    Py_VISIT(self->metadata);
+    Py_VISIT(self->extract);
+    Py_VISIT(self->no_parent);
+    Py_VISIT(self->code_type);
+    Py_VISIT(self->error_numbers);
+    Py_VISIT(self->finish);
+    Py_VISIT(self->status_key);
+    return 0;
+}
+
+static int
+server_spans_clear(ServerSpans *self)
+{
+    Py_CLEAR(self->starter);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->kind);
+    Py_CLEAR(self->by_peer);
+    Py_CLEAR(self->for_peer);
+    Py_CLEAR(self->metadata);
+    Py_CLEAR(self->extract);
+    Py_CLEAR(self->no_parent);
+    Py_CLEAR(self->code_type);
+    Py_CLEAR(self->error_numbers);
+    Py_CLEAR(self->finish);
+    Py_CLEAR(self->status_key);
+    return 0;
+}
+
+static void
+server_spans_dealloc(ServerSpans *self)
+{
+    PyObject_GC_UnTrack(self);
+    server_spans_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+server_spans_init(ServerSpans *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"starter", "name", "kind", "by_peer", "for_peer", "metadata",
+                            "extract", "no_parent", "code_type", "error_numbers", "finish",
+                            "status_key", NULL};
+    PyObject *starter, *name, *kind, *by_peer, *for_peer, *metadata, *extract, *no_parent;
+    PyObject *code_type, *error_numbers, *finish, *status_key;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!UOO!OO!OOO!O!OU", names, &StarterType,
+                                     &starter, &name, &kind, &PyDict_Type, &by_peer, &for_peer,
+                                     &PyContextVar_Type, &metadata, &extract, &no_parent,
+                                     &PyType_Type, &code_type, &PyFrozenSet_Type,
+                                     &error_numbers, &finish, &status_key)) {
+        return -1;
+    }
+    if (!PyCallable_Check(for_peer) || !PyCallable_Check(extract) ||
+        !PyCallable_Check(finish)) {
+        PyErr_SetString(PyExc_TypeError, "for_peer, extract and finish must be callable");
+        return -1;
+    }
+    if (context_variable == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() was not called");
+        return -1;
+    }
+    server_spans_clear(self);
+    self->starter = (Starter *)Py_NewRef(starter);
+    self->name = Py_NewRef(name);
+    self->kind = Py_NewRef(kind);
+    self->by_peer = Py_NewRef(by_peer);
+    self->for_peer = Py_NewRef(for_peer);
+    self->metadata = Py_NewRef(metadata);
+    self->extract = Py_NewRef(extract);
+    self->no_parent = Py_NewRef(no_parent);
+    self->code_type = Py_NewRef(code_type);
+    self->error_numbers = Py_NewRef(error_numbers);
+    self->finish = Py_NewRef(finish);
+    self->status_key = Py_NewRef(status_key);
+    return 0;
+}
+
+/* Whether `key` is one of the two trace context keys the propagator reads. */
+static int
+is_trace_context_key(PyObject *key)
+{
+    if (!PyUnicode_Check(key)) {
+        return 0;
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(key);
+    return (length == 11 && PyUnicode_CompareWithASCIIString(key, "traceparent") == 0) ||
+           (length == 10 && PyUnicode_CompareWithASCIIString(key, "tracestate") == 0);
+}
+
+/* Add `item`, a (key, value) pair of the metadata, to `*carrier` (made on the first) where
+ * its key is a trace context key. */
+static int
+carry_trace_context(PyObject *item, PyObject **carrier)
+{
+    PyObject *key, *value;
+    PyObject *pair = NULL;
+    if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2) {
+        key = PyTuple_GET_ITEM(item, 0);
+        value = PyTuple_GET_ITEM(item, 1);
+    }
+    else {  /* another pair (a named tuple, a list): unpacked as Python would */
+        pair = PySequence_Tuple(item);
+        if (pair == NULL) {
+            return -1;
+        }
+        if (PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_ValueError,
+                         "metadata: a (key, value) pair expected, got %zd items",
+                         PyTuple_GET_SIZE(pair));
+            Py_DECREF(pair);
+            return -1;
+        }
+        key = PyTuple_GET_ITEM(pair, 0);
+        value = PyTuple_GET_ITEM(pair, 1);
+    }
+    int status = 0;
+    if (is_trace_context_key(key)) {
+        if (*carrier == NULL && (*carrier = PyDict_New()) == NULL) {
+            status = -1;
+        }
+        else {
+            status = PyDict_SetItem(*carrier, key, value);
+        }
+    }
+    Py_XDECREF(pair);
+    return status;
+}
+
+/* start(context) -> (span, token, attributes): the call's span started and made current
+ * (interceptor.py's `_starter`, which defines it). */
+static PyObject *
+server_spans_start(ServerSpans *self, PyObject *context)
+{
+    PyObject *metadata;
+    if (PyContextVar_Get(self->metadata, NULL, &metadata) < 0) {
+        return NULL;
+    }
+    if (metadata == NULL || metadata == Py_None) {
+        Py_XDECREF(metadata);
+        metadata = PyObject_CallMethodNoArgs(context, str_invocation_metadata);
+        if (metadata == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *carrier = NULL;
+    int failed = 0;
+    if (PyTuple_CheckExact(metadata)) {
+        for (Py_ssize_t index = 0; index < PyTuple_GET_SIZE(metadata) && !failed; index++) {
+            failed = carry_trace_context(PyTuple_GET_ITEM(metadata, index), &carrier) < 0;
+        }
+    }
+    else if (metadata != Py_None) {
+        PyObject *items = PyObject_GetIter(metadata);
+        if (items == NULL) {
+            failed = 1;
+        }
+        else {
+            PyObject *item;
+            while (!failed && (item = PyIter_Next(items)) != NULL) {
+                failed = carry_trace_context(item, &carrier) < 0;
+                Py_DECREF(item);
+            }
+            failed = failed || PyErr_Occurred() != NULL;
+            Py_DECREF(items);
+        }
+    }
+    Py_DECREF(metadata);
+    if (failed) {
+        Py_XDECREF(carrier);
+        return NULL;
+    }
+    PyObject *parent;
+    if (carrier == NULL) {
+        parent = Py_NewRef(self->no_parent);
+    }
+    else {
+        parent = PyObject_CallOneArg(self->extract, carrier);
+        Py_DECREF(carrier);
+        if (parent == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *peer = PyObject_CallMethodNoArgs(context, str_peer);
+    if (peer == NULL) {
+        Py_DECREF(parent);
+        return NULL;
+    }
+    PyObject *attributes = PyDict_GetItemWithError(self->by_peer, peer);  /* borrowed */
+    if (attributes != NULL) {
+        Py_INCREF(attributes);
+    }
+    else if (!PyErr_Occurred()) {
+        attributes = PyObject_CallOneArg(self->for_peer, peer);
+    }
+    Py_DECREF(peer);
+    if (attributes == NULL) {
+        Py_DECREF(parent);
+        return NULL;
+    }
+    if (!PyTuple_Check(attributes) || PyTuple_GET_SIZE(attributes) != 2) {
+        PyErr_SetString(PyExc_TypeError, "for_peer: (Prepared, variants) expected");
+        Py_DECREF(parent);
+        Py_DECREF(attributes);
+        return NULL;
+    }
+    PyObject *start_args[4] = {self->name, parent, self->kind, PyTuple_GET_ITEM(attributes, 0)};
+    PyObject *span, *token;
+    int started = start_current_parts(self->starter, start_args, &span, &token);
+    Py_DECREF(parent);
+    if (started < 0) {
+        Py_DECREF(attributes);
+        return NULL;
+    }
+    PyObject *result = PyTuple_New(3);
+    if (result == NULL) {
+        Py_DECREF(attributes);
+        Py_DECREF(span);
+        Py_DECREF(token);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, span);
+    PyTuple_SET_ITEM(result, 1, token);
+    PyTuple_SET_ITEM(result, 2, attributes);
+    return result;
+}
+
+/* finish(span, token, attributes, context, error): interceptor.py's `_finish`. */
+static PyObject *
+server_spans_finish(ServerSpans *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "finish takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *span = args[0], *token = args[1], *attributes = args[2], *context = args[3];
+    PyObject *error = args[4];
+    if (error != Py_None || token == Py_None || !PyTuple_Check(attributes) ||
+        PyTuple_GET_SIZE(attributes) != 2 ||
+        (Py_TYPE(span) != span_type && Py_TYPE(span) != non_recording_type)) {
+        return PyObject_Vectorcall(self->finish, args, nargs, NULL);
+    }
+    PyObject *code = PyObject_CallMethodNoArgs(context, str_code);
+    if (code == NULL) {
+        return NULL;
+    }
+    PyObject *number;
+    if (Py_TYPE(code) == (PyTypeObject *)self->code_type) {
+        PyObject *value = PyObject_GetAttr(code, str_value);
+        if (value == NULL) {
+            Py_DECREF(code);
+            return NULL;
+        }
+        if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) < 1) {
+            Py_DECREF(value);
+            Py_DECREF(code);
+            return PyObject_Vectorcall(self->finish, args, nargs, NULL);
+        }
+        number = Py_NewRef(PyTuple_GET_ITEM(value, 0));
+        Py_DECREF(value);
+    }
+    else {  /* None until the handler sets one: OK, the handler returned */
+        number = Py_NewRef(zero);
+    }
+    Py_DECREF(code);
+    int server_error = PySet_Contains(self->error_numbers, number);
+    if (server_error != 0) {
+        Py_DECREF(number);
+        return server_error < 0 ? NULL : PyObject_Vectorcall(self->finish, args, nargs, NULL);
+    }
+    if (Py_TYPE(span) == span_type) {
+        PyObject *set_args[4] = {PyTuple_GET_ITEM(attributes, 0), self->status_key, number,
+                                 PyTuple_GET_ITEM(attributes, 1)};
+        PyObject *result = span_set_prepared(span, set_args, 4);
+        if (result == NULL) {
+            Py_DECREF(number);
+            return NULL;
+        }
+        Py_DECREF(result);
+    }
+    Py_DECREF(number);
+    PyObject *end_args[3] = {span, token, Py_None};
+    return end_current(NULL, end_args, 3);
+}
+
+static PyMethodDef server_spans_methods[] = {
+    {"start", (PyCFunction)server_spans_start, METH_O,
+     "start(context) -> (span, token, attributes): interceptor.py's `_starter`."},
+    {"finish", (PyCFunction)(void (*)(void))server_spans_finish, METH_FASTCALL,
+     "finish(span, token, attributes, context, error): interceptor.py's `_finish`."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ServerSpansType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "headrace.telemetry._fastspans.ServerSpans",
+    .tp_doc = "One traced RPC method's server span start and finish (see interceptor.py).",
+    .tp_basicsize = sizeof(ServerSpans),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)server_spans_init,
+    .tp_dealloc = (destructor)server_spans_dealloc,
+    .tp_traverse = (traverseproc)server_spans_traverse,
+    .tp_clear = (inquiry)server_spans_clear,
+    .tp_methods = server_spans_methods,
+};
+
 /* configure(variable, span_key, context_type, parent_of, end_failed, detach,
  * non_recording_type): what start_current and end_current work with (see the module state
  * above). */
@@ -773,6 +1224,8 @@ configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(context_variable, Py_NewRef(args[0]));
     Py_XSETREF(span_key, Py_NewRef(args[1]));
     Py_XSETREF(context_type, Py_NewRef(args[2]));
+    plain_context = ((PyTypeObject *)args[2])->tp_new == PyDict_Type.tp_new &&
+                    ((PyTypeObject *)args[2])->tp_init == PyDict_Type.tp_init;
     Py_XSETREF(py_parent_of, Py_NewRef(args[3]));
     Py_XSETREF(py_end_failed, Py_NewRef(args[4]));
     Py_XSETREF(py_detach, Py_NewRef(args[5]));
@@ -854,7 +1307,8 @@ static struct PyModuleDef module_definition = {
 PyMODINIT_FUNC
 PyInit__fastspans(void)
 {
-    if (PyType_Ready(&StarterType) < 0 || PyType_Ready(&RecorderType) < 0) {
+    if (PyType_Ready(&StarterType) < 0 || PyType_Ready(&RecorderType) < 0 ||
+        PyType_Ready(&ServerSpansType) < 0) {
         return NULL;
     }
     str_value = PyUnicode_InternFromString("_value_");
@@ -865,11 +1319,20 @@ PyInit__fastspans(void)
     str_end = PyUnicode_InternFromString("end");
     str_set_prepared = PyUnicode_InternFromString("_set_prepared_attribute");
     str_context = PyUnicode_InternFromString("_context");
+    str_code = PyUnicode_InternFromString("code");
+    str_peer = PyUnicode_InternFromString("peer");
+    str_invocation_metadata = PyUnicode_InternFromString("invocation_metadata");
     empty_string = PyUnicode_FromString("");
+    empty_tuple = PyTuple_New(0);
     zero = PyLong_FromLong(0);
     if (str_value == NULL || str_to_header == NULL || str_record == NULL || str_ended == NULL ||
         str_ending == NULL || str_end == NULL || str_set_prepared == NULL || str_context == NULL ||
-        empty_string == NULL || zero == NULL) {
+        str_code == NULL || str_peer == NULL || str_invocation_metadata == NULL ||
+        empty_string == NULL || empty_tuple == NULL || zero == NULL) {
+        return NULL;
+    }
+    if (pthread_atfork(NULL, NULL, count_fork) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_definition);
@@ -877,7 +1340,8 @@ PyInit__fastspans(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(module, "Starter", (PyObject *)&StarterType) < 0 ||
-        PyModule_AddObjectRef(module, "Recorder", (PyObject *)&RecorderType) < 0) {
+        PyModule_AddObjectRef(module, "Recorder", (PyObject *)&RecorderType) < 0 ||
+        PyModule_AddObjectRef(module, "ServerSpans", (PyObject *)&ServerSpansType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -7,7 +7,7 @@ class Starter:
     def __init__(
         self,
         tracer: Any,
-        getrandbits: Callable[[int], int],
+        random_bytes: Callable[[int], bytes],
         non_recording: Callable[[int, int, int, Any], Any],
         flags: list[Any],
         no_state: Any,
@@ -25,6 +25,7 @@ class Starter:
     def start_current(
         self, name: str, context: Any, kind: Any, attributes: tuple[dict[str, Any], int]
     ) -> tuple[Any, object]: ...
+    def span_id(self) -> int: ...
 
 def install(span_type: type) -> tuple[Callable[..., None], Callable[..., None]]: ...
 def configure(
@@ -44,3 +45,29 @@ class Recorder:
         self, spans: Any, wake: Callable[[], None], max_queued: int, batch_size: int
     ) -> None: ...
     def record(self, span: Any) -> None: ...
+
+class ServerSpans:
+    def __init__(
+        self,
+        starter: Starter,
+        name: str,
+        kind: Any,
+        by_peer: dict[str, Any],
+        for_peer: Callable[[str], Any],
+        metadata: Any,
+        extract: Callable[[Any], Any],
+        no_parent: Any,
+        code_type: type,
+        error_numbers: frozenset[int],
+        finish: Callable[[Any, object | None, Any, Any, BaseException | None], None],
+        status_key: str,
+    ) -> None: ...
+    def start(self, context: Any) -> tuple[Any, object, Any]: ...
+    def finish(
+        self,
+        span: Any,
+        token: object | None,
+        attributes: Any,
+        context: Any,
+        error: BaseException | None,
+    ) -> None: ...

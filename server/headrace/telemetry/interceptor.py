@@ -27,11 +27,17 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, Status
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from headrace.telemetry.spans import (
+    CONTEXT_ACCELERATED,
     LeanTracer,
     Prepared,
     RecordingSpan,
     end_current,
 )
+
+try:  # the server span's start and finish in C, where built (see `_start_and_finish`)
+    from headrace.telemetry import _fastspans
+except ImportError:  # pragma: no cover (built wherever the tests run)
+    _fastspans = None  # type: ignore[assignment]
 
 MAX_CACHED = 4096
 """Wrapped handlers and peers' attribute sets (per method) kept at most (then the caches
@@ -252,27 +258,48 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         name = method_path.lstrip("/")
         service, _, method = name.partition("/")
-        start = self._starter(
-            name,
-            _MethodAttributes(
-                self._tracer,
-                {
-                    ATTRIBUTE_RPC_SYSTEM: "grpc",
-                    ATTRIBUTE_RPC_SERVICE: service,
-                    ATTRIBUTE_RPC_METHOD: method,
-                },
-            ),
+        attributes = _MethodAttributes(
+            self._tracer,
+            {
+                ATTRIBUTE_RPC_SYSTEM: "grpc",
+                ATTRIBUTE_RPC_SERVICE: service,
+                ATTRIBUTE_RPC_METHOD: method,
+            },
         )
+        start, finish = self._start_and_finish(name, attributes)
 
         def wrap(behaviour: Behaviour, response_streaming: bool) -> Behaviour:
             if response_streaming:
-                return _streaming(behaviour, start)
-            return _unary(behaviour, start)
+                return _streaming(behaviour, start, finish)
+            return _unary(behaviour, start, finish)
 
         return wrap_rpc_behaviour(handler, wrap)
 
+    def _start_and_finish(self, name: str, attributes: _MethodAttributes) -> tuple[_Start, _Finish]:
+        """What starts a call's span and makes it current, and what finishes it, for one
+        method: in C where the tracer's spans start there (`_fastspans.ServerSpans`, which
+        leaves failures and server error codes to `_finish`), else `_starter` and `_finish`."""
+        starter = self._tracer.starter
+        if starter is None or not CONTEXT_ACCELERATED or _fastspans is None:
+            return self._starter(name, attributes), _finish
+        spans = _fastspans.ServerSpans(
+            starter,
+            name,
+            _SERVER,
+            attributes.by_peer,
+            attributes.for_peer,
+            _CALL_METADATA,
+            self._propagator.extract,
+            _NO_PARENT,
+            _STATUS_CODE,
+            _SERVER_ERROR_NUMBERS,
+            _finish,
+            ATTRIBUTE_RPC_GRPC_STATUS_CODE,
+        )
+        return spans.start, spans.finish
+
     def _starter(self, name: str, attributes: _MethodAttributes) -> _Start:
-        """What starts a call's span and makes it current, for one method."""
+        """What starts a call's span and makes it current, for one method (in Python)."""
         extract = self._propagator.extract
         call_metadata = _CALL_METADATA.get
         start_current = self._tracer.start_current
@@ -310,6 +337,12 @@ PeerAttributes = tuple[Prepared, dict[Any, Prepared]]
 _Start = Callable[[grpc.aio.ServicerContext[Any, Any]], tuple[Span, object, PeerAttributes]]
 """Starts a call's span, made current: (span, token to reset the context with, the
 attributes it was started with)."""
+_Finish = Callable[
+    [Span, object | None, PeerAttributes, grpc.aio.ServicerContext[Any, Any], BaseException | None],
+    None,
+]
+"""Finishes a call's span (`_finish`): its status code and status set, the context reset
+(unless the token is None) and the span ended."""
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED
 _UNKNOWN = grpc.StatusCode.UNKNOWN
@@ -348,21 +381,21 @@ def _finish(
         span.end()
 
 
-def _unary(behaviour: Behaviour, start: _Start) -> Behaviour:
+def _unary(behaviour: Behaviour, start: _Start, finish: _Finish) -> Behaviour:
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         span, token, attributes = start(context)
         try:
             response = await behaviour(request, context)
         except BaseException as exc:
-            _finish(span, token, attributes, context, exc)
+            finish(span, token, attributes, context, exc)
             raise
-        _finish(span, token, attributes, context, None)
+        finish(span, token, attributes, context, None)
         return response
 
     return traced
 
 
-def _streaming(behaviour: Behaviour, start: _Start) -> Behaviour:
+def _streaming(behaviour: Behaviour, start: _Start, finish: _Finish) -> Behaviour:
     async def traced(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
@@ -373,11 +406,11 @@ def _streaming(behaviour: Behaviour, start: _Start) -> Behaviour:
         except GeneratorExit:
             # Closed while suspended, possibly by the garbage collector in another
             # context, where the token cannot be reset (the call's context ends anyway).
-            _finish(span, None, attributes, context, GeneratorExit())
+            finish(span, None, attributes, context, GeneratorExit())
             raise
         except BaseException as exc:
-            _finish(span, token, attributes, context, exc)
+            finish(span, token, attributes, context, exc)
             raise
-        _finish(span, token, attributes, context, None)
+        finish(span, token, attributes, context, None)
 
     return traced

@@ -10,7 +10,8 @@ them, pickled, to the exporter process every `export_delay_ms` (or sooner when a
 full). Everything else (OTLP encoding, the export call, retries) runs in that process.
 
 What is kept from the SDK: the sampler (parent-based, trace-id ratio: the same decision for
-the same trace id), random 128/64-bit ids with the W3C random-trace-id flag, `SpanLimits`
+the same trace id), random 128/64-bit ids with the W3C random-trace-id flag (from
+`os.urandom` where the SDK uses `random.getrandbits`: `_Ids`), `SpanLimits`
 (counts and lengths, from the same OTEL_* variables, oldest attribute evicted first), status
 rules (OK is final, UNSET ignored, descriptions only with ERROR), exception events, and
 non-recording spans for unsampled traces.
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
+import os
+import struct
 import threading
 import time
 import traceback
@@ -531,6 +533,53 @@ if _fastspans is not None and _CONTEXT_VARIABLE is not None:
     end_current = _fastspans.end_current
 
 
+ID_WORDS = 64
+"""Random 64-bit words read at a time for span and trace ids (`ID_WORDS * 8` bytes from
+`os.urandom`, one system call for many ids)."""
+_WORDS = struct.Struct(f"<{ID_WORDS}Q")
+_forks = 0
+"""Forks of this process so far (counted in the child): words read before a fork are not
+used after it, where the parent uses them too."""
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
+class _Ids:
+    """Span and trace ids from random bytes (`_fastspans.c`'s Starter makes the same ones
+    from the same bytes, in the same order): a span id is a word (64 bits, little-endian), a
+    trace id two (high, then low 64 bits); an id that comes out 0 is 1 (never 0, as the
+    SDK's)."""
+
+    __slots__ = ("_forks", "_random_bytes", "_words")
+
+    def __init__(self, random_bytes: Callable[[int], bytes]) -> None:
+        self._random_bytes = random_bytes
+        self._words: list[int] = []
+        """Words not yet used, the next last."""
+        self._forks = _forks
+
+    def _word(self) -> int:
+        words = self._words
+        if not words or self._forks != _forks:
+            words[:] = _WORDS.unpack(self._random_bytes(_WORDS.size))
+            words.reverse()
+            self._forks = _forks
+        return words.pop()
+
+    def span_id(self) -> int:
+        return self._word() or 1
+
+    def trace_id(self) -> int:
+        high = self._word()
+        return ((high << 64) | self._word()) or 1
+
+
 class LeanTracer(trace.Tracer):
     """`opentelemetry.trace.Tracer` making `RecordingSpan`s (sampled) and
     `NonRecordingSpan`s (not sampled), with the SDK's `ParentBased(TraceIdRatioBased(ratio))`
@@ -543,19 +592,28 @@ class LeanTracer(trace.Tracer):
         record: Recorder,
         limits: SpanLimits,
         accelerated: bool = ACCELERATED,
+        random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        """`accelerated`: `start_prepared` in C (where built), else in Python."""
+        """`accelerated`: `start_prepared` in C (where built), else in Python.
+        `random_bytes(n)`: n random bytes, what ids are made of (`_Ids`; a seeded source
+        makes a test's ids repeat)."""
         self._bound = TraceIdRatioBased(sample_ratio).bound
         self._record = record
         self._limits = limits
-        self._random = random.Random()
-        self._getrandbits = self._random.getrandbits
+        self._ids = _Ids(random_bytes)
+        self.span_id: Callable[[], int] = self._ids.span_id
+        """A new span id (for spans recorded whole); in C where the tracer's spans start
+        there, from the same words."""
+        self.starter: Any = None
+        """The C `_fastspans.Starter` behind `start_prepared` where accelerated, else None."""
         if accelerated and _fastspans is not None:
             # The instance's own attribute, found before the class's method: no Python
             # frame between the caller and C.
             starter = _fastspans.Starter(
-                self, self._getrandbits, _non_recording, _FLAGS, _NO_STATE, self._bound
+                self, random_bytes, _non_recording, _FLAGS, _NO_STATE, self._bound
             )
+            self.starter = starter
+            self.span_id = starter.span_id
             self.start_prepared = starter.start  # type: ignore[method-assign]
             if CONTEXT_ACCELERATED:
                 self.start_current = starter.start_current  # type: ignore[method-assign]
@@ -638,8 +696,8 @@ class LeanTracer(trace.Tracer):
         them). `shared` False: the span may keep the dict as its own. Where `_fastspans`
         is built, each tracer's own attribute of this name is its C version (the same
         steps, `__init__`)."""
-        getrandbits = self._getrandbits
-        span_id = getrandbits(64) or 1
+        ids = self._ids
+        span_id = ids.span_id()
         # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, is_valid).
         if parent is not None and parent[5]:
             trace_id = parent[0]
@@ -653,7 +711,7 @@ class LeanTracer(trace.Tracer):
             parent_id, parent_remote = parent[1], parent[2]
             context_flags = _FLAGS[(flags & _RANDOM_TRACE_ID) | 1]
         else:
-            trace_id = getrandbits(128) or 1
+            trace_id = ids.trace_id()
             if (trace_id & _LOW_64_BITS) >= self._bound:
                 return NonRecordingSpan(
                     _span_context(trace_id, span_id, _FLAGS[_RANDOM_TRACE_ID], _NO_STATE)
@@ -773,7 +831,7 @@ class LeanTracer(trace.Tracer):
             (
                 name,
                 parent.trace_id,
-                self._random.getrandbits(64) or 1,
+                self.span_id(),
                 "" if parent.trace_state is _NO_STATE else parent.trace_state.to_header(),
                 parent.span_id,
                 parent.is_remote,
@@ -833,7 +891,7 @@ class LeanTracer(trace.Tracer):
             (
                 name,
                 parent[0],
-                self._getrandbits(64) or 1,
+                self.span_id(),
                 "" if state is _NO_STATE else state.to_header(),
                 parent[1],
                 parent[2],
