@@ -226,6 +226,7 @@ def _run(
             if dump.name.endswith("-01"):  # thread 1: the event loop's
                 loop += count
             if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy(dump, keep / f"{'on' if tracing else 'off'}-{dump.name}")
         result["loop_us"] = loop / load.requests / 1000  # thousands of instructions per call
         result["process_us"] = total / load.requests / 1000

@@ -26,6 +26,8 @@ from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
     SpanKind,
+    Status,
+    StatusCode,
     TraceFlags,
     TraceState,
 )
@@ -51,21 +53,18 @@ SEED = 20261128
 
 
 def _tracers(ratio: float) -> tuple[LeanTracer, list[FinishedSpan], LeanTracer, list[FinishedSpan]]:
+    """A C and a Python tracer drawing their ids from the same seeded bytes."""
     fast_finished: list[FinishedSpan] = []
     python_finished: list[FinishedSpan] = []
-    fast = LeanTracer(
-        ratio,
-        fast_finished.append,
-        SpanLimits(),
-        accelerated=True,
-        random_bytes=random.Random(SEED).randbytes,
-    )
-    python = LeanTracer(
-        ratio,
-        python_finished.append,
-        SpanLimits(),
-        accelerated=False,
-        random_bytes=random.Random(SEED).randbytes,
+    fast, python = (
+        LeanTracer(
+            ratio,
+            finished.append,
+            SpanLimits(),
+            accelerated=accelerated,
+            random_bytes=random.Random(SEED).randbytes,
+        )
+        for finished, accelerated in ((fast_finished, True), (python_finished, False))
     )
     return fast, fast_finished, python, python_finished
 
@@ -660,3 +659,39 @@ def test_ids_are_words_of_the_random_bytes_and_new_after_a_fork() -> None:
         os.close(reader)
         os.waitpid(pid, 0)
         assert child_id != tracer.span_id()
+
+
+@pytest.mark.parametrize("max_links", [None, 0])
+def test_c_and_python_record_prepared_alike(max_links: int | None) -> None:
+    """The batcher's spans (queue, batch request), recorded whole: the same records."""
+    finished: dict[bool, list[FinishedSpan]] = {True: [], False: []}
+    tracers = {
+        accelerated: LeanTracer(
+            1.0,
+            finished[accelerated].append,
+            SpanLimits(max_links=max_links),
+            accelerated=accelerated,
+            random_bytes=random.Random(SEED).randbytes,
+        )
+        for accelerated in (True, False)
+    }
+    assert type(tracers[True].record_prepared).__name__ == "builtin_function_or_method"
+    prepared = tracers[True].prepare({"model": "m", "items": 4})
+    links: list[Any] = [None, PARENTS[2], PARENTS[6], (0, 0, False, PARENTS[2][3], None, False)]
+    statuses = [None, Status(StatusCode.ERROR, "failed"), Status(StatusCode.OK)]
+    for parent in PARENTS[1:]:  # (what parent_of gives: never None)
+        for link in links:
+            for status in statuses:
+                for tracer in tracers.values():
+                    tracer.record_prepared("q", parent, prepared, 10, 20, link, status)
+                    tracer.record_prepared("q", parent, prepared, 10, 20, link=link)
+    assert finished[True] == finished[False]
+    assert len(finished[True]) > len(PARENTS) * len(links)
+    with pytest.raises(TypeError, match="5 to 7 arguments"):
+        tracers[True].record_prepared("q", PARENTS[2], prepared, 10)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        tracers[True].record_prepared("q", PARENTS[2], prepared, 10, 20, when=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="parent"):
+        tracers[True].record_prepared("q", None, prepared, 10, 20)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="link"):
+        tracers[True].record_prepared("q", PARENTS[2], prepared, 10, 20, link=5)  # type: ignore[arg-type]

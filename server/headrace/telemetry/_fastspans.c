@@ -93,6 +93,9 @@ typedef struct {
     PyObject *block_size;      /* ID_WORDS * 8: random_bytes' argument for a block of ids */
     PyObject *last_kind;       /* the last SpanKind started, and its value */
     PyObject *last_kind_value;
+    PyObject *no_attributes;   /* the shared empty attributes of a link (record_prepared) */
+    PyObject *internal;        /* SpanKind.INTERNAL's value */
+    int links;                 /* the span limits allow links (max_links is not 0) */
     uint64_t bound;            /* the sampler's: low 64 bits of a new trace id below it */
     int sample_all;            /* the bound is 2**64 or more (ratio 1.0): every new trace */
     int words_left;            /* of `words`, not yet used (taken from the front) */
@@ -110,6 +113,8 @@ starter_traverse(Starter *self, visitproc visit, void *arg)
     Py_VISIT(self->no_state);
     Py_VISIT(self->last_kind);
     Py_VISIT(self->last_kind_value);
+    Py_VISIT(self->no_attributes);
+    Py_VISIT(self->internal);
     return 0;
 }
 
@@ -124,6 +129,8 @@ starter_clear(Starter *self)
     Py_CLEAR(self->block_size);
     Py_CLEAR(self->last_kind);
     Py_CLEAR(self->last_kind_value);
+    Py_CLEAR(self->no_attributes);
+    Py_CLEAR(self->internal);
     return 0;
 }
 
@@ -139,11 +146,14 @@ static int
 starter_init(Starter *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"tracer", "random_bytes", "non_recording", "flags", "no_state",
-                            "bound", NULL};
+                            "bound", "no_attributes", "internal", "links", NULL};
     PyObject *tracer, *random_bytes, *non_recording, *flags, *no_state, *bound;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO!OO!", names, &tracer, &random_bytes,
-                                     &non_recording, &PyList_Type, &flags, &no_state,
-                                     &PyLong_Type, &bound)) {
+    PyObject *no_attributes, *internal;
+    int links;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO!OO!O!O!p", names, &tracer,
+                                     &random_bytes, &non_recording, &PyList_Type, &flags,
+                                     &no_state, &PyLong_Type, &bound, &PyDict_Type,
+                                     &no_attributes, &PyLong_Type, &internal, &links)) {
         return -1;
     }
     int sample_all = 0;
@@ -171,6 +181,9 @@ starter_init(Starter *self, PyObject *args, PyObject *kwargs)
     starter_clear(self);
     self->tracer = Py_NewRef(tracer);
     self->random_bytes = Py_NewRef(random_bytes);
+    self->no_attributes = Py_NewRef(no_attributes);
+    self->internal = Py_NewRef(internal);
+    self->links = links;
     self->non_recording = Py_NewRef(non_recording);
     self->flags = Py_NewRef(flags);
     self->no_state = Py_NewRef(no_state);
@@ -556,12 +569,150 @@ starter_start_current(Starter *self, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* record_prepared(name, parent, attributes, start_ns, end_ns, link=None, status=None):
+ * LeanTracer's (see `_record_prepared`, which defines it): a sampled parent's span recorded
+ * whole here; an invalid parent (a new trace), a status, or a link where the limits allow
+ * none, by the Python method. */
+static PyObject *
+starter_record_prepared(Starter *self, PyObject *const *args, Py_ssize_t nargs,
+                        PyObject *kwnames)
+{
+    Py_ssize_t positional = PyVectorcall_NARGS(nargs);
+    Py_ssize_t keywords = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *link = Py_None, *status = Py_None;
+    if (positional < 5 || positional > 7) {
+        PyErr_Format(PyExc_TypeError, "record_prepared takes 5 to 7 arguments (%zd given)",
+                     positional);
+        return NULL;
+    }
+    if (positional >= 6) {
+        link = args[5];
+    }
+    if (positional == 7) {
+        status = args[6];
+    }
+    for (Py_ssize_t index = 0; index < keywords; index++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, index);
+        if (PyUnicode_CompareWithASCIIString(key, "link") == 0) {
+            link = args[positional + index];
+        }
+        else if (PyUnicode_CompareWithASCIIString(key, "status") == 0) {
+            status = args[positional + index];
+        }
+        else {
+            PyErr_Format(PyExc_TypeError, "record_prepared got an unexpected keyword %R", key);
+            return NULL;
+        }
+    }
+    PyObject *name = args[0], *parent = args[1], *attributes = args[2];
+    if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) < 6) {
+        PyErr_SetString(PyExc_TypeError, "parent: a span context (6-tuple)");
+        return NULL;
+    }
+    if (!PyTuple_Check(attributes) || PyTuple_GET_SIZE(attributes) != 2) {
+        PyErr_SetString(PyExc_TypeError, "attributes: (dict, dropped) from prepare()");
+        return NULL;
+    }
+    if (link != Py_None && (!PyTuple_Check(link) || PyTuple_GET_SIZE(link) < 3)) {
+        PyErr_SetString(PyExc_TypeError, "link: a span context (6-tuple) or None");
+        return NULL;
+    }
+    int valid = PyObject_IsTrue(PyTuple_GET_ITEM(parent, 5));
+    if (valid < 0) {
+        return NULL;
+    }
+    if (!valid || status != Py_None || (link != Py_None && !self->links)) {
+        PyObject *fallback = PyObject_GetAttrString(self->tracer, "_record_prepared");
+        if (fallback == NULL) {
+            return NULL;
+        }
+        PyObject *all[7] = {name, parent, attributes, args[3], args[4], link, status};
+        PyObject *result = PyObject_Vectorcall(fallback, all, 7, NULL);
+        Py_DECREF(fallback);
+        return result;
+    }
+    long flags = PyLong_AsLong(PyTuple_GET_ITEM(parent, 3));
+    if (flags == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!(flags & 1)) {  /* not sampled */
+        Py_RETURN_NONE;
+    }
+    PyObject *links = Py_NewRef(Py_None);
+    if (link != Py_None) {
+        int linked = PyObject_IsTrue(PyTuple_GET_ITEM(link, 0));
+        if (linked == 0) {
+            linked = PyObject_IsTrue(PyTuple_GET_ITEM(link, 1));
+        }
+        if (linked < 0) {
+            Py_DECREF(links);
+            return NULL;
+        }
+        if (linked) {
+            PyObject *one = PyTuple_Pack(5, PyTuple_GET_ITEM(link, 0), PyTuple_GET_ITEM(link, 1),
+                                         PyTuple_GET_ITEM(link, 2), self->no_attributes, zero);
+            Py_SETREF(links, one == NULL ? NULL : PyList_New(1));
+            if (links == NULL) {
+                Py_XDECREF(one);
+                return NULL;
+            }
+            PyList_SET_ITEM(links, 0, one);
+        }
+    }
+    PyObject *state = PyTuple_GET_ITEM(parent, 4);
+    PyObject *header = state == self->no_state ? Py_NewRef(empty_string)
+                                               : PyObject_CallMethodNoArgs(state, str_to_header);
+    PyObject *span_id = header == NULL ? NULL : new_span_id(self);
+    if (span_id == NULL) {
+        Py_XDECREF(header);
+        Py_DECREF(links);
+        return NULL;
+    }
+    PyObject *record = PyTuple_New(F_COUNT);
+    if (record == NULL) {
+        Py_DECREF(header);
+        Py_DECREF(span_id);
+        Py_DECREF(links);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(record, F_NAME, Py_NewRef(name));
+    PyTuple_SET_ITEM(record, F_TRACE_ID, Py_NewRef(PyTuple_GET_ITEM(parent, 0)));
+    PyTuple_SET_ITEM(record, F_SPAN_ID, span_id);
+    PyTuple_SET_ITEM(record, F_TRACE_STATE, header);
+    PyTuple_SET_ITEM(record, F_PARENT_ID, Py_NewRef(PyTuple_GET_ITEM(parent, 1)));
+    PyTuple_SET_ITEM(record, F_PARENT_REMOTE, Py_NewRef(PyTuple_GET_ITEM(parent, 2)));
+    PyTuple_SET_ITEM(record, F_KIND, Py_NewRef(self->internal));
+    PyTuple_SET_ITEM(record, F_START, Py_NewRef(args[3]));
+    PyTuple_SET_ITEM(record, F_END, Py_NewRef(args[4]));
+    PyTuple_SET_ITEM(record, F_ATTRIBUTES, Py_NewRef(PyTuple_GET_ITEM(attributes, 0)));
+    PyTuple_SET_ITEM(record, F_EVENTS, Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(record, F_LINKS, links);
+    PyTuple_SET_ITEM(record, F_STATUS_CODE, Py_NewRef(zero));
+    PyTuple_SET_ITEM(record, F_STATUS_MESSAGE, Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(record, F_DROPPED_ATTRIBUTES, Py_NewRef(PyTuple_GET_ITEM(attributes, 1)));
+    PyTuple_SET_ITEM(record, F_DROPPED_EVENTS, Py_NewRef(zero));
+    PyTuple_SET_ITEM(record, F_DROPPED_LINKS, Py_NewRef(zero));
+    PyObject *recorder = PyObject_GetAttr(self->tracer, str_record);
+    if (recorder == NULL) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(recorder, record);
+    Py_DECREF(recorder);
+    Py_DECREF(record);
+    return result;
+}
+
 static PyMethodDef starter_methods[] = {
     {"start", (PyCFunction)(void (*)(void))starter_start, METH_FASTCALL | METH_KEYWORDS,
      "start(name, parent, kind, attributes, start_time=None, shared=True): "
      "LeanTracer.start_prepared."},
     {"start_current", (PyCFunction)(void (*)(void))starter_start_current, METH_FASTCALL,
      "start_current(name, context, kind, attributes): LeanTracer.start_current."},
+    {"record_prepared", (PyCFunction)(void (*)(void))starter_record_prepared,
+     METH_FASTCALL | METH_KEYWORDS,
+     "record_prepared(name, parent, attributes, start_ns, end_ns, link=None, status=None): "
+     "LeanTracer.record_prepared."},
     {"span_id", (PyCFunction)starter_span_id, METH_NOARGS,
      "span_id(): a new span id from the tracer's random words (spans.py's _Ids.span_id)."},
     {NULL, NULL, 0, NULL},

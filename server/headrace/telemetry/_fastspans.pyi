@@ -12,6 +12,9 @@ class Starter:
         flags: list[Any],
         no_state: Any,
         bound: int,
+        no_attributes: dict[str, Any],
+        internal: int,
+        links: bool,
     ) -> None: ...
     def start(
         self,
@@ -26,6 +29,16 @@ class Starter:
         self, name: str, context: Any, kind: Any, attributes: tuple[dict[str, Any], int]
     ) -> tuple[Any, object]: ...
     def span_id(self) -> int: ...
+    def record_prepared(
+        self,
+        name: str,
+        parent: Any,
+        attributes: tuple[dict[str, Any], int],
+        start_ns: int,
+        end_ns: int,
+        link: Any = None,
+        status: Any = None,
+    ) -> None: ...
 
 def install(span_type: type) -> tuple[Callable[..., None], Callable[..., None]]: ...
 def configure(

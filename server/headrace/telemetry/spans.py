@@ -610,10 +610,19 @@ class LeanTracer(trace.Tracer):
             # The instance's own attribute, found before the class's method: no Python
             # frame between the caller and C.
             starter = _fastspans.Starter(
-                self, random_bytes, _non_recording, _FLAGS, _NO_STATE, self._bound
+                self,
+                random_bytes,
+                _non_recording,
+                _FLAGS,
+                _NO_STATE,
+                self._bound,
+                _NO_ATTRIBUTES,
+                _INTERNAL,
+                limits.max_links != 0,
             )
             self.starter = starter
             self.span_id = starter.span_id
+            self.record_prepared = starter.record_prepared  # type: ignore[method-assign]
             self.start_prepared = starter.start  # type: ignore[method-assign]
             if CONTEXT_ACCELERATED:
                 self.start_current = starter.start_current  # type: ignore[method-assign]
@@ -849,7 +858,7 @@ class LeanTracer(trace.Tracer):
             )
         )
 
-    def record_prepared(
+    def _record_prepared(
         self,
         name: str,
         parent: Parent,
@@ -861,7 +870,9 @@ class LeanTracer(trace.Tracer):
     ) -> None:
         """`record_span` for a parent and a link as `parent_of` gives them, and attributes
         from `prepare` (shared, not checked again): the batcher's spans, one per request per
-        batch. An invalid parent starts a new trace, as in `record_span`."""
+        batch. An invalid parent starts a new trace, as in `record_span`. (`record_prepared`:
+        in C where the tracer's spans start there, which leaves invalid parents, statuses and
+        links the limits refuse to this method.)"""
         if not parent[5]:  # no valid parent: a new trace, as record_span makes it
             self.record_span(
                 name,
@@ -908,6 +919,8 @@ class LeanTracer(trace.Tracer):
                 dropped_links,
             )
         )
+
+    record_prepared = _record_prepared
 
     def start_linked(
         self,

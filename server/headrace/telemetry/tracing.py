@@ -34,6 +34,7 @@ from headrace.telemetry.spans import (
     LeanTracer,
     Parent,
     Prepared,
+    RecordingSpan,
     current_context,
     parent_of,
 )
@@ -118,7 +119,15 @@ _CLIENT = SpanKind.CLIENT
 class ModelTracing:
     """The spans of one model version's queue, batches and backend calls."""
 
-    __slots__ = ("_attributes", "_prepared", "_sets", "_tracer", "start_backend")
+    __slots__ = (
+        "_attributes",
+        "_prepared",
+        "_queue_sets",
+        "_request_sets",
+        "_sets",
+        "_tracer",
+        "start_backend",
+    )
 
     def __init__(self, tracer: LeanTracer, spec: ModelSpec) -> None:
         self._tracer = tracer
@@ -137,6 +146,10 @@ class ModelTracing:
         self._sets: dict[tuple[str, int, int], Prepared] = {}
         """The queue, batch-request and batch spans' attribute sets by span name and item
         (and request) counts, checked once and shared by the spans that have them."""
+        self._queue_sets: dict[int, Prepared] = {}
+        self._request_sets: dict[int, Prepared] = {}
+        """The queue and batch-request spans' sets of `_sets` by item count, for the loops
+        over a batch's requests to read without a call."""
 
     def attribute_set(self, name: str, items: int, requests: int = 0) -> Prepared:
         """The attributes of a `name` span (queue, batch request or batch) of `items` items
@@ -159,7 +172,13 @@ class ModelTracing:
                 }
             if len(self._sets) >= MAX_ATTRIBUTE_SETS:
                 self._sets.clear()
+                self._queue_sets.clear()
+                self._request_sets.clear()
             prepared = self._sets[key] = self._tracer.prepare(attributes)
+            if name == SPAN_QUEUE:
+                self._queue_sets[items] = prepared
+            elif name == SPAN_BATCH_REQUEST:
+                self._request_sets[items] = prepared
         return prepared
 
     @staticmethod
@@ -202,13 +221,16 @@ class BatchTrace:
         tracer = model._tracer
         self._dispatched_ns = now_ns = time.time_ns()
         attribute_set = model.attribute_set
+        queue_sets = model._queue_sets
         record = tracer.record_prepared
         self._members: list[tuple[Parent, int]] = []
         spans = self._members
         parent: Parent | None = None  # the batch span's: the first sampled request's span
         items_in_batch = 0
         for context, waited_s, items in members:
-            span_context = parent_of(context)
+            # parent_of(context), without its call for the common case: our span.
+            span = context.get(_SPAN_KEY) if context is not None else None
+            span_context = span._context if type(span) is RecordingSpan else parent_of(context)
             spans.append((span_context, items))
             items_in_batch += items
             if parent is None and span_context[5] and span_context[3] & 1:
@@ -216,7 +238,7 @@ class BatchTrace:
             record(
                 SPAN_QUEUE,
                 span_context,
-                attribute_set(SPAN_QUEUE, items),
+                queue_sets.get(items) or attribute_set(SPAN_QUEUE, items),
                 now_ns - int(waited_s * 1e9),
                 now_ns,
             )
@@ -244,13 +266,14 @@ class BatchTrace:
         status = _error_status(error) if error is not None else None
         batch = parent_of(self._batch_context)
         attribute_set = self._model.attribute_set
+        request_sets = self._model._request_sets
         record = self._model._tracer.record_prepared
         dispatched_ns = self._dispatched_ns
         for span_context, items in self._members:
             record(
                 SPAN_BATCH_REQUEST,
                 span_context,
-                attribute_set(SPAN_BATCH_REQUEST, items),
+                request_sets.get(items) or attribute_set(SPAN_BATCH_REQUEST, items),
                 dispatched_ns,
                 now_ns,
                 batch,
