@@ -170,9 +170,9 @@ def test_a_span_ends_once_and_a_second_end_is_logged(
 
 
 def test_the_garbage_collector_leaves_ended_spans_data_alone() -> None:
-    """Finished spans wait in the export queue by thousands: C's `end` takes their lists
-    out of the collector's generations (they hold no cycles); what they refer to stays
-    tracked."""
+    """Finished spans wait in the export queue by thousands: C's `end` and
+    `record_prepared` take their lists and tuples out of the collector's generations (they
+    hold no cycles); what they refer to stays tracked."""
     finished: list[FinishedSpan] = []
     tracer = LeanTracer(1.0, finished.append, SpanLimits())
     prepared = tracer.prepare({"k": ("a", "b")})  # a container value: a tracked dict
@@ -181,6 +181,11 @@ def test_the_garbage_collector_leaves_ended_spans_data_alone() -> None:
     span.end()
     assert not gc.is_tracked(finished[0])
     assert gc.is_tracked(finished[0][9])  # the attribute dict
+    # Spans recorded whole (the batcher's), with a link: the same.
+    tracer.record_prepared("q", span.get_span_context(), prepared, 1, 2, PARENTS[2])
+    assert not gc.is_tracked(finished[1])
+    assert gc.is_tracked(finished[1][9])
+    assert finished[1][11] == [(0xABC, 0xDEF, True, {}, 0)]
 
 
 def test_a_recorder_that_fails_fails_the_end_call() -> None:

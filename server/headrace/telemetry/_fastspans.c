@@ -692,6 +692,9 @@ starter_record_prepared(Starter *self, PyObject *const *args, Py_ssize_t nargs,
     PyTuple_SET_ITEM(record, F_DROPPED_ATTRIBUTES, Py_NewRef(PyTuple_GET_ITEM(attributes, 1)));
     PyTuple_SET_ITEM(record, F_DROPPED_EVENTS, Py_NewRef(zero));
     PyTuple_SET_ITEM(record, F_DROPPED_LINKS, Py_NewRef(zero));
+    /* Final, and in no reference cycle (as an ended span's data list, `span_end`): the
+     * garbage collector need not walk it while it waits in the export queue. */
+    PyObject_GC_UnTrack(record);
     PyObject *recorder = PyObject_GetAttr(self->tracer, str_record);
     if (recorder == NULL) {
         Py_DECREF(record);
