@@ -181,10 +181,9 @@ class ModelTracing:
                 self._request_sets[items] = prepared
         return prepared
 
-    @staticmethod
-    def current() -> Context:
-        """The caller's trace context, to keep with a request that another task will run."""
-        return current_context()
+    current: Callable[[], Context] = staticmethod(current_context)
+    """The caller's trace context, to keep with a request that another task will run
+    (`current_context` itself: no Python frame per request)."""
 
     def left_queue_undispatched(
         self, parent: Context, waited_s: float, items: int, error: BaseException | None
@@ -264,7 +263,8 @@ class BatchTrace:
         the batch, if anything did."""
         now_ns = time.time_ns()
         status = _error_status(error) if error is not None else None
-        batch = parent_of(self._batch_context)
+        span = self._span
+        batch = span._context if type(span) is RecordingSpan else parent_of(self._batch_context)
         attribute_set = self._model.attribute_set
         request_sets = self._model._request_sets
         record = self._model._tracer.record_prepared
