@@ -1,10 +1,11 @@
 # Headrace's image: `docker build -t headrace .` from the repository root.
 # Two stages: dependencies are installed into a venv in the first, and only that venv is
 # copied onto a clean slim base, so nothing used to build (pip caches, sources) ships.
-# Every dependency installs from a wheel; the one compiled part is Headrace's own span
+# Every dependency installs from a wheel; the compiled parts are Headrace's own span
 # recorder (server/headrace/telemetry/_fastspans.c: optional, but without it each span's start
-# and end run in Python, about 1.7x the instructions), built in the first stage, which alone
-# has a compiler.
+# and end run in Python, about 1.7x the instructions) and OTLP span encoder (_fastotlp.c:
+# optional, without it spans are pickled to the exporter process and encoded there), built in
+# the first stage, which alone has a compiler.
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1

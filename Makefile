@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(RUNTIME_STAMP): pyproject.toml server/headrace/telemetry/_fastspans.c | $(BIN)/python
+$(RUNTIME_STAMP): pyproject.toml server/headrace/telemetry/_fastspans.c server/headrace/telemetry/_fastotlp.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
@@ -27,7 +27,7 @@ $(RUNTIME_STAMP): pyproject.toml server/headrace/telemetry/_fastspans.c | $(BIN)
 TRITON_WHEEL := nvidia-pytriton==0.7.0
 TRITON_PYTHON := $(VENV)/triton-python
 
-$(DEV_STAMP): pyproject.toml Makefile server/headrace/telemetry/_fastspans.c | $(BIN)/python
+$(DEV_STAMP): pyproject.toml Makefile server/headrace/telemetry/_fastspans.c server/headrace/telemetry/_fastotlp.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps $(TRITON_WHEEL)
 	$(BIN)/python -m venv --without-pip $(TRITON_PYTHON)

@@ -1,11 +1,14 @@
 """The span exporter process and its OTLP encoding: the request it sends is the one the SDK's
-encoder would build, it reaches real OTLP receivers (gRPC and HTTP) and standard output, and
-a full queue drops spans rather than waiting."""
+encoder would build (and the C encoder's bytes are the Python encoder's), it reaches real OTLP
+receivers (gRPC and HTTP) and standard output whether the sender ships spans encoded or
+pickled, and a full queue drops spans rather than waiting."""
 
 from __future__ import annotations
 
 import os
 import signal
+import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +25,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from headrace.config import TracingSettings
+from headrace.telemetry import _fastotlp
+from headrace.telemetry import export as export_module
 from headrace.telemetry.export import (
     MAX_REQUEST_BYTES,
     ExportProcess,
@@ -98,8 +103,11 @@ def test_the_encoded_request_is_the_one_the_sdk_encoder_builds() -> None:
     assert span.links[0].attributes[0].key == "k"
 
 
-def test_spans_of_repeated_shapes_and_shared_attribute_sets_encode_as_the_sdks() -> None:
-    shared = {"headrace.model.name": "identity", "headrace.model.version": "1"}
+SHARED = {"headrace.model.name": "identity", "headrace.model.version": "1"}
+
+
+def _repeated_shapes() -> list[FinishedSpan]:
+    shared = SHARED
     spans = [
         _span(
             name,
@@ -133,6 +141,11 @@ def test_spans_of_repeated_shapes_and_shared_attribute_sets_encode_as_the_sdks()
         _span("batch", 33, links=[(1, 2, False, {"k": 1}, 0)], attributes=shared),
     ]
     spans.insert(3, SPANS[1])  # a span of the rare fields between them
+    return spans
+
+
+def test_spans_of_repeated_shapes_and_shared_attribute_sets_encode_as_the_sdks() -> None:
+    spans = _repeated_shapes()
     encoder = OtlpEncoder(SCOPE)
     resource = Resource(dict(SCOPE.resource_attributes))
     scope = InstrumentationScope(SCOPE.name, SCOPE.version)
@@ -141,15 +154,157 @@ def test_spans_of_repeated_shapes_and_shared_attribute_sets_encode_as_the_sdks()
         assert ExportTraceServiceRequest.FromString(encoder.encode(spans)) == expected
 
 
+def _edge_spans() -> list[FinishedSpan]:
+    """Spans at the edges of what the C encoder takes itself, and just past them (those it
+    hands to the Python encoder)."""
+    many = {f"key.{index}": "v" * index for index in range(40)}  # a set past 2**7 bytes
+    blob = {"blob": "x" * (20 << 10)}  # a span past 2**14 bytes
+    spans: list[FinishedSpan] = [
+        list(_span("a list", 1)),
+        _span("décodé ✓", 2, attributes=many),
+        _span("n" * 200, 3, attributes=blob, parent_span_id=2**64 - 1, parent_is_remote=True),
+        (*_span("edge ids", 2**64 - 1)[:1], 2**128 - 1, *_span("", 2**64 - 1)[2:]),
+        (*_span("zero ids", 0)[:1], 0, *_span("", 0)[2:]),
+        _span("times", 4, start_ns=0, end_ns=2**64 - 1),
+        _span("no attributes", 5, attributes=None),
+        _span("empty tuple", 6, attributes=()),
+        _span("empty links", 7, links=[], events=[], trace_state=None, status_message=""),
+        _span("link lists", 8, links=[[1, 2, True, None, 0], [3, 4, False, (), 0]]),
+        _span("link tuple", 9, links=((2**128 - 1, 2**64 - 1, True, {}, 0),)),
+    ]
+    spans += [_span("kind", 10 + kind, kind=kind, status_code=kind % 3) for kind in range(5)]
+    # Values the C encoder leaves to Python: bools for ints, an int for a bool, a message.
+    spans += [
+        _span("bool count", 20, dropped_attributes=False, dropped_links=False),
+        _span("int remote", 21, parent_is_remote=1, parent_span_id=7),
+        _span("status message", 22, status_code=2, status_message="bad"),
+        _span("link remote 1", 23, links=[(1, 2, 1, {}, 0)]),
+        _span("link count", 24, links=[(1, 2, True, {}, False)]),
+        _span("float kind", 25, kind=True),
+    ]
+    # More distinct attribute sets than the C encoder remembers in one call, and one shared.
+    spans += [_span("sets", 30 + index, attributes={"i": index}) for index in range(40)]
+    spans += [_span("shared", 80 + index, attributes=SHARED) for index in range(5)]
+    return spans
+
+
+def _c_fields(encoder: OtlpEncoder, spans: list[FinishedSpan]) -> bytes:
+    return _fastotlp.span_fields(spans, encoder._attribute_set, encoder.span_field)
+
+
+def test_the_c_encoder_gives_the_python_encoders_bytes() -> None:
+    assert export_module.ENCODER_ACCELERATED  # `make test` builds it: a skipped build fails here
+    encoder = OtlpEncoder(SCOPE)
+    spans = SPANS + _repeated_shapes() + _edge_spans()
+    expected = encoder.python_span_fields(spans)
+    assert _c_fields(encoder, spans) == expected
+    assert encoder.span_fields(spans) == expected
+    handed_over: list[str] = []
+
+    def span_field(span: FinishedSpan) -> bytes:
+        handed_over.append(span[0])
+        return encoder.span_field(span)
+
+    assert _fastotlp.span_fields(spans, encoder._attribute_set, span_field) == expected
+    assert handed_over == [  # the rare spans only: the others are the C encoder's own
+        "child",
+        "child",
+        "batch",
+        "bool count",
+        "int remote",
+        "status message",
+        "link remote 1",
+        "link count",
+        "float kind",
+    ]
+    for span in spans:  # one at a time too: every span on its own path
+        assert _c_fields(encoder, [span]) == encoder.python_span_fields([span])
+    resource = Resource(dict(SCOPE.resource_attributes))
+    scope = InstrumentationScope(SCOPE.name, SCOPE.version)
+    common = SPANS + _repeated_shapes() + _edge_spans()[:16]  # the SDK's own types
+    decoded = ExportTraceServiceRequest.FromString(encoder.request(_c_fields(encoder, common)))
+    assert decoded == encode_spans(readable_spans(common, resource, scope))
+    assert _c_fields(encoder, []) == b""
+
+
+_REFUSALS = (
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    struct.error,
+)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _span(None, 1),  # type: ignore[arg-type]
+        _span("id", -1),
+        (*_span("trace", 1)[:1], 2**128, *_span("", 1)[2:]),
+        _span("time", 1, start_ns=-1),
+        _span("status", 1, status_code=3),
+        _span("kind", 1, kind="client"),
+        _span("short", 1)[:16],
+        _span("link", 1, links=[(1, 2, True, {})]),
+        _span("surrogate \udc80", 1),
+        5,
+    ],
+)
+def test_spans_the_python_encoder_refuses_the_c_encoder_refuses(bad: Any) -> None:
+    encoder = OtlpEncoder(SCOPE)
+    with pytest.raises(_REFUSALS):
+        encoder.python_span_fields([SPANS[0], bad])
+    with pytest.raises(_REFUSALS):  # through the Python encoder's span_field
+        _c_fields(encoder, [SPANS[0], bad])
+
+
+def test_the_c_encoders_arguments_are_checked_and_nothing_leaks() -> None:
+    encoder = OtlpEncoder(SCOPE)
+    with pytest.raises(TypeError, match="3 arguments"):
+        _fastotlp.span_fields(SPANS)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="callable"):
+        _fastotlp.span_fields(SPANS, None, encoder.span_field)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _fastotlp.span_fields(5, encoder._attribute_set, encoder.span_field)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="attributes_of returned str"):
+        _fastotlp.span_fields(SPANS, lambda _: "x", encoder.span_field)  # type: ignore[arg-type, return-value]
+    with pytest.raises(TypeError, match="span_field returned str"):
+        _fastotlp.span_fields(SPANS, encoder._attribute_set, lambda _: "x")  # type: ignore[arg-type, return-value]
+    with pytest.raises(ZeroDivisionError):
+        _fastotlp.span_fields(SPANS, lambda _: 1 // 0, encoder.span_field)
+    fixed = b"\x4a\x00"
+    spans = _edge_spans()
+    watched = [fixed, SHARED, spans[1][0], spans[1][9], spans[9][11], spans[0]]
+    before = [sys.getrefcount(item) for item in watched]
+    for _ in range(2_000):
+        _fastotlp.span_fields(spans, lambda _: fixed, encoder.span_field)
+        with pytest.raises(ZeroDivisionError):
+            _fastotlp.span_fields(spans, lambda _: 1 // 0, encoder.span_field)
+    assert [sys.getrefcount(item) for item in watched] == before
+
+
 def _settings(**fields: Any) -> TracingSettings:
     return TracingSettings.model_validate(
         {"exporter": "otlp_grpc", "export_delay_ms": 60_000, **fields}
     )
 
 
-def test_spans_reach_an_otlp_grpc_receiver_by_shutdown() -> None:
+@pytest.fixture(params=["encoded", "pickled"])
+def shipped(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How the sender ships spans to the exporter process: OTLP-encoded (by the C encoder,
+    built in every test install) or pickled (where it is not built)."""
+    if request.param == "pickled":
+        monkeypatch.setattr(export_module, "ENCODER_ACCELERATED", False)
+    return str(request.param)
+
+
+def test_spans_reach_an_otlp_grpc_receiver_by_shutdown(shipped: str) -> None:
     with OtlpReceiver() as receiver:
         export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
+        assert (export._encoder is not None) == (shipped == "encoded")
         for span in SPANS:
             export.queue.record(span)
         export.stop()
@@ -188,7 +343,7 @@ def test_the_console_exporter_prints_every_span(capfd: pytest.CaptureFixture[str
     assert f"0x{TRACE_ID:032x}" in printed
 
 
-def test_a_full_queue_drops_new_spans_and_keeps_the_rest() -> None:
+def test_a_full_queue_drops_new_spans_and_keeps_the_rest(shipped: str) -> None:
     with OtlpReceiver() as receiver:
         export = ExportProcess(
             _settings(endpoint=receiver.endpoint, max_queued_spans=2, max_export_batch_spans=2),
@@ -202,7 +357,7 @@ def test_a_full_queue_drops_new_spans_and_keeps_the_rest() -> None:
     assert [span.name for span in received] == ["server", "child"]
 
 
-def test_the_chunks_of_one_send_go_out_as_one_request() -> None:
+def test_the_chunks_of_one_send_go_out_as_one_request(shipped: str) -> None:
     with OtlpReceiver() as receiver:
         export = ExportProcess(
             _settings(endpoint=receiver.endpoint, max_export_batch_spans=1500), SCOPE
@@ -229,7 +384,7 @@ def test_spans_short_of_a_batch_go_out_after_export_delay_ms() -> None:
     assert receiver.requests[0][0] == 3
 
 
-def test_requests_hold_at_most_max_export_batch_spans() -> None:
+def test_requests_hold_at_most_max_export_batch_spans(shipped: str) -> None:
     with OtlpReceiver() as receiver:
         export = ExportProcess(
             _settings(
@@ -247,7 +402,7 @@ def test_requests_hold_at_most_max_export_batch_spans() -> None:
     assert export.queue.dropped == 0
 
 
-def test_a_request_past_max_request_bytes_is_split() -> None:
+def test_a_request_past_max_request_bytes_is_split(shipped: str) -> None:
     big = "x" * (128 << 10)
     with OtlpReceiver() as receiver:  # accepts 4 MiB, grpc's default
         export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
@@ -259,7 +414,7 @@ def test_a_request_past_max_request_bytes_is_split() -> None:
     assert max(size for _, size in receiver.requests) <= MAX_REQUEST_BYTES
 
 
-def test_a_dead_exporter_process_is_replaced_and_the_spans_still_go_out() -> None:
+def test_a_dead_exporter_process_is_replaced_and_the_spans_still_go_out(shipped: str) -> None:
     with OtlpReceiver() as receiver:
         export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
         first = export.pid
@@ -274,6 +429,31 @@ def test_a_dead_exporter_process_is_replaced_and_the_spans_still_go_out() -> Non
         received = receiver.in_trace(f"{TRACE_ID:032x}")
     assert [span.name for span in received] == ["server", "child", "ok"]
     assert export.queue.dropped == 0
+
+
+def test_a_span_the_encoder_refuses_is_dropped_alone() -> None:
+    bad = _span("bad", 9, status_code=7)
+    with OtlpReceiver() as receiver:
+        export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
+        assert export._encoder is not None
+        for span in (SPANS[0], bad, SPANS[2]):
+            export.queue.record(span)
+        export.stop()
+        received = receiver.in_trace(f"{TRACE_ID:032x}")
+    assert [span.name for span in received] == ["server", "ok"]
+    assert export.queue.dropped == 1
+
+
+def test_chunks_are_whole_fractions_of_a_batch() -> None:
+    assert [export_module.chunk_spans(batch) for batch in (1, 2, 512, 513, 1000, 1500, 4096)] == [
+        1,
+        2,
+        512,
+        257,
+        500,
+        500,
+        512,
+    ]
 
 
 def test_equal_values_of_other_types_are_encoded_by_type() -> None:
