@@ -493,9 +493,10 @@ def test_shutdown_gives_up_on_a_collector_that_does_not_answer() -> None:
                 ),
                 SCOPE,
             )
-            # 20 exports of 1 s each, more than stop waits; distinct spans fill the pipe.
+            # 20 exports of 1 s each, more than stop waits; distinct spans of 1 KiB fill
+            # the pipe (1 MiB) many times over.
             for index in range(20 * 512):
-                export.queue.record(_span("s", index + 1))
+                export.queue.record(_span("s", index + 1, attributes={"b": "x" * 1024, "i": index}))
             export.stop()
         finally:
             receiver.released.set()

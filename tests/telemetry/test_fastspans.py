@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import itertools
 import logging
 import os
 import random
@@ -253,30 +254,36 @@ def test_c_and_python_start_current_and_end_current_alike(ratio: float) -> None:
     fast, fast_finished, python, python_finished = _tracers(ratio)
     prepared = fast.prepare({"model": "m"})
     outer = current_context()
-    for context in _contexts():
-        for error in (None, ValueError("bad"), KeyboardInterrupt()):
-            made = []
-            for tracer, end_current in (
-                (fast, spans.end_current),
-                (python, spans._end_current),
-            ):
-                before = current_context()
-                span, token = tracer.start_current("op", context, SpanKind.CLIENT, prepared)
-                now = current_context()
-                assert trace.get_current_span(now) is span
-                base = before if context is None else context
-                assert {k: v for k, v in now.items() if k != spans._SPAN_KEY} == {
-                    k: v for k, v in base.items() if k != spans._SPAN_KEY
-                }
-                assert parent_of(now) == span.get_span_context()
-                end_current(span, token, error)
-                assert current_context() is before
-                made.append(span)
-            fast_span, python_span = made
-            assert type(fast_span) is type(python_span)
-            assert fast_span.get_span_context() == python_span.get_span_context()
+    # The parent: the span current in the context (None), or given (a sampled, an unsampled
+    # and a raw one, as `parent_of` gives them).
+    given = [None, PARENTS[2], PARENTS[3], PARENTS[6]]
+    for context, parent, error in itertools.product(
+        _contexts(), given, (None, ValueError("bad"), KeyboardInterrupt())
+    ):
+        made = []
+        for tracer, end_current in (
+            (fast, spans.end_current),
+            (python, spans._end_current),
+        ):
+            before = current_context()
+            span, token = tracer.start_current("op", context, SpanKind.CLIENT, prepared, parent)
+            now = current_context()
+            assert trace.get_current_span(now) is span
+            base = before if context is None else context
+            assert {k: v for k, v in now.items() if k != spans._SPAN_KEY} == {
+                k: v for k, v in base.items() if k != spans._SPAN_KEY
+            }
+            assert parent_of(now) == span.get_span_context()
+            if parent is not None and span.is_recording():
+                assert span._data[4] == parent[1]  # the parent span id
+            end_current(span, token, error)
+            assert current_context() is before
+            made.append(span)
+        fast_span, python_span = made
+        assert type(fast_span) is type(python_span)
+        assert fast_span.get_span_context() == python_span.get_span_context()
     assert current_context() is outer
-    assert len(fast_finished) == len(python_finished) == (24 if ratio == 1.0 else 12)
+    assert len(fast_finished) == len(python_finished) == (78 if ratio == 1.0 else 66)
     for fast_record, python_record in zip(fast_finished, python_finished, strict=True):
         fast_record, python_record = list(fast_record), list(python_record)
         fast_record[7] = python_record[7] = fast_record[8] = python_record[8] = 0  # times
@@ -343,8 +350,11 @@ def test_start_current_and_end_current_leave_no_references_behind() -> None:
 
 def test_start_current_and_end_current_refuse_wrong_arguments() -> None:
     tracer = LeanTracer(1.0, [].append, SpanLimits())
-    with pytest.raises(TypeError, match="4 arguments"):
+    with pytest.raises(TypeError, match="4 or 5 arguments"):
         tracer.start_current("op", None, SpanKind.CLIENT)  # type: ignore[call-arg]
+    prepared = tracer.prepare({})
+    with pytest.raises(TypeError, match="4 or 5 arguments"):
+        tracer.start_current("op", None, SpanKind.CLIENT, prepared, None, 1)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="attributes"):
         tracer.start_current("op", None, SpanKind.CLIENT, {"not": "prepared"})  # type: ignore[arg-type]
     assert not trace.get_current_span().is_recording()  # nothing left current

@@ -10,15 +10,21 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.sdk.trace import SpanLimits
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from headrace.protocol import grpc_service_pb2 as pb
 from headrace.protocol import grpc_service_pb2_grpc as pb_grpc
+from headrace.spec import ModelSpec
+from headrace.telemetry.spans import FinishedSpan, LeanTracer, current_context, end_current
 from headrace.telemetry.tracing import (
     SPAN_BACKEND,
     SPAN_BATCH,
     SPAN_BATCH_REQUEST,
     SPAN_QUEUE,
+    ModelTracing,
 )
 from tests.conftest import ServerThread, gated_model
 from tests.models import GATED, PROPAGATING
@@ -297,3 +303,31 @@ def test_a_request_that_expires_in_the_queue_has_an_error_queue_span(
     server_span = _one(spans, INFER_SPAN)
     assert server_span.attributes["rpc.grpc.status_code"] == 4
     assert server_span.status_code == Status.STATUS_CODE_ERROR
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_a_batchs_backend_span_is_the_batch_spans_child_and_current(sampled: bool) -> None:
+    """Sampled or not (then nothing is recorded), the backend call of a batch runs with a
+    span of the batch span's trace current, and the context is restored after."""
+    finished: list[FinishedSpan] = []
+    tracer = LeanTracer(1.0, finished.append, SpanLimits())
+    model = ModelTracing(tracer, ModelSpec("m", "1", "m", "local", (), ()))
+    caller = SpanContext(0xABC, 0xDEF, True, TraceFlags(0x01 if sampled else 0x00))
+    context = trace.set_span_in_context(NonRecordingSpan(caller))
+    before = current_context()
+    batch = model.start_batch([(context, 0.001, 1), (context, 0.002, 2)])
+    span, token = batch.start_backend()
+    assert trace.get_current_span() is span
+    assert span.is_recording() is sampled
+    assert span.get_span_context().trace_id == 0xABC
+    end_current(span, token, None)
+    assert current_context() is before
+    batch.end(None)
+    if not sampled:
+        assert finished == []
+        return
+    by_name = {record[0]: record for record in finished}
+    assert sorted(by_name) == [SPAN_BACKEND, SPAN_BATCH, SPAN_BATCH_REQUEST, SPAN_QUEUE]
+    batch_span = by_name[SPAN_BATCH]
+    assert by_name[SPAN_BACKEND][4] == batch_span[2]  # the backend span's parent
+    assert by_name[SPAN_BATCH_REQUEST][11][0][:2] == (0xABC, batch_span[2])  # its link

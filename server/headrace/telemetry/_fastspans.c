@@ -492,10 +492,11 @@ parent_in(PyObject *context)
     return PyObject_CallOneArg(py_parent_of, context);
 }
 
-/* start_current's steps, its span and token set (new references) where it returns 0. */
+/* start_current's steps, its span and token set (new references) where it returns 0;
+ * `parent`: the span's parent, NULL for the span current in the context. */
 static int
-start_current_parts(Starter *self, PyObject *const *args, PyObject **span_out,
-                    PyObject **token_out)
+start_current_parts(Starter *self, PyObject *const *args, PyObject *parent_given,
+                    PyObject **span_out, PyObject **token_out)
 {
     PyObject *context = args[1];
     if (context == Py_None) {
@@ -512,7 +513,7 @@ start_current_parts(Starter *self, PyObject *const *args, PyObject **span_out,
     else {
         Py_INCREF(context);
     }
-    PyObject *parent = parent_in(context);
+    PyObject *parent = parent_given != NULL ? Py_NewRef(parent_given) : parent_in(context);
     if (parent == NULL) {
         Py_DECREF(context);
         return -1;
@@ -547,7 +548,8 @@ start_current_parts(Starter *self, PyObject *const *args, PyObject **span_out,
     return 0;
 }
 
-/* start_current(name, context, kind, attributes): LeanTracer.start_current (see there). */
+/* start_current(name, context, kind, attributes, parent=None): LeanTracer.start_current
+ * (see there). */
 static PyObject *
 starter_start_current(Starter *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -555,12 +557,14 @@ starter_start_current(Starter *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "configure() was not called");
         return NULL;
     }
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "start_current takes 4 arguments (%zd given)", nargs);
+    if (nargs != 4 && nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "start_current takes 4 or 5 arguments (%zd given)",
+                     nargs);
         return NULL;
     }
+    PyObject *parent = nargs == 5 && args[4] != Py_None ? args[4] : NULL;
     PyObject *span, *token;
-    if (start_current_parts(self, args, &span, &token) < 0) {
+    if (start_current_parts(self, args, parent, &span, &token) < 0) {
         return NULL;
     }
     PyObject *result = PyTuple_Pack(2, span, token);
@@ -711,7 +715,8 @@ static PyMethodDef starter_methods[] = {
      "start(name, parent, kind, attributes, start_time=None, shared=True): "
      "LeanTracer.start_prepared."},
     {"start_current", (PyCFunction)(void (*)(void))starter_start_current, METH_FASTCALL,
-     "start_current(name, context, kind, attributes): LeanTracer.start_current."},
+     "start_current(name, context, kind, attributes, parent=None): "
+     "LeanTracer.start_current."},
     {"record_prepared", (PyCFunction)(void (*)(void))starter_record_prepared,
      METH_FASTCALL | METH_KEYWORDS,
      "record_prepared(name, parent, attributes, start_ns, end_ns, link=None, status=None): "
@@ -1251,7 +1256,7 @@ server_spans_start(ServerSpans *self, PyObject *context)
     }
     PyObject *start_args[4] = {self->name, parent, self->kind, PyTuple_GET_ITEM(attributes, 0)};
     PyObject *span, *token;
-    int started = start_current_parts(self->starter, start_args, &span, &token);
+    int started = start_current_parts(self->starter, start_args, NULL, &span, &token);
     Py_DECREF(parent);
     if (started < 0) {
         Py_DECREF(attributes);

@@ -26,7 +26,13 @@ class Starter:
         shared: bool = True,
     ) -> Any: ...
     def start_current(
-        self, name: str, context: Any, kind: Any, attributes: tuple[dict[str, Any], int]
+        self,
+        name: str,
+        context: Any,
+        kind: Any,
+        attributes: tuple[dict[str, Any], int],
+        parent: Any = None,
+        /,
     ) -> tuple[Any, object]: ...
     def span_id(self) -> int: ...
     def record_prepared(

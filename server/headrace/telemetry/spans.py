@@ -754,14 +754,23 @@ class LeanTracer(trace.Tracer):
         )
 
     def start_current(
-        self, name: str, context: Context | None, kind: SpanKind, attributes: Prepared
+        self,
+        name: str,
+        context: Context | None,
+        kind: SpanKind,
+        attributes: Prepared,
+        parent: Parent | None = None,
+        /,
     ) -> tuple[trace.Span, object]:
-        """Start a span (`start_prepared`) whose parent is the span current in `context`
-        (None: the current context) and make it current in a copy of that context: (span,
-        token) for `end_current`. In C where built (`CONTEXT_ACCELERATED`)."""
+        """Start a span (`start_prepared`) whose parent is `parent` (as `parent_of` gives
+        it), or else the span current in `context` (None: the current context), and make
+        it current in a copy of that context: (span, token) for `end_current`. In C where
+        built (`CONTEXT_ACCELERATED`)."""
         if context is None:
             context = current_context()
-        span = self.start_prepared(name, parent_of(context), kind, attributes)
+        if parent is None:
+            parent = parent_of(context)
+        span = self.start_prepared(name, parent, kind, attributes)
         return span, make_current(span, context)
 
     @contextlib.contextmanager

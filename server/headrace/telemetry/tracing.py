@@ -121,12 +121,14 @@ class ModelTracing:
 
     __slots__ = (
         "_attributes",
+        "_batch_sets",
         "_prepared",
         "_queue_sets",
         "_request_sets",
         "_sets",
         "_tracer",
         "start_backend",
+        "start_batch",
     )
 
     def __init__(self, tracer: LeanTracer, spec: ModelSpec) -> None:
@@ -150,6 +152,13 @@ class ModelTracing:
         self._request_sets: dict[int, Prepared] = {}
         """The queue and batch-request spans' sets of `_sets` by item count, for the loops
         over a batch's requests to read without a call."""
+        self._batch_sets: dict[tuple[int, int], Prepared] = {}
+        """The batch spans' sets of `_sets` by item and request counts, likewise."""
+        self.start_batch: Callable[[Sequence[tuple[Context | None, float, int]]], BatchTrace]
+        self.start_batch = partial(BatchTrace, self)
+        """Start the spans of a batch being dispatched now, made of `members`: each request's
+        trace context, time waited in the queue (seconds) and items. Records their queue
+        spans, which end now. (A partial: no Python frame before `BatchTrace`'s.)"""
 
     def attribute_set(self, name: str, items: int, requests: int = 0) -> Prepared:
         """The attributes of a `name` span (queue, batch request or batch) of `items` items
@@ -174,11 +183,14 @@ class ModelTracing:
                 self._sets.clear()
                 self._queue_sets.clear()
                 self._request_sets.clear()
+                self._batch_sets.clear()
             prepared = self._sets[key] = self._tracer.prepare(attributes)
             if name == SPAN_QUEUE:
                 self._queue_sets[items] = prepared
             elif name == SPAN_BATCH_REQUEST:
                 self._request_sets[items] = prepared
+            else:
+                self._batch_sets[items, requests] = prepared
         return prepared
 
     current: Callable[[], Context] = staticmethod(current_context)
@@ -200,18 +212,12 @@ class ModelTracing:
             status=_error_status(error) if error else Status(StatusCode.ERROR, "request cancelled"),
         )
 
-    def start_batch(self, members: Sequence[tuple[Context | None, float, int]]) -> BatchTrace:
-        """Start the spans of a batch being dispatched now, made of `members`: each request's
-        trace context, time waited in the queue (seconds) and items. Records their queue
-        spans, which end now."""
-        return BatchTrace(self, members)
-
 
 class BatchTrace:
     """The spans of one batch: its own span (from dispatch until it ends), a queue span and a
     batch-request span per request, and the backend call's span."""
 
-    __slots__ = ("_batch_context", "_dispatched_ns", "_members", "_model", "_span")
+    __slots__ = ("_dispatched_ns", "_members", "_model", "_parent", "_span")
 
     def __init__(
         self, model: ModelTracing, members: Sequence[tuple[Context | None, float, int]]
@@ -241,21 +247,27 @@ class BatchTrace:
                 now_ns - int(waited_s * 1e9),
                 now_ns,
             )
-        self._span = tracer.start_linked(
+        self._span = span = tracer.start_linked(
             SPAN_BATCH,
             parent if parent is not None else spans[0][0],
-            attribute_set(SPAN_BATCH, items_in_batch, len(spans)),
+            model._batch_sets.get((items_in_batch, len(spans)))
+            or attribute_set(SPAN_BATCH, items_in_batch, len(spans)),
             [span_context for span_context, _ in spans],
             now_ns,
         )
-        self._batch_context = Context({**current_context(), _SPAN_KEY: self._span})
+        self._parent: Parent = (
+            span._context if type(span) is RecordingSpan else parent_of(Context({_SPAN_KEY: span}))
+        )
+        """The batch span as the parent of the backend span and the link of the requests'
+        batch-request spans. (It is never made current: the backend span is, with the batch
+        span for parent.)"""
 
     def start_backend(self) -> tuple[trace.Span, object]:
         """Start the backend call's CLIENT span, child of the batch span, and make it
         current: (span, token) for `spans.end_current` when the call ends."""
         model = self._model
         return model._tracer.start_current(
-            SPAN_BACKEND, self._batch_context, _CLIENT, model._prepared
+            SPAN_BACKEND, None, _CLIENT, model._prepared, self._parent
         )
 
     def end(self, error: BaseException | None) -> None:
@@ -263,8 +275,7 @@ class BatchTrace:
         the batch, if anything did."""
         now_ns = time.time_ns()
         status = _error_status(error) if error is not None else None
-        span = self._span
-        batch = span._context if type(span) is RecordingSpan else parent_of(self._batch_context)
+        batch = self._parent
         attribute_set = self._model.attribute_set
         request_sets = self._model._request_sets
         record = self._model._tracer.record_prepared
