@@ -6,6 +6,7 @@ pickled, and a full queue drops spans rather than waiting."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import struct
 import sys
@@ -236,6 +237,50 @@ _REFUSALS = (
     OverflowError,
     struct.error,
 )
+
+
+def test_the_c_encoder_reads_ints_of_every_size_as_python_does() -> None:
+    """Ids and times across the digit boundaries of CPython's ints (30 bits), at the ends of
+    their ranges and at random: the same bytes as the Python encoder."""
+    rng = random.Random(5)
+    edges64 = [0, 1, 2**30 - 1, 2**30, 2**60 - 1, 2**60, 2**63, 2**64 - 1]
+    edges128 = [*edges64, 2**64, 2**90 - 1, 2**90, 2**120, 2**127, 2**128 - 1]
+    values64 = edges64 + [rng.getrandbits(rng.randint(1, 64)) for _ in range(200)]
+    values128 = edges128 + [rng.getrandbits(rng.randint(1, 128)) for _ in range(200)]
+    spans: list[FinishedSpan] = []
+    for index, (small, large) in enumerate(zip(values64, values128[: len(values64)], strict=True)):
+        span = list(
+            _span(
+                "ints",
+                small,
+                parent_span_id=values64[-index - 1],
+                start_ns=small,
+                end_ns=values64[index // 2],
+                links=[(large, small, True, None, 0)],
+            )
+        )
+        span[1] = large
+        spans.append(span)
+    encoder = OtlpEncoder(SCOPE)
+    handed_over: list[str] = []
+
+    def span_field(span: FinishedSpan) -> bytes:
+        handed_over.append(span[0])
+        return encoder.span_field(span)
+
+    fields = _fastotlp.span_fields(spans, encoder._attribute_set, span_field)
+    assert fields == encoder.python_span_fields(spans)
+    assert handed_over == []
+    too_big_trace = (*_span("trace", 1)[:1], 2**150, *_span("", 1)[2:])
+    for too_big in (
+        _span("id", 2**64),
+        _span("id", 2**90),
+        _span("time", 1, end_ns=2**64),
+        _span("parent", 1, parent_span_id=2**200),
+        too_big_trace,
+    ):
+        with pytest.raises(_REFUSALS):
+            _c_fields(encoder, [too_big])
 
 
 @pytest.mark.parametrize(
