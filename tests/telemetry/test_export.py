@@ -5,6 +5,7 @@ pickled, and a full queue drops spans rather than waiting."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
@@ -30,6 +31,7 @@ from headrace.telemetry import _fastotlp
 from headrace.telemetry import export as export_module
 from headrace.telemetry.export import (
     MAX_REQUEST_BYTES,
+    PIPE_BYTES,
     ExportProcess,
     OtlpEncoder,
     Scope,
@@ -350,6 +352,8 @@ def test_spans_reach_an_otlp_grpc_receiver_by_shutdown(shipped: str) -> None:
     with OtlpReceiver() as receiver:
         export = ExportProcess(_settings(endpoint=receiver.endpoint), SCOPE)
         assert (export._encoder is not None) == (shipped == "encoded")
+        assert export._connection is not None  # a chunk (about 110 KiB) is one write
+        assert fcntl.fcntl(export._connection.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_BYTES
         for span in SPANS:
             export.queue.record(span)
         export.stop()

@@ -23,7 +23,6 @@ the tuples.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -119,7 +118,9 @@ class ExportProcess:
 
     def _start_process(self) -> None:
         receiver, sender = self._context.Pipe(duplex=False)
-        with contextlib.suppress(OSError, AttributeError):  # Linux; else the default size
+        with contextlib.suppress(ImportError, OSError, AttributeError):  # Linux; else as is
+            import fcntl
+
             fcntl.fcntl(sender.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         process = self._context.Process(
             target=_serve,
