@@ -228,6 +228,9 @@ def test_the_c_encoder_gives_the_python_encoders_bytes() -> None:
     decoded = ExportTraceServiceRequest.FromString(encoder.request(_c_fields(encoder, common)))
     assert decoded == encode_spans(readable_spans(common, resource, scope))
     assert _c_fields(encoder, []) == b""
+    # A head is written first, the spans after it (the sender's message in one piece).
+    assert encoder.span_fields(spans, b"S\x01\x02") == b"S\x01\x02" + expected
+    assert encoder.span_fields([], b"S") == b"S"
 
 
 _REFUSALS = (
@@ -310,8 +313,10 @@ def test_spans_the_python_encoder_refuses_the_c_encoder_refuses(bad: Any) -> Non
 
 def test_the_c_encoders_arguments_are_checked_and_nothing_leaks() -> None:
     encoder = OtlpEncoder(SCOPE)
-    with pytest.raises(TypeError, match="3 arguments"):
+    with pytest.raises(TypeError, match="3 or 4 arguments"):
         _fastotlp.span_fields(SPANS)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="head must be bytes"):
+        _fastotlp.span_fields(SPANS, encoder._attribute_set, encoder.span_field, "S")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="callable"):
         _fastotlp.span_fields(SPANS, None, encoder.span_field)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -328,6 +333,7 @@ def test_the_c_encoders_arguments_are_checked_and_nothing_leaks() -> None:
     before = [sys.getrefcount(item) for item in watched]
     for _ in range(2_000):
         _fastotlp.span_fields(spans, lambda _: fixed, encoder.span_field)
+        _fastotlp.span_fields(spans, lambda _: fixed, encoder.span_field, fixed)
         with pytest.raises(ZeroDivisionError):
             _fastotlp.span_fields(spans, lambda _: 1 // 0, encoder.span_field)
     assert [sys.getrefcount(item) for item in watched] == before

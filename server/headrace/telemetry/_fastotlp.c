@@ -36,6 +36,7 @@ enum {
 typedef struct {
     unsigned char *data;
     size_t size, capacity;
+    PyObject *bytes; /* the bytes object `data` is the inside of (the result), or NULL */
 } Buffer;
 
 static int
@@ -47,6 +48,15 @@ reserve(Buffer *buffer, size_t more)
     size_t capacity = buffer->capacity ? buffer->capacity : 4096;
     while (capacity < buffer->size + more) {
         capacity *= 2;
+    }
+    if (buffer->bytes != NULL) {
+        if (_PyBytes_Resize(&buffer->bytes, (Py_ssize_t)capacity) < 0) {
+            buffer->data = NULL; /* the object is gone */
+            return -1;
+        }
+        buffer->data = (unsigned char *)PyBytes_AS_STRING(buffer->bytes);
+        buffer->capacity = capacity;
+        return 0;
     }
     unsigned char *data = PyMem_Realloc(buffer->data, capacity);
     if (data == NULL) {
@@ -418,9 +428,9 @@ common_span(Buffer *out, PyObject *span, Sets *sets, Buffer *links)
 static PyObject *
 span_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError,
-                        "span_fields(spans, attributes_of, span_field) takes 3 arguments");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "span_fields(spans, attributes_of, span_field, "
+                                         "head=b'') takes 3 or 4 arguments");
         return NULL;
     }
     PyObject *attributes_of = args[1], *span_field = args[2];
@@ -428,17 +438,33 @@ span_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "attributes_of and span_field must be callable");
         return NULL;
     }
+    PyObject *head = nargs == 4 ? args[3] : NULL;
+    if (head != NULL && !PyBytes_CheckExact(head)) {
+        PyErr_SetString(PyExc_TypeError, "head must be bytes");
+        return NULL;
+    }
+    size_t head_size = head != NULL ? (size_t)PyBytes_GET_SIZE(head) : 0;
     /* A snapshot: the spans stay alive, and in place, whatever the callbacks do. */
     PyObject *spans = PySequence_Tuple(args[0]);
     if (spans == NULL) {
         return NULL;
     }
     Sets sets = {.attributes_of = attributes_of, .count = 0};
-    Buffer out = {NULL, 0, 0}, links = {NULL, 0, 0};
+    Buffer out = {NULL, 0, 0, NULL}, links = {NULL, 0, 0, NULL};
     PyObject *result = NULL;
     Py_ssize_t count = PyTuple_GET_SIZE(spans);
-    if (reserve(&out, (size_t)count * SPAN_GUESS) < 0) { /* a common span: 150-250 bytes */
+    /* Written straight into the result, `head` first (a common span: 150-250 bytes): no
+     * copy of a chunk's hundred kilobytes afterwards. Never empty: the empty bytes object
+     * is shared, and this one is resized. */
+    out.capacity = head_size + (size_t)count * SPAN_GUESS + 1;
+    out.bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out.capacity);
+    if (out.bytes == NULL) {
         goto finally;
+    }
+    out.data = (unsigned char *)PyBytes_AS_STRING(out.bytes);
+    if (head_size) {
+        memcpy(out.data, PyBytes_AS_STRING(head), head_size);
+        out.size = head_size;
     }
     for (Py_ssize_t index = 0; index < count; index++) {
         PyObject *span = PyTuple_GET_ITEM(spans, index);
@@ -468,13 +494,16 @@ span_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         out.size += size;
         Py_DECREF(encoded);
     }
-    result = PyBytes_FromStringAndSize((const char *)out.data, (Py_ssize_t)out.size);
+    if (_PyBytes_Resize(&out.bytes, (Py_ssize_t)out.size) == 0) {
+        result = out.bytes; /* its length now the bytes written */
+        out.bytes = NULL;
+    }
 finally:
     for (int index = 0; index < sets.count; index++) {
         Py_DECREF(sets.keys[index]);
         Py_DECREF(sets.values[index]);
     }
-    PyMem_Free(out.data);
+    Py_XDECREF(out.bytes);
     PyMem_Free(links.data);
     Py_DECREF(spans);
     return result;
@@ -482,8 +511,8 @@ finally:
 
 static PyMethodDef module_methods[] = {
     {"span_fields", (PyCFunction)(void (*)(void))span_fields, METH_FASTCALL,
-     "span_fields(spans, attributes_of, span_field) -> bytes: the ScopeSpans Span fields "
-     "of `spans` (export.py's OtlpEncoder.span_fields, the reference)."},
+     "span_fields(spans, attributes_of, span_field, head=b'') -> bytes: `head`, then the "
+     "ScopeSpans Span fields of `spans` (export.py's OtlpEncoder.span_fields)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,4 +7,6 @@ def span_fields(
     spans: Sequence[Sequence[Any]],
     attributes_of: Callable[[Mapping[str, Any]], bytes],
     span_field: Callable[[Sequence[Any]], bytes],
+    head: bytes = b"",
+    /,
 ) -> bytes: ...

@@ -169,18 +169,19 @@ class ExportProcess:
         """`chunk` as messages of encoded spans and their counts, each message's spans short
         of `MAX_REQUEST_BYTES` where they can be; a span that cannot be encoded is dropped
         (counted, logged), not the spans around it."""
+        head = ENCODED + _COUNT.pack(len(chunk))
         try:
-            fields = encoder.span_fields(chunk)
+            message: bytes | None = encoder.span_fields(chunk, head)
         except Exception:  # a value the encoder refuses: never kill the sender
             if len(chunk) == 1:
                 _logger.exception("tracing: a span could not be encoded: %r", chunk[0][0])
                 self.queue.dropped += 1
                 return []
-            fields = None
-        if fields is None or (len(fields) > MAX_REQUEST_BYTES and len(chunk) > 1):
+            message = None
+        if message is None or (len(message) - len(head) > MAX_REQUEST_BYTES and len(chunk) > 1):
             half = len(chunk) // 2
             return self._encoded(encoder, chunk[:half]) + self._encoded(encoder, chunk[half:])
-        return [(b"".join((ENCODED, _COUNT.pack(len(chunk)), fields)), len(chunk))]
+        return [(message, len(chunk))]
 
     def _write(self, payload: bytes, spans: int) -> bool:
         """Write one message of `spans` spans to the exporter process; whether it was
@@ -830,13 +831,14 @@ class OtlpEncoder:
         head = _SMALL[0x0A] + _varint(resource_spans) + self._resource + scope_head
         return b"".join((head, self._scope, *span_fields, self._resource_schema))
 
-    def span_fields(self, spans: Sequence[FinishedSpan]) -> bytes:
-        """The Span fields of the ScopeSpans message for `spans`: `_fastotlp.span_fields`
-        where it was built (the common spans in C, the others through `span_field`), else
+    def span_fields(self, spans: Sequence[FinishedSpan], head: bytes = b"") -> bytes:
+        """`head`, then the Span fields of the ScopeSpans message for `spans`:
+        `_fastotlp.span_fields` where it was built (the common spans in C, the others
+        through `span_field`; written where they stay, after `head`), else
         `python_span_fields`, the reference."""
         if _fastotlp is not None:
-            return _fastotlp.span_fields(spans, self._attribute_set, self.span_field)
-        return self.python_span_fields(spans)
+            return _fastotlp.span_fields(spans, self._attribute_set, self.span_field, head)
+        return head + self.python_span_fields(spans)
 
     def python_span_fields(self, spans: Sequence[FinishedSpan]) -> bytes:
         """`span_fields` in Python. Most spans come in few shapes (name, kind, attribute
