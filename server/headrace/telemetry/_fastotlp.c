@@ -243,6 +243,19 @@ is_zero(PyObject *object)
     return value == 0;
 }
 
+/* callback(argument), which must return bytes (a new reference), NULL on error. */
+static PyObject *
+call_for_bytes(PyObject *callback, PyObject *argument, const char *name)
+{
+    PyObject *result = PyObject_CallOneArg(callback, argument);
+    if (result != NULL && !PyBytes_Check(result)) {
+        PyErr_Format(PyExc_TypeError, "%s returned %.100s, not bytes", name,
+                     Py_TYPE(result)->tp_name);
+        Py_CLEAR(result);
+    }
+    return result;
+}
+
 typedef struct {
     PyObject *attributes_of;
     PyObject *keys[SETS]; /* strong references: an address is not reused meanwhile */
@@ -259,14 +272,8 @@ encoded_set(Sets *sets, PyObject *attributes, PyObject **owned)
             return sets->values[index];
         }
     }
-    PyObject *encoded = PyObject_CallOneArg(sets->attributes_of, attributes);
+    PyObject *encoded = call_for_bytes(sets->attributes_of, attributes, "attributes_of");
     if (encoded == NULL) {
-        return NULL;
-    }
-    if (!PyBytes_Check(encoded)) {
-        PyErr_Format(PyExc_TypeError, "attributes_of returned %.100s, not bytes",
-                     Py_TYPE(encoded)->tp_name);
-        Py_DECREF(encoded);
         return NULL;
     }
     if (sets->count < SETS) {
@@ -475,14 +482,8 @@ span_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (done) {
             continue;
         }
-        PyObject *encoded = PyObject_CallOneArg(span_field, span);
+        PyObject *encoded = call_for_bytes(span_field, span, "span_field");
         if (encoded == NULL) {
-            goto finally;
-        }
-        if (!PyBytes_Check(encoded)) {
-            PyErr_Format(PyExc_TypeError, "span_field returned %.100s, not bytes",
-                         Py_TYPE(encoded)->tp_name);
-            Py_DECREF(encoded);
             goto finally;
         }
         size_t size = (size_t)PyBytes_GET_SIZE(encoded);

@@ -699,7 +699,7 @@ class OtlpEncoder:
         return b"".join(out)
 
     def _attribute_set(self, attributes: Mapping[str, Any]) -> bytes:
-        """A span's attributes field (`_fastotlp`'s callback)."""
+        """A span's attributes field (here and `_fastotlp`'s callback)."""
         return self._attributes(0x4A, attributes) if attributes else b""
 
     def span_field(self, span: FinishedSpan) -> bytes:
@@ -887,9 +887,7 @@ class OtlpEncoder:
             count = len(links) if links else 0
             encoded = by_object.get(id(attributes))
             if encoded is None:
-                encoded = by_object[id(attributes)] = (
-                    self._attributes(0x4A, attributes) if attributes else b""
-                )
+                encoded = by_object[id(attributes)] = self._attribute_set(attributes)
             parent = parent_span_id != 0
             template = templates.get(
                 (name, kind, encoded, status_code, parent, parent_is_remote, count)
