@@ -394,15 +394,56 @@ def test_the_span_queue_keeps_up_to_max_queued_wakes_at_a_batch_and_counts_drops
     assert [sys.getrefcount(record) for record in records] == before
 
 
+@pytest.mark.parametrize("accelerated", [True, False], ids=["c", "python"])
+def test_the_span_queue_keeps_order_across_growth_and_wrap_around(accelerated: bool) -> None:
+    # The C queue is a ring that grows by doubling: spans taken in pieces while others
+    # arrive wrap around its end, and growing it with a wrapped ring keeps their order.
+    queue = spans.SpanQueue(5000, 10_000, accelerated=accelerated)
+    expected: deque[int] = deque()
+    taken: list[int] = []
+    number = 0
+    for step in range(60):
+        for _ in range(7 + 13 * (step % 5)):
+            queue.record([number])  # type: ignore[arg-type]
+            expected.append(number)
+            number += 1
+        taken += [record[0] for record in queue.take(5 + 11 * (step % 3))]
+        assert len(queue) == len(expected) - len(taken) + (number - len(expected))
+    taken += [record[0] for record in queue.take(10_000)]
+    assert taken == list(expected)
+    assert len(queue) == 0
+    assert queue.take(3) == []
+    assert queue.take(-1) == []
+
+
+def test_a_queue_dropped_with_spans_in_it_releases_them() -> None:
+    def fill() -> tuple[int, int]:
+        queue = spans.SpanQueue(100, 10)
+        for record in records[:50]:
+            queue.record(record)
+        queue.take(20)
+        for record in records[50:]:
+            queue.record(record)  # wraps around, then fills to the bound
+        return len(queue), sys.getrefcount(records[60])
+
+    records: list[FinishedSpan] = [[index] for index in range(300)]
+    alone = sys.getrefcount(records[60])
+    assert fill() == (100, alone + 1)  # the queue held it, and lets it go with itself
+    gc.collect()
+    assert [sys.getrefcount(records[index]) for index in range(300)] == [alone] * 300
+
+
 def test_the_recorder_refuses_wrong_arguments() -> None:
     from headrace.telemetry import _fastspans
 
     with pytest.raises(ValueError, match="max_queued"):
-        _fastspans.Recorder(deque(), lambda: None, 0, 1)
+        _fastspans.Recorder(lambda: None, 0, 1)
     with pytest.raises(ValueError, match="wake"):
-        _fastspans.Recorder(deque(), "not callable", 1, 1)
-    with pytest.raises(AttributeError):
-        _fastspans.Recorder(object(), lambda: None, 1, 1)
+        _fastspans.Recorder("not callable", 1, 1)
+    with pytest.raises(TypeError):
+        _fastspans.Recorder(lambda: None, 1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        _fastspans.Recorder(lambda: None, 1, 1).take("many")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -541,13 +582,16 @@ def test_c_and_python_server_spans_alike(ratio: float) -> None:
                     ) -> Any:
                         if from_lookup:  # as TracedService hands it over
                             _CALL_METADATA.set(metadata)
-                        before = current_context()
                         try:
                             result = await behaviour(error, call)
                         except BaseException as exc:
                             result = type(exc)
-                        assert current_context() is before
-                        return result
+                        # A unary call's span stays current (ended): the call's task ends.
+                        after = trace.get_current_span()
+                        assert not after.is_recording()
+                        if error is None:
+                            assert after.get_span_context() == result
+                        return result, after.get_span_context()
 
                     seen.append(contextvars.copy_context().run(asyncio.run, one_call()))
                 assert seen[0] == seen[1]

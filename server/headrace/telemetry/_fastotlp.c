@@ -122,6 +122,36 @@ unsigned_words(PyObject *object, uint64_t *out, int words)
         return 0;
     }
     const digit *digits = ((PyLongObject *)object)->ob_digit;
+#if PyLong_SHIFT == 30
+    /* The usual shapes straight (ints are normalized: no leading zero digit): a time or a
+     * span id in up to 3 digits, a trace id in 5. */
+    if (words == 1 && size <= 3) {
+        uint64_t value = 0;
+        switch (size) {
+        case 3:
+            if (digits[2] >> 4) {
+                return 0; /* 2**64 or more */
+            }
+            value = (uint64_t)digits[2] << 60;
+            /* fall through */
+        case 2:
+            value |= (uint64_t)digits[1] << 30;
+            /* fall through */
+        case 1:
+            value |= digits[0];
+        }
+        out[0] = value;
+        return 1;
+    }
+    if (words == 2 && size == 5) {
+        if (digits[4] >> 8) {
+            return 0; /* 2**128 or more */
+        }
+        out[0] = digits[0] | (uint64_t)digits[1] << 30 | (uint64_t)digits[2] << 60;
+        out[1] = digits[2] >> 4 | (uint64_t)digits[3] << 26 | (uint64_t)digits[4] << 56;
+        return 1;
+    }
+#endif
     for (int word = 0; word < words; word++) {
         out[word] = 0;
     }
@@ -182,10 +212,7 @@ as_id128(PyObject *object, unsigned char *out)
     if (!unsigned_words(object, words, 2)) {
         return 0;
     }
-    for (int index = 0; index < 8; index++) {
-        out[index] = (unsigned char)(words[1] >> (56 - 8 * index));
-        out[8 + index] = (unsigned char)(words[0] >> (56 - 8 * index));
-    }
+    put_big64(put_big64(out, words[1]), words[0]);
     return 1;
 #else
     int failed;

@@ -858,23 +858,31 @@ static PyMethodDef set_prepared_definition = {
     "set_prepared_attribute(base, key, value, variants): see RecordingSpan.",
 };
 
-/* ---- Recorder: SpanQueue's record ----------------------------------------------------- */
+/* ---- Recorder: SpanQueue's record and take ------------------------------------------ */
 
+/* The queue itself: a ring of strong references, grown by doubling up to `max_queued`.
+ * `take` moves references out (no count changes, no copy of what stays), so the sender's
+ * share of the queue is one C call a chunk, not a Python step a span. */
 typedef struct {
     PyObject_HEAD
-    PyObject *append;      /* the queue's deque.append */
-    PyObject *spans;       /* the deque */
+    PyObject **ring;
+    Py_ssize_t capacity;   /* slots allocated: 0, or a power of two */
+    Py_ssize_t head;       /* the oldest span's slot */
+    Py_ssize_t queued;
     PyObject *wake;        /* the sender's Event.set */
     Py_ssize_t max_queued;
     Py_ssize_t batch_size;
     Py_ssize_t dropped;
 } Recorder;
 
+#define RING_SLOT(self, index) ((self)->ring[((self)->head + (index)) & ((self)->capacity - 1)])
+
 static int
 recorder_traverse(Recorder *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->append);
-    Py_VISIT(self->spans);
+    for (Py_ssize_t index = 0; index < self->queued; index++) {
+        Py_VISIT(RING_SLOT(self, index));
+    }
     Py_VISIT(self->wake);
     return 0;
 }
@@ -882,8 +890,13 @@ recorder_traverse(Recorder *self, visitproc visit, void *arg)
 static int
 recorder_clear(Recorder *self)
 {
-    Py_CLEAR(self->append);
-    Py_CLEAR(self->spans);
+    /* Slots are emptied before their references go: a span's finalizer sees a valid ring. */
+    while (self->queued > 0) {
+        PyObject *span = RING_SLOT(self, 0);
+        self->head = (self->head + 1) & (self->capacity - 1);
+        self->queued--;
+        Py_DECREF(span);
+    }
     Py_CLEAR(self->wake);
     return 0;
 }
@@ -893,31 +906,26 @@ recorder_dealloc(Recorder *self)
 {
     PyObject_GC_UnTrack(self);
     recorder_clear(self);
+    PyMem_Free(self->ring);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int
 recorder_init(Recorder *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"spans", "wake", "max_queued", "batch_size", NULL};
-    PyObject *spans, *wake;
+    static char *names[] = {"wake", "max_queued", "batch_size", NULL};
+    PyObject *wake;
     Py_ssize_t max_queued, batch_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOnn", names, &spans, &wake, &max_queued,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onn", names, &wake, &max_queued,
                                      &batch_size)) {
         return -1;
     }
     if (!PyCallable_Check(wake) || max_queued < 1 || batch_size < 1) {
         PyErr_SetString(PyExc_ValueError,
-                        "Recorder(deque, wake callable, max_queued >= 1, batch_size >= 1)");
-        return -1;
-    }
-    PyObject *append = PyObject_GetAttrString(spans, "append");
-    if (append == NULL) {
+                        "Recorder(wake callable, max_queued >= 1, batch_size >= 1)");
         return -1;
     }
     recorder_clear(self);
-    self->append = append;
-    self->spans = Py_NewRef(spans);
     self->wake = Py_NewRef(wake);
     self->max_queued = max_queued;
     self->batch_size = batch_size;
@@ -925,25 +933,46 @@ recorder_init(Recorder *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
-/* record(span): SpanQueue's _Recorder.__call__ (see there). */
+/* Room for one more span; -1 (MemoryError) where the ring cannot grow. */
+static int
+recorder_grow(Recorder *self)
+{
+    Py_ssize_t capacity = self->capacity ? self->capacity * 2 : 256;
+    if (capacity > PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(PyObject *)) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject **ring = PyMem_Malloc((size_t)capacity * sizeof(PyObject *));
+    if (ring == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t index = 0; index < self->queued; index++) {
+        ring[index] = RING_SLOT(self, index);
+    }
+    PyMem_Free(self->ring);
+    self->ring = ring;
+    self->capacity = capacity;
+    self->head = 0;
+    return 0;
+}
+
+/* record(span): SpanQueue's _Recorder.record (see there). */
 static PyObject *
 recorder_record(Recorder *self, PyObject *span)
 {
-    Py_ssize_t queued = PyObject_Length(self->spans);
-    if (queued < 0) {
-        return NULL;
-    }
+    Py_ssize_t queued = self->queued;
     if (queued >= self->max_queued) {
         self->dropped++;
         Py_RETURN_NONE;
     }
-    PyObject *result = PyObject_CallOneArg(self->append, span);
-    if (result == NULL) {
+    if (queued == self->capacity && recorder_grow(self) < 0) {
         return NULL;
     }
-    Py_DECREF(result);
+    RING_SLOT(self, queued) = Py_NewRef(span);
+    self->queued = queued + 1;
     if (queued + 1 == self->batch_size) {
-        result = PyObject_CallNoArgs(self->wake);
+        PyObject *result = PyObject_CallNoArgs(self->wake);
         if (result == NULL) {
             return NULL;
         }
@@ -952,9 +981,44 @@ recorder_record(Recorder *self, PyObject *span)
     Py_RETURN_NONE;
 }
 
+/* take(count): SpanQueue.take (see there). */
+static PyObject *
+recorder_take(Recorder *self, PyObject *argument)
+{
+    Py_ssize_t count = PyLong_AsSsize_t(argument);
+    if (count == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (count > self->queued) {
+        count = self->queued;
+    }
+    PyObject *taken = PyList_New(count > 0 ? count : 0);
+    if (taken == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyList_SET_ITEM(taken, index, RING_SLOT(self, 0)); /* the ring's reference */
+        self->head = (self->head + 1) & (self->capacity - 1);
+        self->queued--;
+    }
+    return taken;
+}
+
+static Py_ssize_t
+recorder_length(Recorder *self)
+{
+    return self->queued;
+}
+
+static PySequenceMethods recorder_as_sequence = {
+    .sq_length = (lenfunc)recorder_length,
+};
+
 static PyMethodDef recorder_methods[] = {
     {"record", (PyCFunction)recorder_record, METH_O,
      "record(span): queue a finished span, or count it dropped when the queue is full."},
+    {"take", (PyCFunction)recorder_take, METH_O,
+     "take(count) -> list: up to `count` of the oldest spans, taken out of the queue."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -967,7 +1031,7 @@ static PyMemberDef recorder_members[] = {
 static PyTypeObject RecorderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "headrace.telemetry._fastspans.Recorder",
-    .tp_doc = "A SpanQueue's record (see spans._Recorder).",
+    .tp_doc = "A SpanQueue's queue: record and take (see spans._Recorder).",
     .tp_basicsize = sizeof(Recorder),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
@@ -975,6 +1039,7 @@ static PyTypeObject RecorderType = {
     .tp_dealloc = (destructor)recorder_dealloc,
     .tp_traverse = (traverseproc)recorder_traverse,
     .tp_clear = (inquiry)recorder_clear,
+    .tp_as_sequence = &recorder_as_sequence,
     .tp_methods = recorder_methods,
     .tp_members = recorder_members,
 };
@@ -1285,8 +1350,7 @@ server_spans_finish(ServerSpans *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *span = args[0], *token = args[1], *attributes = args[2], *context = args[3];
     PyObject *error = args[4];
-    if (error != Py_None || token == Py_None || !PyTuple_Check(attributes) ||
-        PyTuple_GET_SIZE(attributes) != 2 ||
+    if (error != Py_None || !PyTuple_Check(attributes) || PyTuple_GET_SIZE(attributes) != 2 ||
         (Py_TYPE(span) != span_type && Py_TYPE(span) != non_recording_type)) {
         return PyObject_Vectorcall(self->finish, args, nargs, NULL);
     }
@@ -1329,6 +1393,12 @@ server_spans_finish(ServerSpans *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(result);
     }
     Py_DECREF(number);
+    if (token == Py_None) {  /* the context is left as it is */
+        if (Py_TYPE(span) == span_type) {
+            return span_end(span, NULL, 0, NULL);
+        }
+        Py_RETURN_NONE;  /* a NonRecordingSpan: its end does nothing */
+    }
     PyObject *end_args[3] = {span, token, Py_None};
     return end_current(NULL, end_args, 3);
 }

@@ -961,23 +961,20 @@ _NO_ATTRIBUTES: dict[str, Any] = {}
 
 
 class _Recorder:
-    """`SpanQueue.record` in Python (the C `_fastspans.Recorder` where built: the same
-    steps, and no Python frame for each span that ends)."""
+    """`SpanQueue`'s queue in Python (the C `_fastspans.Recorder` where built: the same
+    steps, and no Python frame for each span that ends or is taken)."""
 
     __slots__ = ("_batch_size", "_max_queued", "_spans", "_wake", "dropped")
 
-    def __init__(
-        self,
-        spans: deque[FinishedSpan],
-        wake: Callable[[], None],
-        max_queued: int,
-        batch_size: int,
-    ) -> None:
-        self._spans = spans
+    def __init__(self, wake: Callable[[], None], max_queued: int, batch_size: int) -> None:
+        self._spans: deque[FinishedSpan] = deque()
         self._wake = wake
         self._max_queued = max_queued
         self._batch_size = batch_size
         self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._spans)
 
     def record(self, span: FinishedSpan) -> None:
         spans = self._spans
@@ -989,21 +986,28 @@ class _Recorder:
         if queued + 1 == self._batch_size:
             self._wake()
 
+    def take(self, count: int) -> list[FinishedSpan]:
+        spans = self._spans
+        popleft = spans.popleft
+        return [popleft() for _ in range(min(count, len(spans)))]
+
 
 class SpanQueue:
-    """Finished spans waiting for the exporter process: a bounded deque filled by whichever
+    """Finished spans waiting for the exporter process: a bounded queue filled by whichever
     thread ends a span (append only: no lock, no wait) and drained by the sender thread.
     Beyond `max_queued` spans, new ones are dropped and counted."""
 
     def __init__(self, max_queued: int, batch_size: int, accelerated: bool = ACCELERATED) -> None:
-        """`accelerated`: `record` in C (where built), else in Python."""
-        self._spans: deque[FinishedSpan] = deque()
+        """`accelerated`: `record` and `take` in C (where built), else in Python."""
         self.ready = threading.Event()
         """Set when a batch is full: the sender need not wait for its timer."""
         recorder_type = _fastspans.Recorder if accelerated and _fastspans is not None else _Recorder
-        self._recorder = recorder_type(self._spans, self.ready.set, max_queued, batch_size)
+        self._recorder = recorder_type(self.ready.set, max_queued, batch_size)
         self.record: Recorder = self._recorder.record
         """Queue a finished span (the tracer's recorder), or count it dropped when full."""
+        self.take: Callable[[int], list[FinishedSpan]] = self._recorder.take
+        """Up to `count` of the oldest spans, taken out of the queue (one thread: the
+        sender's)."""
 
     @property
     def dropped(self) -> int:
@@ -1016,10 +1020,4 @@ class SpanQueue:
         self._recorder.dropped = value
 
     def __len__(self) -> int:
-        return len(self._spans)
-
-    def take(self, count: int) -> list[FinishedSpan]:
-        """Up to `count` of the oldest spans (sender thread only)."""
-        spans = self._spans
-        popleft = spans.popleft
-        return [popleft() for _ in range(min(count, len(spans)))]
+        return len(self._recorder)
