@@ -14,7 +14,8 @@ import random
 import struct
 import sys
 from collections import deque
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -521,6 +522,22 @@ class _CallContext:
 
 _HEADER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 _UNSAMPLED_HEADER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+
+
+class _Metadatum(NamedTuple):
+    """A metadata pair as grpc.aio hands them to a generic handler (a named tuple)."""
+
+    key: str
+    value: str
+
+
+class _Swapped(tuple):  # type: ignore[type-arg]
+    """A pair that unpacks its own way (value first): what Python's unpacking gives counts."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self[1], self[0]))
+
+
 METADATA: list[Any] = [
     None,
     (),
@@ -530,6 +547,8 @@ METADATA: list[Any] = [
     (("traceparent", "not a header"),),
     grpc.aio.Metadata(("traceparent", _HEADER), ("x-bin", b"\x00\x01")),
     [["traceparent", _HEADER]],  # pairs as lists
+    (_Metadatum("user-agent", "x"), _Metadatum("traceparent", _HEADER)),
+    (_Swapped((_HEADER, "traceparent")),),
 ]
 OUTCOMES: list[tuple[grpc.StatusCode | None, BaseException | None]] = [
     (None, None),
@@ -598,9 +617,9 @@ def test_c_and_python_server_spans_alike(ratio: float) -> None:
                 calls += 1
     assert len(fast_finished) == len(python_finished)
     # Sampled: every call, but those with an unsampled parent (the fourth metadata); not
-    # sampled: only those with a sampled parent (three of the metadata).
+    # sampled: only those with a sampled parent (five of the metadata).
     per_metadata = 2 * len(OUTCOMES)
-    assert len(fast_finished) == (calls - per_metadata if ratio else 3 * per_metadata)
+    assert len(fast_finished) == (calls - per_metadata if ratio else 5 * per_metadata)
     for fast_record, python_record in zip(fast_finished, python_finished, strict=True):
         fast_record, python_record = list(fast_record), list(python_record)
         fast_record[7] = python_record[7] = fast_record[8] = python_record[8] = 0  # times

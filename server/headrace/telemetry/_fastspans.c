@@ -1210,11 +1210,15 @@ carry_trace_context(PyObject *item, PyObject **carrier)
 {
     PyObject *key, *value;
     PyObject *pair = NULL;
-    if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2) {
+    /* A tuple, or a tuple's subclass that iterates as one (grpc's `_Metadatum`, a named
+     * tuple): its two items are what unpacking it gives. */
+    if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2 &&
+        Py_TYPE(item)->tp_iter == PyTuple_Type.tp_iter) {
         key = PyTuple_GET_ITEM(item, 0);
         value = PyTuple_GET_ITEM(item, 1);
     }
-    else {  /* another pair (a named tuple, a list): unpacked as Python would */
+    else {  /* another pair (a list, a tuple that iterates its own way): unpacked as Python
+             * would */
         pair = PySequence_Tuple(item);
         if (pair == NULL) {
             return -1;
