@@ -184,6 +184,9 @@ def _edge_spans() -> list[FinishedSpan]:
         _span("link remote 1", 23, links=[(1, 2, 1, {}, 0)]),
         _span("link count", 24, links=[(1, 2, True, {}, False)]),
         _span("float kind", 25, kind=True),
+        _span("dropped attributes", 26, dropped_attributes=1),
+        _span("dropped events", 27, dropped_events=2**40),
+        _span("dropped links", 28, dropped_links=3),
     ]
     # More distinct attribute sets than the C encoder remembers in one call, and one shared.
     spans += [_span("sets", 30 + index, attributes={"i": index}) for index in range(40)]
@@ -219,6 +222,9 @@ def test_the_c_encoder_gives_the_python_encoders_bytes() -> None:
         "link remote 1",
         "link count",
         "float kind",
+        "dropped attributes",
+        "dropped events",
+        "dropped links",
     ]
     for span in spans:  # one at a time too: every span on its own path
         assert _c_fields(encoder, [span]) == encoder.python_span_fields([span])

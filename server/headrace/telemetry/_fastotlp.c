@@ -90,18 +90,37 @@ varint_size(uint64_t value)
     return size;
 }
 
+/* Fixed-width fields (ids big-endian, times and flags little-endian) as one store where the
+ * compiler knows how (a byte loop was a sixth of the sender's instructions). */
 static inline unsigned char *
 put_big64(unsigned char *out, uint64_t value)
 {
+#if (defined(__GNUC__) || defined(__clang__)) && PY_LITTLE_ENDIAN
+    value = __builtin_bswap64(value);
+    memcpy(out, &value, 8);
+    return out + 8;
+#else
     for (int shift = 56; shift >= 0; shift -= 8) {
         *out++ = (unsigned char)(value >> shift);
     }
     return out;
+#endif
 }
 
 static inline unsigned char *
 put_little(unsigned char *out, uint64_t value, int bytes)
 {
+#if PY_LITTLE_ENDIAN
+    if (bytes == 8) {
+        memcpy(out, &value, 8);
+        return out + 8;
+    }
+    if (bytes == 4) {
+        uint32_t word = (uint32_t)value;
+        memcpy(out, &word, 4);
+        return out + 4;
+    }
+#endif
     for (int index = 0; index < bytes; index++) {
         *out++ = (unsigned char)(value >> (8 * index));
     }
@@ -262,12 +281,16 @@ is_zero(PyObject *object)
     if (!PyLong_CheckExact(object)) {
         return 0;
     }
+#if PY_VERSION_HEX < 0x030C0000
+    return Py_SIZE(object) == 0; /* no digits: 0 (3.11's layout, as unsigned_words) */
+#else
     long value = PyLong_AsLong(object);
     if (value == -1 && PyErr_Occurred()) {
         PyErr_Clear();
         return 0;
     }
     return value == 0;
+#endif
 }
 
 /* callback(argument), which must return bytes (a new reference), NULL on error. */
