@@ -434,6 +434,27 @@ def test_a_queue_dropped_with_spans_in_it_releases_them() -> None:
     assert [sys.getrefcount(records[index]) for index in range(300)] == [alone] * 300
 
 
+@pytest.mark.parametrize("queued", [True, False], ids=["span-queue", "callable"])
+def test_each_tracer_records_its_own_spans_and_every_kind_keeps_its_value(queued: bool) -> None:
+    # The C span keeps its tracer's recorder (a SpanQueue's is called directly) and the
+    # starter remembers each kind's value: spans of two tracers and of every kind, mixed.
+    queues = [spans.SpanQueue(1000, 1000) for _ in range(2)]
+    lists: list[list[FinishedSpan]] = [[], []]
+    tracers = [
+        LeanTracer(1.0, queue.record if queued else finished.append, SpanLimits())
+        for queue, finished in zip(queues, lists, strict=True)
+    ]
+    assert all(tracer.starter is not None for tracer in tracers)
+    for _ in range(3):
+        for kind in SpanKind:
+            for index, tracer in enumerate(tracers):
+                tracer.start_span(f"tracer {index}", kind=kind).end()
+    for index in range(2):
+        recorded = queues[index].take(1000) if queued else lists[index]
+        assert [record[0] for record in recorded] == [f"tracer {index}"] * 15
+        assert [record[6] for record in recorded] == [kind.value for kind in SpanKind] * 3
+
+
 def test_the_recorder_refuses_wrong_arguments() -> None:
     from headrace.telemetry import _fastspans
 

@@ -32,6 +32,7 @@ enum {
 /* What `install` read of RecordingSpan: the class and its slots' offsets. */
 static PyTypeObject *span_type = NULL;
 static Py_ssize_t off_data = -1, off_context = -1, off_tracer = -1, off_shared = -1;
+static Py_ssize_t off_record = -1;
 static PyObject *str_value = NULL;      /* "_value_" */
 static PyObject *str_to_header = NULL;  /* "to_header" */
 static PyObject *str_record = NULL;     /* "_record" */
@@ -71,6 +72,8 @@ now_ns(void)
 
 /* ---- Starter: one tracer's start_prepared ------------------------------------------ */
 
+#define KINDS 8  /* SpanKind values remembered (the API has five) */
+
 #define ID_WORDS 64  /* spans.py's ID_WORDS: 64-bit words drawn at a time */
 
 /* Forks of this process so far (counted in the child): words drawn before a fork are not
@@ -86,13 +89,15 @@ count_fork(void)
 typedef struct {
     PyObject_HEAD
     PyObject *tracer;          /* the LeanTracer: each span's `_tracer` */
+    PyObject *record;          /* its `_record`, read once: each span's `_record` */
     PyObject *random_bytes;    /* random_bytes(n) -> n bytes: os.urandom, or a test's */
     PyObject *non_recording;   /* (trace_id, span_id, flags_index, state) -> NonRecordingSpan */
     PyObject *flags;           /* TraceFlags by value, 0-3 (a list) */
     PyObject *no_state;        /* the empty TraceState every default SpanContext holds */
     PyObject *block_size;      /* ID_WORDS * 8: random_bytes' argument for a block of ids */
-    PyObject *last_kind;       /* the last SpanKind started, and its value */
-    PyObject *last_kind_value;
+    PyObject *kinds[KINDS];    /* the SpanKinds started so far, and their values */
+    PyObject *kind_values[KINDS];
+    int kind_count;
     PyObject *no_attributes;   /* the shared empty attributes of a link (record_prepared) */
     PyObject *internal;        /* SpanKind.INTERNAL's value */
     int links;                 /* the span limits allow links (max_links is not 0) */
@@ -107,12 +112,15 @@ static int
 starter_traverse(Starter *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->tracer);
+    Py_VISIT(self->record);
     Py_VISIT(self->random_bytes);
     Py_VISIT(self->non_recording);
     Py_VISIT(self->flags);
     Py_VISIT(self->no_state);
-    Py_VISIT(self->last_kind);
-    Py_VISIT(self->last_kind_value);
+    for (int index = 0; index < self->kind_count; index++) {
+        Py_VISIT(self->kinds[index]);
+        Py_VISIT(self->kind_values[index]);
+    }
     Py_VISIT(self->no_attributes);
     Py_VISIT(self->internal);
     return 0;
@@ -122,13 +130,17 @@ static int
 starter_clear(Starter *self)
 {
     Py_CLEAR(self->tracer);
+    Py_CLEAR(self->record);
     Py_CLEAR(self->random_bytes);
     Py_CLEAR(self->non_recording);
     Py_CLEAR(self->flags);
     Py_CLEAR(self->no_state);
     Py_CLEAR(self->block_size);
-    Py_CLEAR(self->last_kind);
-    Py_CLEAR(self->last_kind_value);
+    for (int index = 0; index < self->kind_count; index++) {
+        Py_CLEAR(self->kinds[index]);
+        Py_CLEAR(self->kind_values[index]);
+    }
+    self->kind_count = 0;
     Py_CLEAR(self->no_attributes);
     Py_CLEAR(self->internal);
     return 0;
@@ -178,8 +190,13 @@ starter_init(Starter *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_RuntimeError, "install(RecordingSpan) was not called");
         return -1;
     }
+    PyObject *record = PyObject_GetAttr(tracer, str_record);
+    if (record == NULL) {
+        return -1;
+    }
     starter_clear(self);
     self->tracer = Py_NewRef(tracer);
+    self->record = record;
     self->random_bytes = Py_NewRef(random_bytes);
     self->no_attributes = Py_NewRef(no_attributes);
     self->internal = Py_NewRef(internal);
@@ -284,6 +301,7 @@ new_span(Starter *self, PyObject *data, PyObject *context, int shared)
     SLOT(span, off_data) = data;
     SLOT(span, off_context) = context;
     SLOT(span, off_tracer) = Py_NewRef(self->tracer);
+    SLOT(span, off_record) = Py_NewRef(self->record);
     SLOT(span, off_shared) = Py_NewRef(shared ? Py_True : Py_False);
     return span;
 }
@@ -393,13 +411,18 @@ starter_start(Starter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *
     }
     /* From here the new references are trace_id, span_id, header, parent_id and
      * parent_remote: the data list takes them. */
-    PyObject *kind_value;
-    if (kind == self->last_kind) {  /* an enum member: its value does not change */
-        kind_value = Py_NewRef(self->last_kind_value);
+    PyObject *kind_value = NULL;
+    for (int index = 0; index < self->kind_count; index++) {
+        if (kind == self->kinds[index]) {  /* an enum member: its value does not change */
+            kind_value = Py_NewRef(self->kind_values[index]);
+            break;
+        }
     }
-    else if ((kind_value = PyObject_GetAttr(kind, str_value)) != NULL) {
-        Py_XSETREF(self->last_kind, Py_NewRef(kind));
-        Py_XSETREF(self->last_kind_value, Py_NewRef(kind_value));
+    if (kind_value == NULL && (kind_value = PyObject_GetAttr(kind, str_value)) != NULL &&
+        self->kind_count < KINDS) {
+        self->kinds[self->kind_count] = Py_NewRef(kind);
+        self->kind_values[self->kind_count] = Py_NewRef(kind_value);
+        self->kind_count++;
     }
     PyObject *start = start_time == Py_None ? now_ns() : Py_NewRef(start_time);
     PyObject *data = PyList_New(F_COUNT);
@@ -699,13 +722,7 @@ starter_record_prepared(Starter *self, PyObject *const *args, Py_ssize_t nargs,
     /* Final, and in no reference cycle (as an ended span's data list, `span_end`): the
      * garbage collector need not walk it while it waits in the export queue. */
     PyObject_GC_UnTrack(record);
-    PyObject *recorder = PyObject_GetAttr(self->tracer, str_record);
-    if (recorder == NULL) {
-        Py_DECREF(record);
-        return NULL;
-    }
-    PyObject *result = PyObject_CallOneArg(recorder, record);
-    Py_DECREF(recorder);
+    PyObject *result = PyObject_CallOneArg(self->record, record);
     Py_DECREF(record);
     return result;
 }
@@ -741,6 +758,9 @@ static PyTypeObject StarterType = {
 };
 
 /* ---- RecordingSpan.end ------------------------------------------------------------- */
+
+struct Recorder;
+static PyObject *recorder_record(struct Recorder *self, PyObject *span);
 
 /* end(self, end_time=None): RecordingSpan.end (see there). */
 static PyObject *
@@ -792,12 +812,22 @@ span_end(PyObject *span, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     if (PyObject_GC_IsTracked(data)) {
         PyObject_GC_UnTrack(data);
     }
-    PyObject *record = PyObject_GetAttr(SLOT(span, off_tracer), str_record);
+    PyObject *record = SLOT(span, off_record);
     if (record == NULL) {
+        PyErr_SetString(PyExc_TypeError, "end(): not a started RecordingSpan");
         return NULL;
     }
-    PyObject *result = PyObject_CallOneArg(record, data);
-    Py_DECREF(record);
+    PyObject *result;
+    if (PyCFunction_Check(record) &&
+        PyCFunction_GET_FUNCTION(record) == (PyCFunction)recorder_record) {
+        /* A SpanQueue's C recorder (the usual one): called without the call machinery. */
+        result = recorder_record((struct Recorder *)PyCFunction_GET_SELF(record), data);
+    }
+    else {
+        Py_INCREF(record);  /* the call may change the slot */
+        result = PyObject_CallOneArg(record, data);
+        Py_DECREF(record);
+    }
     if (result == NULL) {
         return NULL;
     }
@@ -863,7 +893,7 @@ static PyMethodDef set_prepared_definition = {
 /* The queue itself: a ring of strong references, grown by doubling up to `max_queued`.
  * `take` moves references out (no count changes, no copy of what stays), so the sender's
  * share of the queue is one C call a chunk, not a Python step a span. */
-typedef struct {
+typedef struct Recorder {
     PyObject_HEAD
     PyObject **ring;
     Py_ssize_t capacity;   /* slots allocated: 0, or a power of two */
@@ -1496,7 +1526,8 @@ install(PyObject *module, PyObject *type)
     PyTypeObject *cls = (PyTypeObject *)type;
     Py_ssize_t data = slot_offset(cls, "_data"), context = slot_offset(cls, "_context");
     Py_ssize_t tracer = slot_offset(cls, "_tracer"), shared = slot_offset(cls, "_shared");
-    if (data < 0 || context < 0 || tracer < 0 || shared < 0) {
+    Py_ssize_t record = slot_offset(cls, "_record");
+    if (data < 0 || context < 0 || tracer < 0 || shared < 0 || record < 0) {
         return NULL;
     }
     Py_XSETREF(span_type, (PyTypeObject *)Py_NewRef(type));
@@ -1504,6 +1535,7 @@ install(PyObject *module, PyObject *type)
     off_context = context;
     off_tracer = tracer;
     off_shared = shared;
+    off_record = record;
     PyObject *end = PyDescr_NewMethod(cls, &end_definition);
     PyObject *set_prepared = PyDescr_NewMethod(cls, &set_prepared_definition);
     if (end == NULL || set_prepared == NULL) {

@@ -247,7 +247,7 @@ class RecordingSpan(trace.Span):
     in one step by `LeanTracer`; the span object holds only that list, its context, the
     tracer (limits, recorder) and whether its attribute dict is shared."""
 
-    __slots__ = ("_context", "_data", "_shared", "_tracer")
+    __slots__ = ("_context", "_data", "_record", "_shared", "_tracer")
 
     _record_exception = True
     """Set on the instance (its `__dict__`: the API's base class has no slots) when
@@ -263,6 +263,8 @@ class RecordingSpan(trace.Span):
         self._data = data
         self._context = context
         self._tracer = tracer
+        self._record = tracer._record
+        """The tracer's recorder, read once (`end` hands the data to it)."""
         self._shared = shared
 
     def __repr__(self) -> str:
@@ -445,7 +447,7 @@ class RecordingSpan(trace.Span):
             self._ended("ending")
             return
         data[_END] = end_time if end_time is not None else time_ns()
-        self._tracer._record(data)
+        self._record(data)
 
     end = _end
 
