@@ -4,10 +4,11 @@ as plain tuples for the exporter process (`headrace.telemetry.export`).
 Why not the SDK's `Tracer`: its spans cost about 30 us each to start and end (a lock per
 span and per attribute set, `BoundedAttributes`, a `ReadableSpan` copy, processor fan-out),
 and its `BatchSpanProcessor` encodes and exports on a thread of the serving process, holding
-the GIL in bursts. Here a span is a slotted object holding a plain dict; `end` appends one
-tuple of ints and strings (`FinishedSpan`) to a bounded deque, and a sender thread ships
-them, pickled, to the exporter process every `export_delay_ms` (or sooner when a batch is
-full). Everything else (OTLP encoding, the export call, retries) runs in that process.
+the GIL in bursts. Here a span is a slotted object holding a plain list; `end` appends that
+list of ints and strings (`FinishedSpan`) to a bounded queue (`SpanQueue`), and a sender
+thread ships them to the exporter process every `export_delay_ms` (or sooner when a batch is
+full), OTLP-encoded in C (`export.py`) or pickled. Everything else (the export call, retries)
+runs in that process.
 
 What is kept from the SDK: the sampler (parent-based, trace-id ratio: the same decision for
 the same trace id), random 128/64-bit ids with the W3C random-trace-id flag (from
