@@ -1,7 +1,7 @@
 /* The lean tracer's per-span hot path in C: starting a span from prepared attributes
  * (`LeanTracer.start_prepared`), starting one as the current span of a context
  * (`LeanTracer.start_current`), ending it (`RecordingSpan.end`), ending a current span
- * (`end_current`), queueing it for export (`SpanQueue.record`), its ids (`_Ids`), and the
+ * (`end_current`), the export queue (`SpanQueue`: record, take), its ids (`_Ids`), and the
  * server interceptor's span start and finish (`ServerSpans`: interceptor.py's `_starter`
  * and `_finish`).
  *

@@ -246,7 +246,7 @@ class RecordingSpan(trace.Span):
 
     Its data is the list it records (a `FinishedSpan`, end time None until it ends), built
     in one step by `LeanTracer`; the span object holds only that list, its context, the
-    tracer (limits, recorder) and whether its attribute dict is shared."""
+    tracer (limits), its recorder and whether its attribute dict is shared."""
 
     __slots__ = ("_context", "_data", "_record", "_shared", "_tracer")
 
