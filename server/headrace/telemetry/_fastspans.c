@@ -1076,6 +1076,19 @@ static PyTypeObject RecorderType = {
 
 /* ---- end_current --------------------------------------------------------------------- */
 
+/* span.end(): ours in C, a NonRecordingSpan's (which does nothing) skipped, others called. */
+static PyObject *
+end_span(PyObject *span)
+{
+    if (Py_TYPE(span) == span_type) {
+        return span_end(span, NULL, 0, NULL);
+    }
+    if (Py_TYPE(span) == non_recording_type) {
+        Py_RETURN_NONE;
+    }
+    return PyObject_CallMethodNoArgs(span, str_end);
+}
+
 /* end_current(span, token, error): spans.end_current (see there). */
 static PyObject *
 end_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -1102,13 +1115,7 @@ end_current(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (error != Py_None) {
         return PyObject_CallFunctionObjArgs(py_end_failed, span, error, NULL);
     }
-    if (Py_TYPE(span) == span_type) {
-        return span_end(span, NULL, 0, NULL);
-    }
-    if (Py_TYPE(span) == non_recording_type) {  /* its end does nothing */
-        Py_RETURN_NONE;
-    }
-    return PyObject_CallMethodNoArgs(span, str_end);
+    return end_span(span);
 }
 
 /* ---- ServerSpans: one traced RPC method's server span ------------------------------ */
@@ -1428,10 +1435,7 @@ server_spans_finish(ServerSpans *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_DECREF(number);
     if (token == Py_None) {  /* the context is left as it is */
-        if (Py_TYPE(span) == span_type) {
-            return span_end(span, NULL, 0, NULL);
-        }
-        Py_RETURN_NONE;  /* a NonRecordingSpan: its end does nothing */
+        return end_span(span);
     }
     PyObject *end_args[3] = {span, token, Py_None};
     return end_current(NULL, end_args, 3);
